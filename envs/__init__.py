@@ -1,0 +1,1 @@
+"""TorchRL environments over the functional core (arrives with the environment issue)."""

@@ -1,0 +1,1 @@
+"""esper_func: morphogenetic training as a functional, vectorized core on PyTorch."""

@@ -1,0 +1,254 @@
+"""The blueprint catalogue: seed modules that can grow into a slot.
+
+Every blueprint maps features to features of the same shape. Where the design allows,
+its output branch starts at zero (a zero-initialized layer or layer scale), so that a
+seed entering the forward pass leaves the host's function unchanged. CNN blueprints see
+`[B, C, H, W]`, transformer blueprints `[B, T, D]`. The index of a blueprint is its
+position in its topology's catalogue; that index is what state and actions carry.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper_func.initialization import ONE, ZERO, Init, Initialized
+from esper_func.layers import CausalSelfAttention, group_count
+
+Topology = Literal["cnn", "transformer"]
+
+
+class Blueprint(Initialized):
+    """A seed architecture for a slot with `channels` features."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+
+class Noop(Blueprint):
+    name = "noop"
+    description = "identity; no parameters"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# --- CNN -----------------------------------------------------------------------------
+
+
+class ConvNormScale(Blueprint):
+    """x + tanh(sigma) * (GroupNorm(x) - x): a bounded pull towards normalized features."""
+
+    name = "norm"
+    description = "x + tanh(s)(GN(x) - x), s = 0 at birth"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.norm = nn.GroupNorm(group_count(channels), channels)
+        self.sigma = nn.Parameter(torch.zeros(()))
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {"sigma": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.sigma) * (self.norm(x) - x)
+
+
+class SqueezeExcite(Blueprint):
+    """Channel attention x * 2 sigmoid(W2 ReLU(W1 avgpool x)); W2 = 0 gives scale exactly 1."""
+
+    name = "attention"
+    description = "squeeze-excitation channel gate, scale in (0, 2), 1 at birth"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        reduced = max(1, channels // 4)
+        self.fc1 = nn.Linear(channels, reduced)
+        self.fc2 = nn.Linear(reduced, channels)
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {"fc2.weight": ZERO, "fc2.bias": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 2 * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(-2, -1))))))
+        return x * scale[..., None, None]
+
+
+class LayerScaled(Blueprint):
+    """Residual x + gamma * branch(x) with a per-channel gamma that starts at zero."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.gamma = nn.Parameter(torch.zeros(channels))
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {"gamma": ZERO}
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma[:, None, None] * self.branch(x)
+
+
+def conv_norm_relu(channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.GroupNorm(group_count(channels), channels),
+        nn.ReLU(),
+    )
+
+
+class Depthwise(LayerScaled):
+    name = "depthwise"
+    description = "x + g * ReLU(GN(pw1x1(dw3x3 x)))"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.pw = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm = nn.GroupNorm(group_count(channels), channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.pw(self.dw(x))))
+
+
+class ConvLight(LayerScaled):
+    name = "conv_light"
+    description = "x + g * conv3x3-GN-ReLU(x)"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.block = conv_norm_relu(channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class ConvHeavy(LayerScaled):
+    name = "conv_heavy"
+    description = "x + g * (conv3x3-GN-ReLU)^2(x)"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.block = nn.Sequential(conv_norm_relu(channels), conv_norm_relu(channels))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+# --- Transformer ---------------------------------------------------------------------
+
+
+def gpt_linear_overrides(module: nn.Module) -> dict[str, Init]:
+    """GPT-style init for every Linear inside `module`: weight N(0, 0.02), bias 0."""
+    rules: dict[str, Init] = {}
+    for prefix, child in module.named_modules():
+        if isinstance(child, nn.Linear):
+            dot = f"{prefix}." if prefix else ""
+            rules[dot + "weight"] = Init("normal", 0.02)
+            if child.bias is not None:
+                rules[dot + "bias"] = ZERO
+    return rules
+
+
+class TokenNormScale(Blueprint):
+    name = "norm"
+    description = "x + tanh(s)(LN(x) - x), s = 0 at birth"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.norm = nn.LayerNorm(channels)
+        self.sigma = nn.Parameter(torch.zeros(()))
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {"sigma": ZERO, "norm.weight": ONE, "norm.bias": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.sigma) * (self.norm(x) - x)
+
+
+class LoRA(Blueprint):
+    name = "lora"
+    description = "x + up(down(x)), rank 8, up = 0 at birth"
+    rank: ClassVar[int] = 8
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.down = nn.Linear(channels, self.rank, bias=False)
+        self.up = nn.Linear(self.rank, channels, bias=False)
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {**gpt_linear_overrides(self), "up.weight": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x))
+
+
+class SelfAttentionSeed(Blueprint):
+    name = "attention"
+    description = "x + causal self-attention (4 heads), output projection 0 at birth"
+    n_heads: ClassVar[int] = 4
+
+    def __init__(self, channels: int) -> None:
+        if channels % self.n_heads != 0:
+            raise ValueError(
+                f"blueprint 'attention' needs dim divisible by its {self.n_heads} heads, got dim={channels}"
+            )
+        super().__init__(channels)
+        self.attn = CausalSelfAttention(channels, self.n_heads)
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {**gpt_linear_overrides(self), "attn.proj.weight": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(x)
+
+
+class MLPSeed(Blueprint):
+    name = "mlp"
+    description = "x + fc2(GELU(fc1 x)), hidden 4D, fc2 = 0 at birth"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.fc1 = nn.Linear(channels, 4 * channels)
+        self.fc2 = nn.Linear(4 * channels, channels)
+
+    def init_overrides(self) -> dict[str, Init]:
+        return {**gpt_linear_overrides(self), "fc2.weight": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+CATALOGUE: dict[Topology, tuple[type[Blueprint], ...]] = {
+    "cnn": (Noop, ConvNormScale, SqueezeExcite, Depthwise, ConvLight, ConvHeavy),
+    "transformer": (Noop, TokenNormScale, LoRA, SelfAttentionSeed, MLPSeed),
+}
+"""Blueprints per topology; a blueprint's index is its position here."""
+
+
+def blueprint_names(topology: Topology) -> tuple[str, ...]:
+    return tuple(cls.name for cls in CATALOGUE[topology])
+
+
+def blueprint_index(topology: Topology, name: str) -> int:
+    names = blueprint_names(topology)
+    if name not in names:
+        raise KeyError(f"unknown {topology} blueprint {name!r}; choose one of {list(names)}")
+    return names.index(name)
+
+
+def build_blueprint(topology: Topology, name: str, channels: int) -> Blueprint:
+    return CATALOGUE[topology][blueprint_index(topology, name)](channels)
+
+
+def param_count(topology: Topology, name: str, channels: int) -> int:
+    return sum(p.numel() for p in build_blueprint(topology, name, channels).parameters())

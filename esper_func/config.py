@@ -1,0 +1,305 @@
+"""Configuration of the functional core: dataclasses with validation, strict dict loading.
+
+Every constant the core uses lives here. Each class validates itself on construction and
+names the field and the fix when a value is wrong. `from_dict` loads nested dataclasses
+strictly: an unknown or mistyped key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union
+
+from esper_func.stages import SLOT_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def spread_positions(depth: int, n_slots: int = len(SLOT_NAMES)) -> tuple[int, ...]:
+    """Slot positions (1-indexed block/layer after which each slot sits), spread evenly."""
+    return tuple(round((k + 1) * depth / n_slots) for k in range(n_slots))
+
+
+@dataclass(frozen=True)
+class CNNHostConfig:
+    """CNN host: blocks of conv3x3 -> BatchNorm -> ReLU -> maxpool, then a linear head.
+
+    Block i has `base_channels * 2**i` channels. Slot k sits after block
+    `slot_after[k]` (1-indexed), in canonical order early, mid, late.
+    """
+
+    kind: Literal["cnn"] = "cnn"
+    in_channels: int = 3
+    image_size: int = 32
+    num_classes: int = 10
+    n_blocks: int = 3
+    base_channels: int = 8
+    slot_after: tuple[int, ...] = (1, 2, 3)
+
+    def __post_init__(self) -> None:
+        _require(self.kind == "cnn", f"CNNHostConfig.kind must be 'cnn', got {self.kind!r}")
+        for name in ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels"):
+            value = getattr(self, name)
+            _require(value >= 1, f"CNNHostConfig.{name} must be >= 1, got {value}")
+        _require(self.num_classes >= 2, f"CNNHostConfig.num_classes must be >= 2, got {self.num_classes}")
+        min_size = 2**self.n_blocks
+        _require(
+            self.image_size % min_size == 0,
+            f"CNNHostConfig.image_size={self.image_size} must be divisible by 2**n_blocks={min_size} "
+            f"(each of the {self.n_blocks} blocks halves it); use a multiple of {min_size} or fewer blocks",
+        )
+        _check_slot_positions("CNNHostConfig", self.slot_after, self.n_blocks, "n_blocks")
+
+    def block_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * 2**i for i in range(self.n_blocks))
+
+    def slot_channels(self) -> tuple[int, ...]:
+        channels = self.block_channels()
+        return tuple(channels[p - 1] for p in self.slot_after)
+
+    @classmethod
+    def preset(cls, name: str) -> CNNHostConfig:
+        presets = {
+            "cifar": cls(),
+            "cifar_deep": cls(n_blocks=5, slot_after=spread_positions(5)),
+            "tiny": cls(image_size=8, base_channels=4),
+        }
+        _require(name in presets, f"unknown CNN host preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+
+@dataclass(frozen=True)
+class TransformerHostConfig:
+    """GPT-style pre-norm transformer with a tied head; slot k sits after layer `slot_after[k]`."""
+
+    kind: Literal["transformer"] = "transformer"
+    vocab_size: int = 256
+    dim: int = 384
+    n_heads: int = 6
+    n_layers: int = 6
+    context: int = 256
+    slot_after: tuple[int, ...] = (2, 4, 6)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind == "transformer", f"TransformerHostConfig.kind must be 'transformer', got {self.kind!r}"
+        )
+        for name in ("vocab_size", "dim", "n_heads", "n_layers", "context"):
+            value = getattr(self, name)
+            _require(value >= 1, f"TransformerHostConfig.{name} must be >= 1, got {value}")
+        _require(
+            self.dim % self.n_heads == 0,
+            f"TransformerHostConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+            f"pick a dim that is a multiple of {self.n_heads}",
+        )
+        _check_slot_positions("TransformerHostConfig", self.slot_after, self.n_layers, "n_layers")
+
+    def slot_channels(self) -> tuple[int, ...]:
+        return tuple(self.dim for _ in self.slot_after)
+
+    @classmethod
+    def preset(cls, name: str) -> TransformerHostConfig:
+        presets = {
+            "tinystories": cls(),
+            "tiny": cls(dim=32, n_heads=2, n_layers=3, context=16, slot_after=(1, 2, 3)),
+        }
+        _require(name in presets, f"unknown transformer host preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+
+HostConfig = Union[CNNHostConfig, TransformerHostConfig]
+
+
+def _check_slot_positions(owner: str, positions: tuple[int, ...], depth: int, depth_name: str) -> None:
+    _require(
+        len(positions) == len(SLOT_NAMES),
+        f"{owner}.slot_after needs one position per slot {SLOT_NAMES}, got {positions}",
+    )
+    _require(
+        all(1 <= p <= depth for p in positions),
+        f"{owner}.slot_after={positions} must lie in 1..{depth_name}={depth}",
+    )
+    _require(
+        all(a < b for a, b in zip(positions, positions[1:])),
+        f"{owner}.slot_after={positions} must be strictly increasing (canonical order early, mid, late)",
+    )
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """Lifecycle timing and gate thresholds (reference values; accuracies in percent)."""
+
+    max_epochs: int = 25
+    """Episode length in epochs; the TRAINING dwell and the probation timeout derive from it."""
+    min_training_epochs: int = 3
+    train_dwell_fraction: float = 0.1
+    grad_ratio_threshold: float = 0.05
+    """G2: parameter-normalized seed/host gradient ratio EMA needed to start BLENDING."""
+    grad_ratio_ema_decay: float = 0.9
+    blend_steps: int = 5
+    """BLENDING lasts this many epochs; alpha ramps k/blend_steps, k = 1..blend_steps."""
+    sigmoid_steepness: float = 12.0
+    fossilize_min_contribution: float = 1.0
+    """G5: counterfactual contribution (percentage points) needed to fossilize."""
+    probation_min_epochs: int = 5
+    probation_timeout_fraction: float = 0.1
+    embargo_epochs: int = 5
+    reset_epochs: int = 1
+    min_cull_age: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"):
+            value = getattr(self, name)
+            _require(value >= 1, f"LifecycleConfig.{name} must be >= 1, got {value}")
+        for name in ("embargo_epochs", "reset_epochs", "min_cull_age"):
+            value = getattr(self, name)
+            _require(value >= 0, f"LifecycleConfig.{name} must be >= 0, got {value}")
+        _require(
+            0.0 <= self.grad_ratio_ema_decay < 1.0,
+            f"LifecycleConfig.grad_ratio_ema_decay must be in [0, 1), got {self.grad_ratio_ema_decay}",
+        )
+        _require(self.sigmoid_steepness > 0, "LifecycleConfig.sigmoid_steepness must be > 0")
+        _require(self.grad_ratio_threshold >= 0, "LifecycleConfig.grad_ratio_threshold must be >= 0")
+        for name in ("train_dwell_fraction", "probation_timeout_fraction"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"LifecycleConfig.{name} must be in [0, 1], got {value}")
+
+    @property
+    def training_epochs(self) -> int:
+        """Epochs a seed must spend in TRAINING before G2 is checked: max(3, dwell)."""
+        dwell = max(1, int(self.max_epochs * self.train_dwell_fraction))
+        return max(self.min_training_epochs, dwell)
+
+    @property
+    def probation_timeout(self) -> int:
+        return max(self.probation_min_epochs, int(self.probation_timeout_fraction * self.max_epochs))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Functional SGD for host and seeds; per-env gradient clipping over all parameters."""
+
+    host_lr: float = 0.01
+    host_momentum: float = 0.9
+    host_weight_decay: float = 5e-4
+    seed_lr: float = 0.01
+    seed_momentum: float = 0.9
+    grad_clip_norm: float | None = 5.0
+    """Max global gradient norm per env (host and seeds together); None disables clipping."""
+
+    def __post_init__(self) -> None:
+        for name in ("host_lr", "seed_lr"):
+            value = getattr(self, name)
+            _require(value > 0, f"OptimConfig.{name} must be > 0, got {value}")
+        for name in ("host_momentum", "seed_momentum"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"OptimConfig.{name} must be in [0, 1), got {value}")
+        _require(self.host_weight_decay >= 0, "OptimConfig.host_weight_decay must be >= 0")
+        _require(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            f"OptimConfig.grad_clip_norm must be > 0 or null, got {self.grad_clip_norm}",
+        )
+
+
+def _default_host() -> HostConfig:
+    return CNNHostConfig()
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Everything the functional core needs: host, lifecycle, optimizer, compilation."""
+
+    host: HostConfig = field(default_factory=_default_host)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compile: bool = True
+    """torch.compile the train iteration and the evaluation."""
+    bank_mode: Literal["active", "full"] = "active"
+    """'full' computes every blueprint of every slot (one graph); 'active' computes only the
+    blueprints some env uses (one graph per active set, read once per epoch)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.bank_mode in ("active", "full"),
+            f"CoreConfig.bank_mode must be 'active' or 'full', got {self.bank_mode!r}",
+        )
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    where = path or cls.__name__
+    _require(isinstance(data, dict), f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    _require(not unknown, f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        dataclass_options = [o for o in options if dataclasses.is_dataclass(o)]
+        if dataclass_options and isinstance(value, dict):
+            return _convert_tagged(dataclass_options, value, where)
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where}: {value!r} matches none of {hint}: {'; '.join(errors)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)  # type: ignore[arg-type]
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        _require(value in allowed, f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(hint)
+        return tuple(_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
+    if hint is float:
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where}: expected a number, got {value!r}",
+        )
+        return float(value)
+    if hint in (int, bool, str):
+        _require(
+            type(value) is hint, f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint}")
+
+
+def _convert_tagged(options: list[type], value: dict[str, Any], where: str) -> Any:
+    """Pick the dataclass in a union by its `kind` tag."""
+    kinds = {o.__dataclass_fields__["kind"].default: o for o in options}  # type: ignore[attr-defined]
+    kind = value.get("kind")
+    _require(kind in kinds, f"{where}.kind: {kind!r} is not one of {sorted(kinds)}")
+    return from_dict(kinds[kind], value, where)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-JSON form of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,112 @@
+"""Seed stages, lifecycle ops, slots and blend modes, with their lookup tables.
+
+Stage values keep the reference's numbering (5 is a deliberate hole: SHADOWING was
+removed) so that serialized values stay stable. Every per-stage behaviour the pure
+functions need is a lookup tensor indexed by stage, never a Python branch.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+
+class Stage(IntEnum):
+    DORMANT = 1
+    GERMINATED = 2
+    TRAINING = 3
+    BLENDING = 4
+    PROBATIONARY = 6
+    FOSSILIZED = 7
+    CULLED = 8
+    EMBARGOED = 9
+    RESETTING = 10
+
+
+class Op(IntEnum):
+    WAIT = 0
+    GERMINATE = 1
+    CULL = 2
+    FOSSILIZE = 3
+
+
+class BlendMode(IntEnum):
+    LINEAR = 0
+    SIGMOID = 1
+    GATED = 2
+
+
+SLOT_NAMES: tuple[str, ...] = ("early", "mid", "late")
+"""Canonical slot order; slot index = position in this tuple."""
+
+NUM_STAGE_VALUES = 11  # table size: stage values 0..10 index directly (0 and 5 unused)
+
+_LEGAL_TRANSITIONS: dict[Stage, tuple[Stage, ...]] = {
+    Stage.DORMANT: (Stage.GERMINATED,),
+    Stage.GERMINATED: (Stage.TRAINING, Stage.CULLED),
+    Stage.TRAINING: (Stage.BLENDING, Stage.CULLED),
+    Stage.BLENDING: (Stage.PROBATIONARY, Stage.CULLED),
+    Stage.PROBATIONARY: (Stage.FOSSILIZED, Stage.CULLED),
+    Stage.FOSSILIZED: (),
+    Stage.CULLED: (Stage.EMBARGOED,),
+    Stage.EMBARGOED: (Stage.RESETTING,),
+    Stage.RESETTING: (Stage.DORMANT,),
+}
+
+
+def _stage_mask(stages: tuple[Stage, ...]) -> torch.Tensor:
+    mask = torch.zeros(NUM_STAGE_VALUES, dtype=torch.bool)
+    mask[[int(s) for s in stages]] = True
+    return mask
+
+
+def _transition_table() -> torch.Tensor:
+    table = torch.zeros(NUM_STAGE_VALUES, NUM_STAGE_VALUES, dtype=torch.bool)
+    for src, targets in _LEGAL_TRANSITIONS.items():
+        for dst in targets:
+            table[int(src), int(dst)] = True
+    return table
+
+
+LEGAL_TRANSITION = _transition_table()
+"""`[11, 11]` bool: `LEGAL_TRANSITION[from, to]` is True when the move is allowed."""
+
+IN_FORWARD = _stage_mask((Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED))
+"""The seed runs in the forward pass (GERMINATED is built but not executed)."""
+
+SEED_TRAINABLE = IN_FORWARD
+"""The seed's parameters receive optimizer updates (fossilized seeds keep training)."""
+
+STRAIGHT_THROUGH = _stage_mask((Stage.TRAINING,))
+"""Output is the host's value; the seed gets the full output gradient."""
+
+BLENDED = _stage_mask((Stage.BLENDING, Stage.PROBATIONARY))
+"""Output is lerp(host, seed, alpha); CNN seeds read a detached input."""
+
+LIVE = _stage_mask((Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY))
+"""Stages a CULL can end."""
+
+OCCUPIED = _stage_mask(
+    (
+        Stage.GERMINATED,
+        Stage.TRAINING,
+        Stage.BLENDING,
+        Stage.PROBATIONARY,
+        Stage.FOSSILIZED,
+        Stage.CULLED,
+        Stage.EMBARGOED,
+        Stage.RESETTING,
+    )
+)
+"""The slot cannot be germinated (holds a seed or is cooling down)."""
+
+COUNTS_AGE = _stage_mask(
+    (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
+)
+"""Stages whose ticks add to `epochs_total` (a seed's age)."""
+
+
+def stage_lookup(table: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+    """Index a stage table by a stage tensor of any shape, on the stage's device."""
+    return table.to(stage.device)[stage]

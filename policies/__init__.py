@@ -1,0 +1,1 @@
+"""Controllers as TensorDictModules (arrive with the environment and PPO issues)."""
