@@ -25,7 +25,7 @@ from tensordict import TensorDict
 
 from esper_func.initialization import draw_parameters
 from esper_func.model import Model
-from esper_func.stages import Stage
+from esper_func.stages import BlendMode, Stage
 
 SLOT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "stage": (torch.int64, "lifecycle stage (Stage value)"),
@@ -85,8 +85,6 @@ def init_state(model: Model, n_envs: int, generator: torch.Generator) -> TensorD
 
 def seed_param_count(model: Model, slots: TensorDict) -> torch.Tensor:
     """`[N, S]` parameters each slot's seed adds (blueprint, plus the gate when gated)."""
-    from esper_func.stages import BlendMode
-
     counts = model.blueprint_param_count.expand(slots.batch_size[0], -1, -1)
     chosen = counts.gather(-1, slots["blueprint"].unsqueeze(-1)).squeeze(-1)
     gate = torch.where(slots["blend"] == int(BlendMode.GATED), model.gate_param_count, 0)

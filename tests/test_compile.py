@@ -1,0 +1,56 @@
+"""Compiled train iteration and evaluation match eager (one compile of each: slow on CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from esper_func.config import CNNHostConfig, CoreConfig
+from esper_func.model import build_model
+from esper_func.stages import BlendMode, Stage
+from esper_func.state import init_state
+from esper_func.step import Batches, Steps, env_step
+from esper_func.blueprints import blueprint_index
+from tensordict import TensorDict
+
+
+@pytest.mark.compile
+def test_compiled_env_step_matches_eager() -> None:
+    config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True)
+    compiled = Steps(build_model(config))
+    eager = Steps(build_model(dataclasses.replace(config, compile=False)))
+    state = init_state(compiled.model, 3, torch.Generator().manual_seed(0))
+    for name in state["params"].keys():  # leave the function-preserving start
+        state["params", name] += 0.05 * torch.randn(state["params", name].shape, generator=torch.Generator().manual_seed(1))
+    slots = state["slots"]
+    slots["stage"][:] = torch.tensor([[int(Stage.TRAINING), 1, 1], [1, int(Stage.BLENDING), 1], [1, 1, int(Stage.FOSSILIZED)]])
+    slots["blueprint"][:] = torch.tensor([[blueprint_index("cnn", "conv_light"), 0, 0], [0, 2, 0], [0, 0, 3]])
+    slots["blend"][1, 1] = int(BlendMode.GATED)
+    slots["alpha"][1, 1] = 0.4
+    slots["alpha"][2, 2] = 1.0
+    action = TensorDict(
+        {"op": torch.tensor([0, 0, 1]), "slot": torch.tensor([0, 0, 0]), "blueprint": torch.tensor([0, 0, 5]), "blend": torch.tensor([0, 0, 1])},
+        batch_size=[3],
+    )
+    data = torch.Generator().manual_seed(2)
+    batches = Batches(
+        torch.randn(2, 16, 3, 8, 8, generator=data),
+        torch.randint(0, 10, (2, 16), generator=data),
+        torch.randn(1, 32, 3, 8, 8, generator=data),
+        torch.randint(0, 10, (1, 32), generator=data),
+    )
+    got, got_metrics = env_step(compiled, state, action, batches, torch.Generator().manual_seed(3))
+    want, want_metrics = env_step(eager, state, action, batches, torch.Generator().manual_seed(3))
+
+    for name in want["params"].keys():
+        torch.testing.assert_close(got["params", name], want["params", name], atol=1e-5, rtol=1e-4)
+    for name in want["buffers"].keys():
+        torch.testing.assert_close(got["buffers", name], want["buffers", name], atol=1e-5, rtol=1e-4)
+    for key in ("train_loss", "val_loss", "grad_ratio"):
+        torch.testing.assert_close(got_metrics[key], want_metrics[key], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_metrics["val_accuracy"], want_metrics["val_accuracy"])
+    torch.testing.assert_close(got_metrics["contribution"], want_metrics["contribution"])
+    assert (got["slots", "stage"] == want["slots", "stage"]).all()
+    assert not torch.equal(got["params", "host.head.weight"], state["params", "host.head.weight"])
