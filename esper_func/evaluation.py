@@ -17,6 +17,7 @@ from tensordict import TensorDict
 from torch.func import functional_call, vmap
 
 from esper_func.model import BankPlan, Model, SlotMode, bank_plan, slot_controls
+from esper_func.training import compile_per_plan
 
 Tensors = dict[str, torch.Tensor]
 
@@ -66,7 +67,7 @@ class EvalStepCache:
     def __call__(self, plan: BankPlan) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         if plan not in self._steps:
             step = make_eval_batch(self.model, plan)
-            self._steps[plan] = torch.compile(step, dynamic=False) if self.model.config.compile else step
+            self._steps[plan] = compile_per_plan(step) if self.model.config.compile else step
         return self._steps[plan]
 
 

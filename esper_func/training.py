@@ -11,7 +11,9 @@ momentum and weight decay; seeds: momentum, and only in stages whose seed trains
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from tensordict import TensorDict
 from torch.func import functional_call, grad, vmap
@@ -22,6 +24,7 @@ from esper_func.stages import SEED_TRAINABLE, stage_lookup
 from esper_func.state import seed_param_count
 
 Tensors = dict[str, torch.Tensor]
+T = TypeVar("T")
 RATIO_EPS = 1e-8
 
 
@@ -34,7 +37,7 @@ def _per_env_sq_norm(tensors: Tensors, names: tuple[str, ...], like: torch.Tenso
     """Sum of squares per env over the named `[N, ...]` tensors (zeros `like` when none)."""
     total = torch.zeros_like(like)
     for name in names:
-        total = total + tensors[name].pow(2).flatten(1).sum(1)
+        total = total + tensors[name].pow(2).reshape(like.shape[0], -1).sum(1)
     return total
 
 
@@ -128,6 +131,17 @@ def planned_param_names(model: Model, slot: int, plan: SlotPlan) -> tuple[str, .
     return tuple(name for name in model.slot_param_names[slot] if name.startswith(prefixes)) if prefixes else ()
 
 
+PLAN_RECOMPILE_LIMIT = 64
+"""Each bank plan is a closure over the same code, and dynamo counts recompiles per code
+object (default limit 8, then it silently runs eager). Distinct plans are bounded by the
+blueprint sets in use, so the limit is raised to this when compiling."""
+
+
+def compile_per_plan(function: Callable[..., T]) -> Callable[..., T]:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, PLAN_RECOMPILE_LIMIT)
+    return torch.compile(function, dynamic=False)
+
+
 class TrainStepCache:
     """Train iterations per bank plan, compiled once each when `compile` is on."""
 
@@ -138,7 +152,7 @@ class TrainStepCache:
     def __call__(self, plan: BankPlan) -> Callable[..., tuple[Tensors, Tensors, Tensors, Tensors]]:
         if plan not in self._steps:
             step = make_train_iteration(self.model, plan)
-            self._steps[plan] = torch.compile(step, dynamic=False) if self.model.config.compile else step
+            self._steps[plan] = compile_per_plan(step) if self.model.config.compile else step
         return self._steps[plan]
 
 
