@@ -161,9 +161,13 @@ class LifecycleConfig:
         for name in ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"):
             value = getattr(self, name)
             _require(value >= 1, f"LifecycleConfig.{name} must be >= 1, got {value}")
-        for name in ("embargo_epochs", "reset_epochs", "min_cull_age"):
+        for name in ("embargo_epochs", "reset_epochs"):
             value = getattr(self, name)
-            _require(value >= 0, f"LifecycleConfig.{name} must be >= 0, got {value}")
+            _require(
+                value >= 1,
+                f"LifecycleConfig.{name} must be >= 1 (each cooldown stage is observed for at least one epoch), got {value}",
+            )
+        _require(self.min_cull_age >= 0, f"LifecycleConfig.min_cull_age must be >= 0, got {self.min_cull_age}")
         _require(
             0.0 <= self.grad_ratio_ema_decay < 1.0,
             f"LifecycleConfig.grad_ratio_ema_decay must be in [0, 1), got {self.grad_ratio_ema_decay}",
