@@ -1,0 +1,512 @@
+"""Host-training throughput: the vmapped train step against N separate eager models.
+
+Run `python -m esper_func.bench --quick --json PATH`. One env step is one host epoch of
+one environment: `--iters` training iterations on shared batches of `--batch` samples.
+Variants, all on the same synthetic data (generated on the device once):
+
+- `baseline`: the reference style, written here. N separate eager `nn.Module`s, each with
+  its own `torch.optim.SGD` (hyperparameters and gradient clipping from `OptimConfig`),
+  stepped in a Python loop over envs for every batch; on CUDA each env on its own stream.
+- `vmap_eager`: `training.train_epoch` with `CoreConfig(compile=False)`.
+- `vmap_compiled`: `training.train_epoch` with `CoreConfig(compile=True)`.
+
+Scenarios train the same architecture on both sides: `host` (every slot DORMANT; the
+baseline is the bare host) and `seeded` (one `conv_light` seed in TRAINING at the `mid`
+slot; the baseline adds that blueprint with the straight-through forward and its own SGD).
+Warm-up epochs (which include compilation) are timed separately and excluded; every
+figure is the median over `--repeats` timed epochs. On a CPU shared with other work,
+`--threads 1` keeps OpenMP threads from spinning against each other (it changes the
+figures a lot on 2 busy cores); the JSON records threads and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import tensordict
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import nn
+
+from esper_func.blueprints import Blueprint, blueprint_index, build_blueprint
+from esper_func.config import CNNHostConfig, CoreConfig, OptimConfig
+from esper_func.hosts import Host, build_host
+from esper_func.model import Model, bank_plan, build_model
+from esper_func.stages import Stage
+from esper_func.state import init_state
+from esper_func.training import TrainStepCache, planned_param_names, train_epoch
+
+SCENARIOS: tuple[str, ...] = ("host", "seeded")
+VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled")
+SEED_SLOT = 1  # the `mid` slot
+SEED_BLUEPRINT = "conv_light"
+DTYPE = torch.float32
+COMPILE_MODE = "torch.compile(dynamic=False), default mode"
+QUICK_DEFAULTS = {"iters": 20, "repeats": 3}
+FULL_DEFAULTS = {"iters": 50, "repeats": 5}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures."""
+
+    device: torch.device
+    n_envs: int
+    batch: int
+    iters: int
+    repeats: int
+    warmup: int
+    host_preset: str
+    scenarios: tuple[str, ...]
+    variants: tuple[str, ...]
+    threads: int | None = None
+    seed: int = 0
+    json_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """Timings and throughput of one variant in one scenario (times are per epoch of all N envs)."""
+
+    scenario: str
+    variant: str
+    compile_mode: str
+    trained_params_per_env: int
+    warmup_s: list[float]
+    times_s: list[float]
+    median_s: float
+    env_steps_per_s: float
+    samples_per_s: float
+    iterations_per_s: float
+    """Training iterations of all N envs together per second (iters / time)."""
+    env_iterations_per_s: float
+    """Training iterations summed over envs per second (N * iters / time)."""
+    speedup_vs_baseline: float | None = None
+
+
+@dataclass(frozen=True)
+class ParamCheck:
+    """Fairness check of one scenario: both sides train the same parameters, identically."""
+
+    scenario: str
+    baseline_params_per_env: int
+    vmapped_params_per_env: int
+    max_abs_param_diff: float
+    """Largest parameter difference after training both sides from the same state on the same batches."""
+    check_iters: int
+
+
+# --- The workload: configuration, state, data --------------------------------------------
+
+
+def core_config(host_preset: str, compile: bool) -> CoreConfig:
+    return CoreConfig(host=CNNHostConfig.preset(host_preset), compile=compile)
+
+
+def scenario_state(model: Model, scenario: str, n_envs: int, seed: int) -> TensorDict:
+    """Fresh state for `n_envs` envs; in `seeded`, every env has a TRAINING seed at the mid slot."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    state = init_state(model, n_envs, generator)
+    if scenario == "seeded":
+        state["slots", "stage"][:, SEED_SLOT] = int(Stage.TRAINING)
+        state["slots", "blueprint"][:, SEED_SLOT] = blueprint_index("cnn", SEED_BLUEPRINT)
+    return state
+
+
+def synthetic_batches(
+    host: CNNHostConfig, iters: int, batch: int, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images `[iters, batch, C, H, W]` and labels `[iters, batch]`, made on `device`."""
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    shape = (iters, batch, host.in_channels, host.image_size, host.image_size)
+    x = torch.randn(shape, generator=generator, device=device, dtype=DTYPE)
+    y = torch.randint(0, host.num_classes, (iters, batch), generator=generator, device=device)
+    return x, y
+
+
+# --- The reference-style baseline ----------------------------------------------------------
+
+
+class BaselineNet(nn.Module):
+    """A host, plus optionally one seed at `SEED_SLOT` with the straight-through forward."""
+
+    def __init__(self, host: Host, seed: Blueprint | None) -> None:
+        super().__init__()
+        self.host = host
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for s in range(len(self.host.segments)):
+            h = self.host.segment(s, h)
+            if self.seed is not None and s == SEED_SLOT:
+                out = self.seed(h.detach())  # TRAINING: the seed reads a detached input
+                h = h + (out - out.detach())  # value of the host, gradient into the seed
+        return self.host.tail(h)
+
+
+def state_key(baseline_name: str) -> str:
+    """The state's name for a baseline parameter or buffer (`host.*` match, `seed.*` map to the bank)."""
+    if baseline_name.startswith("seed."):
+        return f"banks.{SEED_SLOT}.blueprints.{SEED_BLUEPRINT}." + baseline_name.removeprefix("seed.")
+    return baseline_name
+
+
+def build_baseline_net(config: CoreConfig, scenario: str) -> BaselineNet:
+    seed = None
+    if scenario == "seeded":
+        seed = build_blueprint("cnn", SEED_BLUEPRINT, config.host.slot_channels()[SEED_SLOT])
+    return BaselineNet(build_host(config.host), seed)
+
+
+@dataclass
+class BaselineEnv:
+    """One env of the baseline: its module, its optimizers, and a running loss (no host sync)."""
+
+    net: BaselineNet
+    optimizers: list[torch.optim.Optimizer]
+    clip_norm: float | None
+    loss_sum: torch.Tensor
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.net(x), y)
+        loss.backward()
+        if self.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.clip_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.loss_sum = self.loss_sum + loss.detach()
+
+
+def baseline_envs(model: Model, state: TensorDict, scenario: str) -> list[BaselineEnv]:
+    """One eager model per env, starting from that env's parameters and buffers in `state`."""
+    config, optim = model.config, model.config.optim
+    envs = []
+    for k in range(state.batch_size[0]):
+        net = build_baseline_net(config, scenario).to(model.device).train()
+        load_env(net, state, k)
+        envs.append(BaselineEnv(net, baseline_optimizers(net, optim), optim.grad_clip_norm, torch.zeros((), device=model.device)))
+    return envs
+
+
+@torch.no_grad()
+def load_env(net: BaselineNet, state: TensorDict, k: int) -> None:
+    """Copy env `k`'s parameters and BatchNorm buffers from the stacked state into `net`."""
+    for name, param in net.named_parameters():
+        param.copy_(state["params", state_key(name)][k])
+    for name, buffer in net.named_buffers():
+        buffer.copy_(state["buffers", state_key(name)][k])
+
+
+def baseline_optimizers(net: BaselineNet, optim: OptimConfig) -> list[torch.optim.Optimizer]:
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.SGD(
+            net.host.parameters(), lr=optim.host_lr, momentum=optim.host_momentum, weight_decay=optim.host_weight_decay
+        )
+    ]
+    if net.seed is not None:
+        optimizers.append(torch.optim.SGD(net.seed.parameters(), lr=optim.seed_lr, momentum=optim.seed_momentum))
+    return optimizers
+
+
+def baseline_epoch(envs: Sequence[BaselineEnv], streams: Sequence[torch.cuda.Stream | None], x: torch.Tensor, y: torch.Tensor) -> None:
+    """Every batch, step every env in a Python loop (each on its own stream on CUDA)."""
+    main = torch.cuda.current_stream(streams[0].device) if streams[0] is not None else None
+    for stream in streams:
+        if stream is not None:
+            stream.wait_stream(main)  # the shared batches are ready
+    for i in range(x.shape[0]):
+        for env, stream in zip(envs, streams):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                env.step(x[i], y[i])
+    for stream in streams:
+        if stream is not None:
+            main.wait_stream(stream)
+
+
+# --- Fairness checks --------------------------------------------------------------------------
+
+
+def trained_param_counts(host_preset: str, scenario: str) -> tuple[int, int]:
+    """Parameters one env trains: (baseline, vmapped). Equal when both sides train the same architecture."""
+    config = core_config(host_preset, compile=False)
+    baseline = sum(p.numel() for p in build_baseline_net(config, scenario).parameters())
+    model = build_model(config)
+    plan = bank_plan(model, scenario_state(model, scenario, 1, seed=0)["slots"])
+    names = model.host_param_names + tuple(n for s, p in enumerate(plan) for n in planned_param_names(model, s, p))
+    vmapped = sum(model.net_train.get_parameter(name).numel() for name in names)
+    return baseline, vmapped
+
+
+def max_param_difference(model: Model, scenario: str, n_envs: int, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+    """Train both sides from the same state on batches `x`, `y`; the largest parameter difference."""
+    state = scenario_state(model, scenario, n_envs, seed)
+    envs = baseline_envs(model, state, scenario)
+    new_state, _ = train_epoch(model, state, x, y, TrainStepCache(model))
+    baseline_epoch(envs, [None] * n_envs, x, y)
+    diff = 0.0
+    for k, env in enumerate(envs):
+        for name, param in env.net.named_parameters():
+            diff = max(diff, (param.detach() - new_state["params", state_key(name)][k]).abs().max().item())
+    return diff
+
+
+# --- Timing -----------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_epochs(run_epoch: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each warm-up epoch and of each timed epoch (synchronized at both ends on CUDA)."""
+    warmup_s, times_s = [], []
+    for record in [warmup_s] * warmup + [times_s] * repeats:
+        synchronize(device)
+        start = time.perf_counter()
+        run_epoch()
+        synchronize(device)
+        record.append(time.perf_counter() - start)
+    return warmup_s, times_s
+
+
+def epoch_runner(settings: Settings, scenario: str, variant: str, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], int]:
+    """A closure that trains all N envs for one epoch (state carried across calls), and params per env."""
+    model = build_model(core_config(settings.host_preset, compile=variant == "vmap_compiled"), settings.device)
+    state = scenario_state(model, scenario, settings.n_envs, settings.seed)
+    baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
+    if variant == "baseline":
+        envs = baseline_envs(model, state, scenario)
+        cuda = settings.device.type == "cuda"
+        streams = [torch.cuda.Stream(settings.device) if cuda else None for _ in envs]
+        return (lambda: baseline_epoch(envs, streams, x, y)), baseline_count
+
+    steps = TrainStepCache(model)
+    carried = {"state": state}
+
+    def run() -> None:
+        carried["state"], _ = train_epoch(model, carried["state"], x, y, steps)
+
+    return run, vmapped_count
+
+
+def bench_variant(settings: Settings, scenario: str, variant: str, x: torch.Tensor, y: torch.Tensor) -> VariantResult:
+    run, params = epoch_runner(settings, scenario, variant, x, y)
+    warmup_s, times_s = time_epochs(run, settings.device, settings.warmup, settings.repeats)
+    median = statistics.median(times_s)
+    n, iters = settings.n_envs, settings.iters
+    return VariantResult(
+        scenario=scenario,
+        variant=variant,
+        compile_mode=COMPILE_MODE if variant == "vmap_compiled" else "eager",
+        trained_params_per_env=params,
+        warmup_s=warmup_s,
+        times_s=times_s,
+        median_s=median,
+        env_steps_per_s=n / median,
+        samples_per_s=n * settings.batch * iters / median,
+        iterations_per_s=iters / median,
+        env_iterations_per_s=n * iters / median,
+    )
+
+
+def with_speedups(results: list[VariantResult]) -> list[VariantResult]:
+    """Each result with its speedup over the baseline of its scenario (None without a baseline)."""
+    baselines = {r.scenario: r.median_s for r in results if r.variant == "baseline"}
+    return [
+        replace(r, speedup_vs_baseline=baselines[r.scenario] / r.median_s if r.scenario in baselines else None)
+        for r in results
+    ]
+
+
+def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> tuple[list[VariantResult], list[ParamCheck]]:
+    """Every scenario x variant, plus the fairness check of every scenario."""
+    host = CNNHostConfig.preset(settings.host_preset)
+    x, y = synthetic_batches(host, settings.iters, settings.batch, settings.device, settings.seed)
+    checks, results = [], []
+    for scenario in settings.scenarios:
+        baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
+        check_model = build_model(core_config(settings.host_preset, compile=False), settings.device)
+        check_iters = min(2, settings.iters)
+        diff = max_param_difference(check_model, scenario, settings.n_envs, x[:check_iters], y[:check_iters], settings.seed)
+        checks.append(ParamCheck(scenario, baseline_count, vmapped_count, diff, check_iters))
+        for variant in settings.variants:
+            log(f"[bench] {scenario} / {variant} ...")
+            results.append(bench_variant(settings, scenario, variant, x, y))
+    return with_speedups(results), checks
+
+
+# --- Reporting --------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def format_table(results: Sequence[VariantResult]) -> str:
+    header = f"{'scenario':<8} {'variant':<14} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} {'iters/s':>8} {'env-iters/s':>11} {'vs baseline':>11}"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        speedup = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline is not None else "-"
+        rows.append(
+            f"{r.scenario:<8} {r.variant:<14} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
+            f"{r.samples_per_s:>10,.0f} {r.iterations_per_s:>8.2f} {r.env_iterations_per_s:>11.1f} {speedup:>11}"
+        )
+    return "\n".join(rows)
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def report(
+    settings: Settings,
+    results: Sequence[VariantResult],
+    checks: Sequence[ParamCheck],
+    argv: Sequence[str],
+    load_at_start: list[float] | None,
+) -> dict:
+    """Everything the run measured, with the conditions it ran under, as plain JSON."""
+    return {
+        "benchmark": "esper_func.bench",
+        "argv": list(argv),
+        "device": {"type": settings.device.type, "name": device_name(settings.device)},
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": {"start": load_at_start, "end": load_average()},
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "tensordict_version": tensordict.__version__,
+        "host_preset": settings.host_preset,
+        "n_envs": settings.n_envs,
+        "batch": settings.batch,
+        "iters": settings.iters,
+        "repeats": settings.repeats,
+        "warmup_epochs": settings.warmup,
+        "dtype": str(DTYPE).removeprefix("torch."),
+        "compile_mode": COMPILE_MODE if "vmap_compiled" in settings.variants else "none",
+        "unit": "env step = one host epoch of one env = `iters` training iterations of `batch` samples",
+        "param_checks": [asdict(c) for c in checks],
+        "results": [asdict(r) for r in results],
+    }
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m esper_func.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and repeats (20 and 3 unless given)")
+    parser.add_argument("--json", type=Path, help="write every figure and the run's conditions to this file")
+    parser.add_argument("--n-envs", type=positive_int, default=8, help="environments N (default 8)")
+    parser.add_argument("--batch", type=positive_int, default=128, help="per-env batch size (default 128)")
+    parser.add_argument("--iters", type=positive_int, help=f"iterations per host epoch (default {FULL_DEFAULTS['iters']}, quick {QUICK_DEFAULTS['iters']})")
+    parser.add_argument("--repeats", type=positive_int, help=f"timed epochs per variant (default {FULL_DEFAULTS['repeats']}, quick {QUICK_DEFAULTS['repeats']})")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up epochs per variant (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--host-preset", default="cifar", help="CNN host preset: cifar, cifar_deep, tiny (default cifar)")
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--no-compile", action="store_true", help="drop the vmap_compiled variant")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
+    return parser
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    try:
+        CNNHostConfig.preset(args.host_preset)
+    except ValueError as error:
+        parser.error(f"--host-preset: {error}")
+    variants = tuple(dict.fromkeys(v for v in args.variants if not (args.no_compile and v == "vmap_compiled")))
+    if not variants:
+        parser.error("no variant left to run (--no-compile dropped vmap_compiled)")
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    return Settings(
+        device=device,
+        n_envs=args.n_envs,
+        batch=args.batch,
+        iters=args.iters if args.iters is not None else defaults["iters"],
+        repeats=args.repeats if args.repeats is not None else defaults["repeats"],
+        warmup=args.warmup,
+        host_preset=args.host_preset,
+        scenarios=tuple(dict.fromkeys(args.scenarios)),
+        variants=variants,
+        threads=args.threads,
+        seed=args.seed,
+        json_path=args.json,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, and write the JSON report when asked."""
+    argv = sys.argv[1:] if argv is None else argv
+    settings = parse_settings(argv)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    load_at_start = load_average()
+    print(
+        f"[bench] device={device_name(settings.device)} ({settings.device}) N={settings.n_envs} batch={settings.batch} "
+        f"iters={settings.iters} repeats={settings.repeats} warmup={settings.warmup} host={settings.host_preset} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
+    results, checks = run_benchmark(settings)
+    for check in checks:
+        print(
+            f"[bench] {check.scenario}: trained params per env baseline={check.baseline_params_per_env} "
+            f"vmapped={check.vmapped_params_per_env}; max |param diff| after {check.check_iters} iters = {check.max_abs_param_diff:.2e}"
+        )
+    print(format_table(results))
+    if settings.json_path is not None:
+        settings.json_path.parent.mkdir(parents=True, exist_ok=True)
+        settings.json_path.write_text(json.dumps(report(settings, results, checks, argv, load_at_start), indent=2) + "\n")
+        print(f"[bench] wrote {settings.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
