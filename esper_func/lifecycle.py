@@ -43,27 +43,36 @@ def _record_transition(slots: TensorDict, changed: torch.Tensor, new_stage: torc
     )
 
 
+def slot_op_legality(model: Model, state: TensorDict) -> torch.Tensor:
+    """`[N, len(Op), S]` bool: op `o` can be executed at slot `s` (blueprint and blend aside).
+
+    The single source of legality: `action_legality` and the action masks both derive from
+    it. WAIT is legal at every slot (its slot is ignored).
+    """
+    slots = state["slots"]
+    stage = slots["stage"]
+    lifecycle = model.config.lifecycle
+    wait = torch.ones_like(stage, dtype=torch.bool)
+    germinate = stage == int(Stage.DORMANT)
+    cull = stage_lookup(LIVE, stage) & (slots["epochs_total"] >= lifecycle.min_cull_age)
+    fossilize = (stage == int(Stage.PROBATIONARY)) & (slots["contribution"] >= lifecycle.fossilize_min_contribution)
+    by_op = {Op.WAIT: wait, Op.GERMINATE: germinate, Op.CULL: cull, Op.FOSSILIZE: fossilize}
+    return torch.stack([by_op[op] for op in Op], dim=-2)
+
+
 def action_legality(model: Model, state: TensorDict, action: TensorDict) -> torch.Tensor:
     """`[N]` bool: the action can be executed as given (WAIT always can)."""
-    slots = state["slots"]
     n_slots = model.n_slots
     op, slot = action["op"], action["slot"]
+    op_ok = (op >= 0) & (op < len(Op))
     slot_ok = (slot >= 0) & (slot < n_slots)
-    index = slot.clamp(0, n_slots - 1).unsqueeze(-1)
-    stage = slots["stage"].gather(-1, index).squeeze(-1)
-    age = slots["epochs_total"].gather(-1, index).squeeze(-1)
-    contribution = slots["contribution"].gather(-1, index).squeeze(-1)
-    lifecycle = model.config.lifecycle
+    legal = slot_op_legality(model, state)
+    index = torch.stack((op.clamp(0, len(Op) - 1), slot.clamp(0, n_slots - 1)), dim=-1)
+    at = legal[torch.arange(op.shape[0], device=op.device), index[:, 0], index[:, 1]]
     blueprint_ok = (action["blueprint"] >= 0) & (action["blueprint"] < len(model.blueprint_names))
     blend_ok = (action["blend"] >= 0) & (action["blend"] < len(BlendMode))
-    germinate = (op == int(Op.GERMINATE)) & (stage == int(Stage.DORMANT)) & blueprint_ok & blend_ok
-    cull = (op == int(Op.CULL)) & stage_lookup(LIVE, stage) & (age >= lifecycle.min_cull_age)
-    fossilize = (
-        (op == int(Op.FOSSILIZE))
-        & (stage == int(Stage.PROBATIONARY))
-        & (contribution >= lifecycle.fossilize_min_contribution)
-    )
-    return (op == int(Op.WAIT)) | (slot_ok & (germinate | cull | fossilize))
+    germinate_args_ok = (op != int(Op.GERMINATE)) | (blueprint_ok & blend_ok)
+    return (op == int(Op.WAIT)) | (op_ok & slot_ok & at & germinate_args_ok)
 
 
 def apply_action(
