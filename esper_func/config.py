@@ -306,4 +306,12 @@ def _convert_tagged(options: list[type], value: dict[str, Any], where: str) -> A
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-JSON form of a config dataclass (tuples become lists)."""
-    return dataclasses.asdict(config)
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
