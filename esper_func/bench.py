@@ -184,8 +184,10 @@ class BaselineEnv:
             optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.net(x), y)
         loss.backward()
-        if self.clip_norm is not None:
-            nn.utils.clip_grad_norm_(self.net.parameters(), self.clip_norm)
+        if self.clip_norm is not None:  # per group, as the core: the host, and the seed
+            nn.utils.clip_grad_norm_(self.net.host.parameters(), self.clip_norm)
+            if self.net.seed is not None:
+                nn.utils.clip_grad_norm_(self.net.seed.parameters(), self.clip_norm)
         for optimizer in self.optimizers:
             optimizer.step()
         self.loss_sum = self.loss_sum + loss.detach()

@@ -191,7 +191,7 @@ class LifecycleConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Functional SGD for host and seeds; per-env gradient clipping over all parameters."""
+    """Functional SGD for host and seeds; per-env gradient clipping per parameter group."""
 
     host_lr: float = 0.01
     host_momentum: float = 0.9
@@ -199,7 +199,8 @@ class OptimConfig:
     seed_lr: float = 0.01
     seed_momentum: float = 0.9
     grad_clip_norm: float | None = 5.0
-    """Max global gradient norm per env (host and seeds together); None disables clipping."""
+    """Max gradient norm per env and group (the host; each slot's seed); None disables clipping.
+    Groups are clipped separately so that a seed never changes the host's update."""
 
     def __post_init__(self) -> None:
         for name in ("host_lr", "seed_lr"):

@@ -2,7 +2,7 @@
 
 `train_iteration` is a pure function of plain tensor dicts (what `torch.compile` traces):
 `vmap` over envs of `grad` of the cross-entropy through `functional_call`, then per-env
-gradient clipping over host and seed parameters together, the per-slot
+gradient clipping of the host and of each slot's seed as separate groups, the per-slot
 parameter-normalized gradient ratio from the same backward, and functional SGD (host:
 momentum and weight decay; seeds: momentum, and only in stages whose seed trains).
 `train_epoch` loops over iterations, never over envs.
@@ -98,9 +98,14 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
         ratio = torch.where(valid, per_param, 0.0)
 
         if optim.grad_clip_norm is not None:
-            total = (host_sq + seed_sq.sum(-1)).sqrt()
-            scale = (optim.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
-            grads = {name: g * scale.view((-1,) + (1,) * (g.dim() - 1)) for name, g in grads.items()}
+            # Host and each slot's seed are clipped as separate groups, so a seed's gradient
+            # never changes the host's update (isolation holds with clipping active).
+            host_scale = (optim.grad_clip_norm / (host_norm + 1e-6)).clamp(max=1.0)
+            seed_scale = (optim.grad_clip_norm / (seed_norm + 1e-6)).clamp(max=1.0)
+            scales = {name: host_scale for name in host_names}
+            for s, names in enumerate(slot_names):
+                scales.update({name: seed_scale[:, s] for name in names})
+            grads = {name: g * scales[name].view((-1,) + (1,) * (g.dim() - 1)) for name, g in grads.items()}
 
         new_params, new_momentum = dict(params), dict(momentum)
         for name in host_names:

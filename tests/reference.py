@@ -153,21 +153,27 @@ class RefEnv:
     # --- training ------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """One SGD step on batch (x, y); returns (loss, pre-clip global grad norm)."""
+        """One SGD step on batch (x, y); returns (loss, pre-clip host grad norm)."""
         self.host.train()
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.forward(x)
         loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
         loss.backward()
-        params = list(self.trained_params().values())
+        trained = self.trained_params()
+        groups = [[p for n, p in trained.items() if n.startswith("host.")]]
+        groups += [[p for n, p in trained.items() if n.startswith(f"banks.{s}.")] for s in range(len(self.slots))]
         clip = self.config.optim.grad_clip_norm
-        if clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norms = []
+        for group in groups:  # the host and each slot's seed are clipped separately
+            grads = [p.grad for p in group if p.grad is not None]
+            if not grads:
+                continue
+            if clip is not None:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(group, clip)))
+            else:
+                norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
         self.optimizer.step()
-        return float(loss.detach()), float(norm)
+        return float(loss.detach()), norms[0]
 
     def momentum(self) -> dict[str, torch.Tensor]:
         return {
