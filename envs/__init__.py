@@ -1,1 +1,5 @@
-"""TorchRL environments over the functional core (arrives with the environment issue)."""
+"""TorchRL environments over the functional core."""
+
+from envs.morphogenetic import EnvConfig, MorphogeneticEnv, make_env
+
+__all__ = ["EnvConfig", "MorphogeneticEnv", "make_env"]

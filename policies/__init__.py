@@ -1,1 +1,5 @@
-"""Controllers as TensorDictModules (arrive with the environment and PPO issues)."""
+"""Controllers as TensorDict modules: heuristic, random, static (and, later, PPO)."""
+
+from policies.controllers import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
+
+__all__ = ["HeuristicConfig", "HeuristicPolicy", "RandomPolicy", "StaticPolicy"]

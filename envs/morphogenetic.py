@@ -1,0 +1,288 @@
+"""`MorphogeneticEnv`: the functional core as a batched TorchRL environment.
+
+One step of the `[N]`-batched env is one host epoch in every environment: apply the
+action, train one epoch on shared batches, evaluate with counterfactuals, tick the
+lifecycle, compute the reward, build the next observation and masks. The env object holds
+the state TensorDict and a generator; every transition is a pure function of the core.
+
+Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated`):
+- `"observation"` `[N, F]` float32, schema in `docs/observation.md`;
+- `("action_mask", head)`: `op [N, 4]`, `slot [N, 4, S]` (row = op), `blueprint [N, B]`,
+  `blend [N, 3]`; sample the op first, then the slot from that op's row;
+- `("seeds", key)` `[N, S]`: stage, alpha, blueprint, epochs_in_stage, contribution,
+  improvement (accuracy change since the stage began, pp);
+- `("metrics", key)` `[N]`: train_loss, val_loss, val_accuracy, epoch, action_executed,
+  illegal_actions (count this episode), seed_params;
+- `("signals", key)` `[N]`: stabilized, plateau_epochs;
+- `("reward_components", name)` `[N]`: the reward is exactly their sum.
+Actions `("action", head)` `[N]` int64 for heads op, slot, blueprint, blend. An action
+the masks forbid is executed as WAIT, rewarded as WAIT and counted in `illegal_actions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
+from esper_func.features import feature_names, observe
+from esper_func.masks import action_masks
+from esper_func.model import build_model
+from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, total
+from esper_func.signals import SignalConfig, init_signals, update_signals
+from esper_func.stages import BlendMode, Op, stage_lookup
+from esper_func.state import init_state, seed_param_count
+from esper_func.step import Steps, env_step
+from esper_func.evaluation import evaluate
+from esper_func.tasks import Task, TaskConfig, build_task
+
+SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "improvement")
+METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")
+SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything one `MorphogeneticEnv` is made of.
+
+    The host is the task's default host, or `host_preset` of the same topology; the
+    host's `core.host` field is replaced by the resolved one when the env is built.
+    """
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    core: CoreConfig = field(default_factory=lambda: CoreConfig(compile=False))
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    signals: SignalConfig = field(default_factory=SignalConfig)
+    host_preset: str | None = None
+    n_envs: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_envs < 1:
+            raise ConfigError(f"EnvConfig.n_envs must be >= 1, got {self.n_envs}")
+
+
+def resolve_host(task: Task, preset: str | None) -> HostConfig:
+    """The task's host, or the named preset of its topology, checked against the data."""
+    default = task.host_config
+    if preset is None:
+        return default
+    if isinstance(default, CNNHostConfig):
+        host = replace(CNNHostConfig.preset(preset), num_classes=task.num_classes)
+        if host.image_size != default.image_size or host.in_channels != default.in_channels:
+            raise ConfigError(
+                f"host preset {preset!r} takes {host.in_channels}x{host.image_size}x{host.image_size} images but task "
+                f"{task.config.name!r} has {default.in_channels}x{default.image_size}x{default.image_size}; "
+                "choose a preset for that input size"
+            )
+        return host
+    host = replace(TransformerHostConfig.preset(preset), vocab_size=task.num_classes)
+    if host.context < task.config.context:
+        raise ConfigError(
+            f"host preset {preset!r} has context {host.context} but task {task.config.name!r} windows are "
+            f"{task.config.context} tokens; set the task's context <= {host.context}"
+        )
+    return host
+
+
+class MorphogeneticEnv(EnvBase):
+    """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
+
+    def __init__(self, config: EnvConfig, device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
+        super().__init__(device=device, batch_size=torch.Size([config.n_envs]))
+        self.task = build_task(config.task, device)
+        host = resolve_host(self.task, config.host_preset)
+        self.config = replace(config, core=replace(config.core, host=host))
+        self.model = build_model(self.config.core, device)
+        self.steps = Steps(self.model)
+        self.max_epochs = self.config.core.lifecycle.max_epochs
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed)
+        self.state: TensorDict = self._fresh_state()
+        self._make_specs()
+
+    # -- specs -------------------------------------------------------------------------
+
+    def _make_specs(self) -> None:
+        n, s = self.config.n_envs, self.model.n_slots
+        n_blueprints = len(self.model.blueprint_names)
+        heads = {"op": len(Op), "slot": s, "blueprint": n_blueprints, "blend": len(BlendMode)}
+        self.full_action_spec = Composite(
+            action=Composite(
+                {head: Categorical(size, shape=(n,), dtype=torch.int64, device=self.device) for head, size in heads.items()},
+                shape=(n,),
+            ),
+            shape=(n,),
+        )
+        per_slot = (n, s)
+        mask_shapes = {"op": (n, len(Op)), "slot": (n, len(Op), s), "blueprint": (n, n_blueprints), "blend": (n, len(BlendMode))}
+        self.full_observation_spec = Composite(
+            observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(self.model))), dtype=torch.float32, device=self.device),
+            action_mask=Composite(
+                {head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=self.device) for head, shape in mask_shapes.items()},
+                shape=(n,),
+            ),
+            seeds=Composite(
+                {
+                    "stage": Unbounded(shape=per_slot, dtype=torch.int64, device=self.device),
+                    "alpha": Bounded(0.0, 1.0, shape=per_slot, dtype=torch.float32, device=self.device),
+                    "blueprint": Unbounded(shape=per_slot, dtype=torch.int64, device=self.device),
+                    "epochs_in_stage": Unbounded(shape=per_slot, dtype=torch.int64, device=self.device),
+                    "contribution": Unbounded(shape=per_slot, dtype=torch.float32, device=self.device),
+                    "improvement": Unbounded(shape=per_slot, dtype=torch.float32, device=self.device),
+                },
+                shape=(n,),
+            ),
+            metrics=Composite(
+                {
+                    **{key: Unbounded(shape=(n,), dtype=torch.float32, device=self.device) for key in METRIC_KEYS},
+                    "epoch": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
+                    "action_executed": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
+                    "illegal_actions": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
+                    "seed_params": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
+                },
+                shape=(n,),
+            ),
+            signals=Composite(
+                {
+                    "stabilized": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
+                    "plateau_epochs": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
+                },
+                shape=(n,),
+            ),
+            reward_components=Composite(
+                {name: Unbounded(shape=(n,), dtype=torch.float32, device=self.device) for name in component_names(self.config.rewards)},
+                shape=(n,),
+            ),
+            shape=(n,),
+        )
+        self.full_reward_spec = Composite(reward=Unbounded(shape=(n, 1), dtype=torch.float32, device=self.device), shape=(n,))
+        self.full_done_spec = Composite(
+            {key: Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device) for key in ("done", "terminated", "truncated")},
+            shape=(n,),
+        )
+
+    # -- state -------------------------------------------------------------------------
+
+    def _fresh_state(self) -> TensorDict:
+        """New hosts for every env, evaluated once so the first observation is real."""
+        state = init_state(self.model, self.config.n_envs, self.generator)
+        batches = self.task.sample_batches(self.generator)
+        metrics = evaluate(self.model, state, batches.val_x, batches.val_y, self.steps.eval)
+        state["metrics", "val_loss"] = metrics["val_loss"]
+        state["metrics", "val_accuracy"] = metrics["val_accuracy"]
+        # The untrained hosts' evaluation is the signals' first epoch: deltas at step 1 are real.
+        signals = init_signals(self.config.signals, self.config.n_envs, self.device)
+        state["signals"] = update_signals(self.config.signals, signals, metrics)
+        state["illegal_actions"] = torch.zeros(self.config.n_envs, dtype=torch.int64, device=self.device)
+        return state
+
+    def _observation(self, state: TensorDict, executed: torch.Tensor, components: TensorDict) -> TensorDict:
+        n = self.config.n_envs
+        slots = state["slots"]
+        occupied_params = seed_param_count(self.model, slots)
+        seeds = {key: slots[key] for key in SEED_KEYS if key != "improvement"}
+        seeds["improvement"] = state["metrics", "val_accuracy"].unsqueeze(-1) - slots["acc_at_stage_start"]
+        live_params = torch.where(stage_lookup(SEEDED, slots["stage"]), occupied_params, 0).sum(-1)
+        return TensorDict(
+            {
+                "observation": observe(self.model, state, state["signals"], self.max_epochs),
+                "action_mask": action_masks(self.model, state),
+                "seeds": TensorDict(seeds, batch_size=[n]),
+                "metrics": TensorDict(
+                    {
+                        **{key: state["metrics", key] for key in METRIC_KEYS},
+                        "epoch": state["epoch"],
+                        "action_executed": executed,
+                        "illegal_actions": state["illegal_actions"],
+                        "seed_params": live_params,
+                    },
+                    batch_size=[n],
+                ),
+                "signals": TensorDict({key: state["signals", key] for key in SIGNAL_KEYS}, batch_size=[n]),
+                "reward_components": components,
+            },
+            batch_size=[n],
+            device=self.device,
+        )
+
+    # -- EnvBase ---------------------------------------------------------------------------
+
+    def _reset(self, tensordict: TensorDictBase | None, **kwargs: object) -> TensorDictBase:
+        n = self.config.n_envs
+        fresh = self._fresh_state()
+        if tensordict is not None and "_reset" in tensordict.keys():
+            reset = tensordict["_reset"].reshape(n)
+            state = self.state.clone()
+            state[reset] = fresh[reset]
+            self.state = state
+        else:
+            self.state = fresh
+        zero_components = TensorDict(
+            {name: torch.zeros(n, device=self.device) for name in self.full_observation_spec["reward_components"].keys()},
+            batch_size=[n],
+        )
+        out = self._observation(self.state, torch.ones(n, dtype=torch.bool, device=self.device), zero_components)
+        for key in ("done", "terminated", "truncated"):
+            out[key] = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        return out
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        action = TensorDict({head: tensordict["action", head] for head in ("op", "slot", "blueprint", "blend")}, batch_size=self.batch_size)
+        prev = self.state
+        batches = self.task.sample_batches(self.generator)
+        state, metrics = env_step(self.steps, prev, action, batches, self.generator)
+        executed = metrics["executed"]
+        is_last = state["epoch"] >= self.max_epochs
+        components = compute_reward(self.config.rewards, self.model, prev, state, action, executed, metrics, is_last)
+        state["signals"] = update_signals(self.config.signals, prev["signals"], metrics)
+        state["illegal_actions"] = prev["illegal_actions"] + (~executed).long()
+        self.state = state
+        out = self._observation(state, executed, components)
+        out["reward"] = total(components).unsqueeze(-1)
+        done = is_last.unsqueeze(-1)
+        out["done"] = done
+        out["truncated"] = done
+        out["terminated"] = torch.zeros_like(done)
+        return out
+
+    def _set_seed(self, seed: int | None) -> None:
+        self.generator.manual_seed(0 if seed is None else seed)
+
+
+def make_env(
+    task: str = "synthetic",
+    preset: str | None = None,
+    n_envs: int = 4,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    data_dir: str | None = None,
+    compile: bool | None = None,
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    train_iters: int | None = None,
+) -> MorphogeneticEnv:
+    """An env for a named task with its default budget and rewards.
+
+    `preset` names a host preset of the task's topology (default: the task's own host;
+    for text, the task's windows shrink to the preset's context). `compile` defaults to on
+    for CUDA and off for CPU, where compiling costs tens of seconds and does not pay.
+    `batch_size` and `train_iters` override the task's per-epoch budget.
+    """
+    device = torch.device(device)
+    overrides = {"data_dir": data_dir, "batch_size": batch_size, "train_iters": train_iters}
+    task_config = TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None})
+    if preset is not None and task == "tinystories":
+        task_config = replace(task_config, context=min(task_config.context, TransformerHostConfig.preset(preset).context))
+    core = CoreConfig(compile=device.type == "cuda" if compile is None else compile)
+    if max_epochs is not None:
+        core = replace(core, lifecycle=replace(core.lifecycle, max_epochs=max_epochs))
+    config = EnvConfig(
+        task=task_config, core=core, rewards=RewardConfig.for_task(task), host_preset=preset, n_envs=n_envs, seed=seed
+    )
+    return MorphogeneticEnv(config, device)

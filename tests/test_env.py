@@ -1,0 +1,163 @@
+"""MorphogeneticEnv under TorchRL: specs, rollouts, transforms, collectors, masks, resets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.collectors import Collector
+from torchrl.envs import ObservationNorm, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs.utils import check_env_specs, step_mdp
+
+from envs import EnvConfig, MorphogeneticEnv, make_env
+from esper_func.config import CoreConfig, LifecycleConfig
+from esper_func.rewards import RewardConfig
+from esper_func.stages import Op, Stage
+from esper_func.tasks import TaskConfig
+from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
+
+N_ENVS = 3
+
+
+def small_env(n_envs: int = N_ENVS, max_epochs: int = 6, seed: int = 0, **lifecycle: int) -> MorphogeneticEnv:
+    """The synthetic task at a test-sized budget (few, small batches per epoch)."""
+    task = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=2, val_batches=1)
+    core = CoreConfig(compile=False, lifecycle=LifecycleConfig(max_epochs=max_epochs, **lifecycle))
+    return MorphogeneticEnv(EnvConfig(task=task, core=core, n_envs=n_envs, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def env() -> MorphogeneticEnv:
+    return small_env()
+
+
+def test_specs_pass_torchrl_check(env: MorphogeneticEnv) -> None:
+    check_env_specs(env)
+
+
+def test_step_outputs_documented_keys_and_reward_is_the_sum(env: MorphogeneticEnv) -> None:
+    td = env.reset()
+    assert td["observation"].shape == (N_ENVS, env.full_observation_spec["observation"].shape[-1])
+    assert td["action_mask", "slot"].shape == (N_ENVS, len(Op), 3)
+    step = env.step(RandomPolicy(torch.Generator().manual_seed(0))(td))
+    nxt = step["next"]
+    for key in ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution"):
+        assert nxt["seeds", key].shape == (N_ENVS, 3)
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert nxt["metrics", key].shape == (N_ENVS,)
+    components = torch.stack(list(nxt["reward_components"].values())).sum(0)
+    torch.testing.assert_close(nxt["reward"].squeeze(-1), components)
+    assert nxt["observation"].abs().max() <= 1.0
+    assert (nxt["metrics", "epoch"] == 1).all()
+
+
+def test_random_actions_under_masks_always_execute() -> None:
+    env = small_env(max_epochs=8)
+    policy = RandomPolicy(torch.Generator().manual_seed(3))
+    rollout = env.rollout(8, policy)
+    assert rollout["next", "metrics", "action_executed"].all()
+    assert (rollout["next", "metrics", "illegal_actions"] == 0).all()
+    assert (rollout["action", "op"] != int(Op.WAIT)).any(), "the random policy should act sometimes"
+
+
+def test_masked_out_action_is_executed_as_wait_and_counted(env: MorphogeneticEnv) -> None:
+    td = env.reset()
+    before = env.state["slots"].clone()
+    params_before = env.state["params"].clone()
+    # FOSSILIZE on a dormant slot and CULL with nothing to cull are both illegal.
+    td["action"] = TensorDict(
+        {
+            "op": torch.tensor([Op.FOSSILIZE, Op.CULL, Op.WAIT]),
+            "slot": torch.tensor([0, 2, 1]),
+            "blueprint": torch.tensor([1, 1, 1]),
+            "blend": torch.tensor([0, 0, 0]),
+        },
+        batch_size=[N_ENVS],
+    )
+    step = env.step(td)
+    assert step["next", "metrics", "action_executed"].tolist() == [False, False, True]
+    assert step["next", "metrics", "illegal_actions"].tolist() == [1, 1, 0]
+    assert (env.state["slots", "stage"] == before["stage"]).all()
+    wait = RewardConfig()
+    assert wait.family == "shaped"
+    assert not torch.equal(env.state["params", "host.head.weight"], params_before["host.head.weight"]), "hosts still train"
+
+
+def test_partial_reset_only_resets_flagged_envs(env: MorphogeneticEnv) -> None:
+    td = env.reset()
+    carried = step_mdp(env.step(StaticPolicy()(td)))
+    kept = env.state["params", "host.head.weight"][1].clone()
+    carried["_reset"] = torch.tensor([[True], [False], [True]])
+    out = env.reset(carried)
+    assert out["metrics", "epoch"].tolist() == [0, 1, 0]
+    assert env.state["epoch"].tolist() == [0, 1, 0]
+    torch.testing.assert_close(env.state["params", "host.head.weight"][1], kept)
+
+
+def test_episode_truncates_after_max_epochs() -> None:
+    env = small_env(max_epochs=3)
+    rollout = env.rollout(3, StaticPolicy())
+    assert rollout["next", "truncated"][:, -1].all() and rollout["next", "done"][:, -1].all()
+    assert not rollout["next", "done"][:, :-1].any()
+    assert not rollout["next", "terminated"].any()
+
+
+def test_runs_inside_transformed_env_with_standard_transforms() -> None:
+    base = small_env(max_epochs=4)
+    env = TransformedEnv(base, StepCounter())
+    env.append_transform(RewardSum())
+    env.append_transform(ObservationNorm(in_keys=["observation"], standard_normal=True))
+    env.transform[-1].init_stats(num_iter=2, reduce_dim=(0, 1), cat_dim=0)
+    rollout = env.rollout(4, RandomPolicy(torch.Generator().manual_seed(1)))
+    assert rollout["next", "step_count"][:, -1].eq(4).all()
+    torch.testing.assert_close(rollout["next", "episode_reward"][:, -1], rollout["next", "reward"].sum(1))
+    assert torch.isfinite(rollout["next", "observation"]).all()
+
+
+def test_collector_gathers_whole_episodes() -> None:
+    env = small_env(max_epochs=3)
+    collector = Collector(env, RandomPolicy(torch.Generator().manual_seed(2)), frames_per_batch=N_ENVS * 3, total_frames=N_ENVS * 3)
+    batches = list(collector)
+    collector.shutdown()
+    assert len(batches) == 1
+    batch = batches[0]
+    assert batch.batch_size == (N_ENVS, 3)
+    assert batch["next", "truncated"][:, -1].all()
+
+
+def test_heuristic_germinates_blends_and_fossilizes_on_a_tiny_setting() -> None:
+    """A short lifecycle so one episode can take a seed all the way to FOSSILIZED."""
+    env = small_env(
+        n_envs=2,
+        max_epochs=14,
+        min_training_epochs=1,
+        blend_steps=2,
+        probation_min_epochs=3,
+        embargo_epochs=1,
+    )
+    env = MorphogeneticEnv(
+        replace(
+            env.config,
+            core=replace(env.config.core, lifecycle=replace(env.config.core.lifecycle, grad_ratio_threshold=0.0, fossilize_min_contribution=0.0)),
+            task=replace(env.config.task, train_iters=4, batch_size=32),
+        )
+    )
+    eager = HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0)
+    policy = HeuristicPolicy(env.model.topology, 2, eager)
+    stages_seen: set[int] = set()
+    td = env.reset()
+    for _ in range(14):
+        step = env.step(policy(td))
+        stages_seen.update(step["next", "seeds", "stage"].flatten().tolist())
+        td = step_mdp(step)
+    assert {int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.PROBATIONARY)} <= stages_seen
+    assert int(Stage.FOSSILIZED) in stages_seen, f"stages seen: {sorted(stages_seen)}"
+
+
+def test_make_env_names_unknown_tasks_and_presets() -> None:
+    with pytest.raises(ValueError, match="nonexistent"):
+        make_env(task="nonexistent")
+    with pytest.raises(ValueError, match="unknown CNN host preset 'huge'"):
+        make_env(preset="huge")

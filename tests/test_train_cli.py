@@ -1,0 +1,63 @@
+"""`python -m esper_func.train` end to end on a tiny budget, and its error paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esper_func.train import main
+
+TINY = ["--n-envs", "2", "--max-epochs", "3", "--batch-size", "8", "--train-iters", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("controller", ["static", "random", "heuristic"])
+def test_cli_writes_a_complete_run_directory(controller: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert main([controller, *TINY, "--run-dir", str(run_dir), "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"episode 0 [{controller}] final acc" in out and "env-steps/s" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["controller"] == controller
+    assert config["env"]["n_envs"] == 2 and config["env"]["core"]["lifecycle"]["max_epochs"] == 3
+    assert config["env"]["task"]["batch_size"] == 8
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all(len(r["val_accuracy"]) == 2 for r in records)
+    for record in records:
+        total = [sum(parts) for parts in zip(*record["reward_components"].values())]
+        assert total == pytest.approx(record["reward"], abs=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary[0]["controller"] == controller
+    assert (run_dir / "lifecycle.jsonl").exists()
+
+
+def test_random_controller_logs_lifecycle_events(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["random", *TINY, "--max-epochs", "4", "--run-dir", str(run_dir)]) == 0
+    events = [json.loads(line) for line in (run_dir / "lifecycle.jsonl").read_text().splitlines()]
+    assert events, "a random controller germinates within four epochs"
+    assert {"episode", "env", "epoch", "slot", "from", "to", "blueprint", "cause"} <= set(events[0])
+    assert any(e["cause"] == "action:GERMINATE" for e in events)
+
+
+def test_cli_refuses_a_non_empty_run_dir_and_keeps_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("precious\n")
+    assert main(["static", *TINY, "--run-dir", str(run_dir)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["static", *TINY, "--task", "cifar10", "--data-dir", str(missing), "--run-dir", str(tmp_path / "r")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_rejects_bad_numbers() -> None:
+    with pytest.raises(SystemExit):
+        main(["static", "--n-envs", "0"])
