@@ -42,13 +42,7 @@ LAYOUT = [
 SEED_IN_BLEND = (Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(bank_mode: str) -> Model:

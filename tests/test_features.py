@@ -31,13 +31,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "observation.md"
 MAX_EPOCHS = 25
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @lru_cache(maxsize=None)

@@ -23,13 +23,7 @@ from esper_func.stages import BlendMode, Stage
 from esper_func.state import empty_slots, init_state
 from esper_func.training import TrainStepCache, task_loss, train_epoch
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 NOT_IN_FORWARD = (Stage.DORMANT, Stage.GERMINATED, Stage.CULLED, Stage.EMBARGOED, Stage.RESETTING)

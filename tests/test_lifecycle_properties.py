@@ -30,13 +30,7 @@ from esper_func.model import Model, build_model
 from esper_func.stages import LEGAL_TRANSITION, Op, Stage
 from esper_func.state import init_state
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 N_BLENDS = 3

@@ -25,13 +25,7 @@ S = 3
 CONV_LIGHT = 4  # CNN catalogue: noop, norm, attention, depthwise, conv_light, conv_heavy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(lifecycle: LifecycleConfig | None = None, n_envs: int = 2, seed: int = 0) -> tuple[Model, TensorDict, torch.Generator]:

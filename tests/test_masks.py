@@ -30,13 +30,7 @@ from esper_func.state import init_state
 CONTRIBUTIONS = (-3.0, -1e-3, 0.0, 1e-3, 0.5, 0.999, 1.0, 1.001, 1.5, 12.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @lru_cache(maxsize=None)

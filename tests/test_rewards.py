@@ -43,13 +43,7 @@ GAMMA = 0.995
 FOSSILIZED = 7.5  # potential of a FOSSILIZED seed (above probation plus its progress cap)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @lru_cache(maxsize=1)
