@@ -1,9 +1,12 @@
-"""`python -m esper_func.train`: run a controller on N morphogenetic environments.
+"""`python -m esper_func.train`: learn a controller with PPO, or run a rule-based one.
 
-Subcommands `heuristic` (the default until the PPO controller lands), `static` and
-`random` play whole episodes on the embedded default task (no download), print a summary
-per episode and write a run directory: `config.json` (resolved configuration),
-`metrics.jsonl` (every env step) and `lifecycle.jsonl` (every seed stage change).
+`python -m esper_func.train` (no arguments) trains PPO on the embedded synthetic task with
+the `default` preset (about 10 minutes on 2 CPU cores) and ends with a table of the trained
+policy against static and heuristic control on fresh envs. Subcommands: `ppo` (default),
+`heuristic`, `static`, `random`. Every run writes a run directory: `config.json` (the
+resolved TrainingConfig), `metrics.jsonl` (every env step), `lifecycle.jsonl` (every
+seed stage change), and for PPO `updates.jsonl`, `logger/` (TorchRL CSV or TensorBoard),
+`checkpoints/`, `comparison.json` and PNG plots.
 """
 
 from __future__ import annotations
@@ -12,147 +15,193 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
-from torchrl.envs.utils import step_mdp
-from tqdm import tqdm
 
-from envs import MorphogeneticEnv, make_env
-from esper_func.config import ConfigError, to_dict
-from esper_func.telemetry import JsonlWriter, RunDirError, create_run_dir, lifecycle_events, step_record
-from esper_func.tasks import TaskDataError
-from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
+from envs.morphogenetic import MorphogeneticEnv
+from esper_func.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+from esper_func.config import ConfigError
+from esper_func.episodes import play_episode
+from esper_func.evaluate import (
+    EVAL_SEED_OFFSET,
+    baseline_controller,
+    compare_controllers,
+    format_table,
+    mean_curves,
+    summary_table,
+)
+from esper_func.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
+from esper_func.plots import plot_accuracy, plot_lifecycle, plot_returns
+from esper_func.ppo import PPOTrainer, TrainerState
+from esper_func.rewards import RewardConfig
+from esper_func.stages import SLOT_NAMES
+from esper_func.tasks import TaskConfig, TaskDataError
+from esper_func.telemetry import JsonlWriter, RunDirError, create_run_dir
+from esper_func.training_config import (
+    PRESETS,
+    TELEMETRY_LEVELS,
+    TrainingConfig,
+    load_training_config,
+    read_training_config,
+    write_training_config,
+)
 
-CONTROLLERS = ("heuristic", "static", "random")
-
-
-@dataclass(frozen=True)
-class EpisodeSummary:
-    episode: int
-    controller: str
-    final_accuracy: float
-    """Mean over envs of the last epoch's validation accuracy, percent."""
-    germinated: int
-    fossilized: int
-    culled: int
-    param_growth: float
-    """Mean over envs of live seed parameters / host parameters at the end."""
-    env_steps_per_s: float
-
-    def line(self) -> str:
-        return (
-            f"episode {self.episode} [{self.controller}] final acc {self.final_accuracy:.2f}% | "
-            f"germinated {self.germinated} fossilized {self.fossilized} culled {self.culled} | "
-            f"param growth {100 * self.param_growth:.1f}% | {self.env_steps_per_s:.2f} env-steps/s"
-        )
-
-
-def build_controller(name: str, env: MorphogeneticEnv, seed: int) -> TensorDictModuleBase:
-    if name == "heuristic":
-        config = HeuristicConfig(germinate_by_epoch=max(HeuristicConfig.min_epoch_to_germinate, int(0.4 * env.max_epochs)))
-        return HeuristicPolicy(env.model.topology, env.config.n_envs, config, device=env.device)
-    if name == "random":
-        return RandomPolicy(torch.Generator(device=env.device).manual_seed(seed))
-    return StaticPolicy()
-
-
-def run_episode(
-    env: MorphogeneticEnv,
-    controller: TensorDictModuleBase,
-    name: str,
-    episode: int,
-    metrics_log: JsonlWriter,
-    lifecycle_log: JsonlWriter,
-    progress: bool,
-) -> EpisodeSummary:
-    """Play one episode in every env; log each step and each stage change."""
-    counts = {"GERMINATED": 0, "FOSSILIZED": 0, "CULLED": 0}
-    observation: TensorDictBase = env.reset()
-    start = time.perf_counter()
-    steps = tqdm(range(env.max_epochs), desc=f"{name} episode {episode}", disable=not progress, leave=False)
-    for _ in steps:
-        step = env.step(controller(observation))
-        metrics_log.write(step_record(step, episode))
-        for event in lifecycle_events(observation, step, env.model.blueprint_names, episode):
-            lifecycle_log.write(event.record())
-            counts["GERMINATED"] += event.from_stage == "DORMANT"
-            counts["FOSSILIZED"] += event.to_stage == "FOSSILIZED"
-            # A probation cull is seen as -> CULLED; a CULL action as -> EMBARGOED (same tick).
-            counts["CULLED"] += event.to_stage == "CULLED" or (event.to_stage == "EMBARGOED" and event.from_stage != "CULLED")
-        steps.set_postfix(acc=f"{step['next', 'metrics', 'val_accuracy'].mean().item():.1f}")
-        observation = step_mdp(step)
-    elapsed = time.perf_counter() - start
-    final = observation["metrics"]
-    return EpisodeSummary(
-        episode=episode,
-        controller=name,
-        final_accuracy=final["val_accuracy"].mean().item(),
-        germinated=counts["GERMINATED"],
-        fossilized=counts["FOSSILIZED"],
-        culled=counts["CULLED"],
-        param_growth=(final["seed_params"].float() / env.model.host_param_count).mean().item(),
-        env_steps_per_s=env.config.n_envs * env.max_epochs / elapsed,
-    )
+CONTROLLERS = ("ppo", "heuristic", "static", "random")
+OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "seed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m esper_func.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("controller", nargs="?", default="heuristic", choices=CONTROLLERS)
-    parser.add_argument("--task", default="synthetic", help="synthetic (default, embedded), cifar10, tinystories")
-    parser.add_argument("--preset", default=None, help="host preset of the task's topology (default: the task's host)")
+    parser.add_argument("controller", nargs="?", default="ppo", choices=CONTROLLERS)
+    parser.add_argument("--preset", default=None, help=f"training preset: {', '.join(PRESETS)} (default: default)")
+    parser.add_argument("--config-json", type=Path, default=None, help="a TrainingConfig JSON file (replaces the preset)")
+    parser.add_argument("--task", default=None, help="synthetic (embedded), cifar10, tinystories")
     parser.add_argument("--data-dir", default=None, help="directory (or file) of a real dataset")
-    parser.add_argument("--n-envs", type=int, default=4)
-    parser.add_argument("--episodes", type=int, default=1)
-    parser.add_argument("--max-epochs", type=int, default=None, help="episode length in host epochs (default 25)")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per training iteration (task default)")
-    parser.add_argument("--train-iters", type=int, default=None, help="training iterations per epoch (task default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<controller>")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA, off for CPU")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--host", default=None, help="host preset of the task's topology (default: the task's host)")
+    parser.add_argument("--n-envs", type=int, default=None)
+    parser.add_argument("--episodes", type=int, default=None, help="episode batches (PPO updates; default: the preset's), or episodes of a rule-based controller (default 1)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="episode length in host epochs")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per training iteration")
+    parser.add_argument("--train-iters", type=int, default=None, help="training iterations per epoch")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--devices", nargs="+", default=None, help="devices to shard the envs over")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the env steps")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<controller>-<task>")
+    parser.add_argument("--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)")
+    parser.add_argument("--telemetry-level", choices=TELEMETRY_LEVELS, default=None)
+    parser.add_argument("--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.n_envs < 1:
-        parser.error(f"--n-envs must be >= 1, got {args.n_envs}")
-    if args.episodes < 1:
-        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    for name in ("n_envs", "episodes", "max_epochs", "batch_size", "train_iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.preset is not None and args.config_json is not None:
+        parser.error("--preset and --config-json both choose the whole config; pass one of them")
+    if args.resume is not None:
+        given = [f"--{name.replace('_', '-')}" for name in OVERRIDE_FLAGS if getattr(args, name) is not None]
+        if given or args.preset is not None or args.config_json is not None:
+            parser.error(f"--resume continues the run with its saved config; drop {given or ['--preset/--config-json']} (only --episodes may grow)")
+        if args.controller != "ppo":
+            parser.error("--resume applies to PPO runs only")
     return args
+
+
+def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None) -> TrainingConfig:
+    """Preset (or JSON file), then each given flag overrides its field; validated on construction."""
+    if base is None:
+        base = read_training_config(args.config_json) if args.config_json is not None else TrainingConfig.preset(args.preset or "default")
+    env = base.env
+    task_overrides = {key: getattr(args, key) for key in ("data_dir", "batch_size", "train_iters") if getattr(args, key) is not None}
+    if args.task is not None:
+        task = TaskConfig.preset(args.task, **task_overrides)
+        env = replace(env, task=task, rewards=RewardConfig.for_task(args.task, gamma=base.ppo.gamma), host_preset=None)
+    elif task_overrides:
+        env = replace(env, task=replace(env.task, **task_overrides))
+    if args.host is not None:
+        env = replace(env, host_preset=args.host)
+    if args.max_epochs is not None:
+        env = replace(env, core=replace(env.core, lifecycle=replace(env.core.lifecycle, max_epochs=args.max_epochs)))
+    if args.compile is not None:
+        env = replace(env, core=replace(env.core, compile=args.compile))
+    if args.n_envs is not None:
+        env = replace(env, n_envs=args.n_envs)
+    if args.seed is not None:
+        env = replace(env, seed=args.seed)
+    fields: dict[str, object] = {"env": env, "controller": args.controller}
+    if args.episodes is not None:
+        fields["episodes"] = args.episodes
+    elif args.controller != "ppo" and base.controller == "ppo":
+        fields["episodes"] = 1  # a preset's episode count is PPO's budget; a rule-based run plays one
+    if args.device is not None:
+        fields["device"] = args.device
+    if args.devices is not None:
+        fields["devices"] = tuple(args.devices)
+        fields.setdefault("device", args.devices[0])
+    telemetry = base.telemetry
+    if args.telemetry_level is not None:
+        telemetry = replace(telemetry, level=args.telemetry_level)
+    if args.no_progress:
+        telemetry = replace(telemetry, progress_bar=False)
+    return replace(base, **fields, telemetry=telemetry)
+
+
+def run_baseline(config: TrainingConfig, env: MorphogeneticEnv, run_dir: Path) -> list[dict[str, object]]:
+    """Play `config.episodes` episodes with a rule-based controller."""
+    controller = baseline_controller(config.controller, env, config.env.seed)
+    records = []
+    with JsonlWriter(run_dir / "metrics.jsonl") as metrics_log, JsonlWriter(run_dir / "lifecycle.jsonl") as lifecycle_log:
+        for episode in range(config.episodes):
+            result = play_episode(
+                env, controller, config.controller, episode, env.model.blueprint_names, env.model.host_param_count,
+                metrics_log, lifecycle_log, config.telemetry.progress_bar,
+            )
+            print(result.line())
+            records.append(result.record())
+    return records
+
+
+def run_ppo(
+    config: TrainingConfig, env: MorphogeneticEnv, run_dir: Path, resume: dict[str, object] | None, early_stop: int
+) -> TrainerState:
+    """Train, checkpoint, compare against static and heuristic control, plot."""
+    trainer = PPOTrainer(config, run_dir, env=env)
+    if resume is not None:
+        trainer.load_weights(resume)
+    checkpoints = CheckpointHook(trainer.state_dict, config.checkpoint_every)
+    update_log = UpdateLogHook(run_dir / "updates.jsonl")
+    trainer.register_hook("after_batch", update_log)
+    trainer.register_hook("after_batch", checkpoints)
+    if early_stop > 0:
+        trainer.register_hook("after_batch", EarlyStopping(early_stop))
+    trainer.register_hook("end_of_run", checkpoints.final)
+    trainer.register_hook("end_of_run", update_log.close)
+    state = trainer.train()
+    if config.telemetry.plots and state.history:
+        plot_returns(state.history, run_dir / "return_per_update.png")
+    if config.compare_episodes > 0:
+        seed = config.env.seed + EVAL_SEED_OFFSET
+        print(f"comparing static, heuristic and the trained policy on fresh envs (seed {seed}) ...")
+        results = compare_controllers(
+            config, trainer.nets, trainer.normalizers.state_dict(), config.compare_episodes, seed, progress=config.telemetry.progress_bar
+        )
+        rows = summary_table(results)
+        state.evaluation = {"seed": seed, "table": rows}
+        (run_dir / "comparison.json").write_text(json.dumps(state.evaluation, indent=2) + "\n")
+        print(format_table(rows))
+        if config.telemetry.plots:
+            plot_accuracy(mean_curves(results), run_dir / "accuracy_by_controller.png")
+            plot_lifecycle(results["ppo"][0].stages, SLOT_NAMES[: trainer.base_env.model.n_slots], run_dir / "lifecycle_timeline.png")
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        env = make_env(
-            task=args.task,
-            preset=args.preset,
-            n_envs=args.n_envs,
-            device=args.device,
-            seed=args.seed,
-            data_dir=args.data_dir,
-            compile=args.compile,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            train_iters=args.train_iters,
-        )
-        run_dir = create_run_dir(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.controller}")
-    except (ConfigError, TaskDataError, FileNotFoundError, RunDirError) as error:
+        if args.resume is not None:
+            checkpoint_path = resolve_checkpoint(args.resume)
+            checkpoint = load_checkpoint(checkpoint_path)
+            config = resolve_config(args, load_training_config(checkpoint["config"]))
+            run_dir = checkpoint_path.parent.parent
+        else:
+            checkpoint = None
+            config = resolve_config(args)
+        # Data and host are checked before anything is written.
+        env = MorphogeneticEnv(config.env, config.device)
+        if checkpoint is None:
+            run_dir = create_run_dir(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.run_name}")
+            write_training_config(config, run_dir / "config.json")
+    except (ConfigError, TaskDataError, FileNotFoundError, RunDirError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    controller = build_controller(args.controller, env, args.seed)
-    resolved = {"controller": args.controller, "env": to_dict(env.config), "device": str(env.device)}
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     print(f"run directory: {run_dir}")
-    summaries = []
-    with JsonlWriter(run_dir / "metrics.jsonl") as metrics_log, JsonlWriter(run_dir / "lifecycle.jsonl") as lifecycle_log:
-        for episode in range(args.episodes):
-            summary = run_episode(env, controller, args.controller, episode, metrics_log, lifecycle_log, not args.no_progress)
-            summaries.append(summary)
-            print(summary.line())
-    (run_dir / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2) + "\n")
+    if config.controller == "ppo":
+        run_ppo(config, env, run_dir, checkpoint, args.early_stop)
+        return 0
+    records = run_baseline(config, env, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
     return 0
 
 

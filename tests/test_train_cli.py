@@ -61,3 +61,41 @@ def test_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFix
 def test_cli_rejects_bad_numbers() -> None:
     with pytest.raises(SystemExit):
         main(["static", "--n-envs", "0"])
+
+
+def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "ppo"
+    assert main(["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| controller | final acc (%) |" in out and "| ppo |" in out and "| heuristic |" in out
+    for name in ("config.json", "updates.jsonl", "metrics.jsonl", "lifecycle.jsonl", "comparison.json", "checkpoints/latest.pt",
+                 "accuracy_by_controller.png", "return_per_update.png", "lifecycle_timeline.png"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "logger").rglob("*.csv")), "the TorchRL CSV logger wrote scalars"
+    updates = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    assert [u["update"] for u in updates] == [1]
+    assert {"loss_objective", "loss_critic", "kl_approx", "clip_fraction", "explained_variance", "entropy_op"} <= set(updates[0]["losses"])
+    assert {"action_distribution", "reward_components", "illegal_actions"} <= set(updates[0]["rollout"])
+    config_before = (run_dir / "config.json").read_text()
+
+    assert main(["--resume", str(run_dir), "--episodes", "2", "--no-progress"]) == 0
+    updates = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    assert [u["update"] for u in updates] == [1, 2]
+    assert (run_dir / "checkpoints" / "update_00001.pt").is_file() and (run_dir / "checkpoints" / "update_00002.pt").is_file()
+    assert (run_dir / "config.json").read_text() == config_before
+
+    from esper_func.evaluate import main as evaluate
+
+    assert evaluate([str(run_dir), "--no-progress"]) == 0
+    assert "| static |" in capsys.readouterr().out
+    table = json.loads((run_dir / "evaluation-1.json").read_text())["table"]
+    assert [row["controller"] for row in table] == ["static", "heuristic", "ppo"]
+    assert table[0]["params_added_pct"] == 0.0
+
+
+def test_resume_and_evaluate_report_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--resume", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from esper_func.evaluate import main as evaluate
+
+    assert evaluate([str(tmp_path)]) == 2

@@ -1,0 +1,133 @@
+"""Play whole episodes with any controller and summarize them (outside the hot path).
+
+Used by the baseline subcommands of `python -m esper_func.train`, by the comparison at the
+end of a PPO run and by `python -m esper_func.evaluate`. A controller is any TensorDict
+module that writes `("action", head)`; the env may be a `TransformedEnv` (the PPO policy
+reads its normalized observation).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.envs import EnvBase
+from torchrl.envs.utils import step_mdp
+from tqdm import tqdm
+
+from esper_func.telemetry import JsonlWriter, lifecycle_events, step_record
+
+
+@dataclass
+class LifecycleCounts:
+    germinated: int = 0
+    fossilized: int = 0
+    culled: int = 0
+
+    def add(self, from_stage: str, to_stage: str) -> None:
+        self.germinated += from_stage == "DORMANT"
+        self.fossilized += to_stage == "FOSSILIZED"
+        # A probation cull is seen as -> CULLED; a CULL action as -> EMBARGOED (same tick).
+        self.culled += to_stage == "CULLED" or (to_stage == "EMBARGOED" and from_stage != "CULLED")
+
+
+@dataclass
+class EpisodeResult:
+    """One episode of every env under one controller."""
+
+    episode: int
+    controller: str
+    final_accuracy: float
+    """Mean over envs of the last epoch's validation accuracy, percent."""
+    param_growth: float
+    """Mean over envs of live seed parameters / host parameters at the end."""
+    episode_return: float
+    """Mean over envs of the summed (unscaled) reward."""
+    counts: LifecycleCounts
+    illegal_actions: int
+    env_steps_per_s: float
+    accuracy_curve: list[float] = field(default_factory=list)
+    """Mean validation accuracy after each epoch."""
+    stages: list[list[list[int]]] = field(default_factory=list)
+    """Seed stage per epoch, env and slot `[T][N][S]` (after each epoch)."""
+
+    def line(self) -> str:
+        return (
+            f"episode {self.episode} [{self.controller}] final acc {self.final_accuracy:.2f}% | return {self.episode_return:.2f} | "
+            f"germinated {self.counts.germinated} fossilized {self.counts.fossilized} culled {self.counts.culled} | "
+            f"param growth {100 * self.param_growth:.1f}% | {self.env_steps_per_s:.2f} env-steps/s"
+        )
+
+    def record(self) -> dict[str, object]:
+        return {
+            "episode": self.episode,
+            "controller": self.controller,
+            "final_accuracy": self.final_accuracy,
+            "param_growth": self.param_growth,
+            "episode_return": self.episode_return,
+            "germinated": self.counts.germinated,
+            "fossilized": self.counts.fossilized,
+            "culled": self.counts.culled,
+            "illegal_actions": self.illegal_actions,
+            "env_steps_per_s": self.env_steps_per_s,
+            "accuracy_curve": self.accuracy_curve,
+        }
+
+
+def play_episode(
+    env: EnvBase,
+    controller: TensorDictModuleBase,
+    name: str,
+    episode: int,
+    blueprint_names: tuple[str, ...],
+    host_params: int,
+    metrics_log: JsonlWriter | None = None,
+    lifecycle_log: JsonlWriter | None = None,
+    progress: bool = False,
+) -> EpisodeResult:
+    """Reset, then step every env to the end of its episode; log each step and stage change."""
+    counts = LifecycleCounts()
+    observation: TensorDictBase = env.reset()
+    start = time.perf_counter()
+    n_envs = observation.batch_size[0]
+    returns = torch.zeros(n_envs)
+    curve: list[float] = []
+    stages: list[list[list[int]]] = []
+    steps = tqdm(desc=f"{name} episode {episode}", disable=not progress, leave=False)
+    with torch.no_grad():
+        while True:
+            step = env.step(controller(observation))
+            nxt = step["next"]
+            if metrics_log is not None:
+                metrics_log.write(step_record(step, episode))
+            for event in lifecycle_events(observation, step, blueprint_names, episode):
+                if lifecycle_log is not None:
+                    lifecycle_log.write({"controller": name, **event.record()})
+                counts.add(event.from_stage, event.to_stage)
+            returns += nxt["reward"].squeeze(-1).cpu()
+            accuracy = nxt["metrics", "val_accuracy"].mean().item()
+            curve.append(accuracy)
+            stages.append(nxt["seeds", "stage"].tolist())
+            steps.update(1)
+            steps.set_postfix(acc=f"{accuracy:.1f}")
+            if bool(nxt["done"].all()):
+                break
+            observation = step_mdp(step)
+    steps.close()
+    elapsed = time.perf_counter() - start
+    final = nxt["metrics"]
+    return EpisodeResult(
+        episode=episode,
+        controller=name,
+        final_accuracy=final["val_accuracy"].mean().item(),
+        param_growth=(final["seed_params"].float() / host_params).mean().item(),
+        episode_return=returns.mean().item(),
+        counts=counts,
+        illegal_actions=int(final["illegal_actions"].sum()),
+        env_steps_per_s=n_envs * len(curve) / elapsed,
+        accuracy_curve=curve,
+        stages=stages,
+    )

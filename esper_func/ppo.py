@@ -1,0 +1,522 @@
+"""PPO training of the controller with TorchRL parts: `Collector`, `GAE`, `ClipPPOLoss`.
+
+One episode batch = one rollout of a whole episode in every env (`[N, T]`), then one
+update: GAE (bootstrapping from the next state at truncation), several passes of
+minibatches (whole sequences with the LSTM), a KL stop checked before each optimizer
+step, gradient clipping. Observation normalization and reward scaling are TorchRL
+transforms whose statistics are frozen during a rollout and refreshed after the update,
+so the observations stored in a batch are exactly what the policy saw.
+
+The loop calls hooks at four points with one `TrainerState`:
+- `after_rollout`: `state.rollout` holds the batch's statistics;
+- `after_update`: `state.losses` holds the update's statistics and anomalies;
+- `after_batch`: normalizers refreshed, counters advanced (checkpoint, logging and early
+  stopping are hooks here);
+- `end_of_run`: after the last batch (and the comparison, when configured).
+Register with `trainer.register_hook(point, fn)`; a hook may set `state.stop = True`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.collectors import Collector
+from torchrl.envs import Compose, InitTracker, ObservationNorm, RewardScaling, Transform, TransformedEnv
+from torchrl.modules import set_recurrent_mode
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
+from tqdm import tqdm
+
+from envs.morphogenetic import MorphogeneticEnv
+from esper_func.config import ConfigError
+from esper_func.stages import Op
+from esper_func.telemetry import JsonlWriter, lifecycle_events, step_record
+from esper_func.training_config import TELEMETRY_LEVELS, TelemetryConfig, TrainingConfig
+from policies.ppo import ENTROPY_KEYS, HEADS, LOG_PROB_KEYS, NORMALIZED_OBSERVATION, ActorCritic, make_actor_critic
+
+HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
+SCALED_REWARD = "reward_scaled"
+MIN_OBSERVATION_STD = 0.1
+"""Floor of the normalizer's std: features live in [-1, 1], so a near-constant feature is
+amplified at most 10x instead of saturating (reference pitfall P15)."""
+
+
+# --- normalizers -------------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Mean and variance over everything observed so far (Chan et al. parallel update)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.reshape(-1, *self.mean.shape).to(torch.float64)
+        n = values.shape[0]
+        batch_mean = values.mean(0)
+        batch_m2 = ((values - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / self.count.clamp_min(1.0)).sqrt()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.count, self.mean, self.m2 = (state[key].to(self.mean.device) for key in ("count", "mean", "m2"))
+
+
+class Normalizers:
+    """Statistics behind the ObservationNorm and RewardScaling transforms.
+
+    Observation moments are of raw observations; reward scale is the std of discounted
+    returns accumulated per env along the batch (the usual PPO reward scaling).
+    """
+
+    def __init__(self, observation_size: int, n_envs: int, gamma: float, device: torch.device) -> None:
+        self.observations = RunningMoments((observation_size,), device)
+        self.returns = RunningMoments((), device)
+        self.gamma = gamma
+        self.n_envs = n_envs
+
+    def update(self, batch: TensorDictBase) -> None:
+        self.observations.update(batch["observation"])
+        rewards = batch["next", "reward"].squeeze(-1)  # [N, T]
+        running = torch.zeros(rewards.shape[0], dtype=torch.float64, device=rewards.device)
+        discounted = []
+        for t in range(rewards.shape[1]):
+            running = running * self.gamma + rewards[:, t].to(torch.float64)
+            discounted.append(running)
+        self.returns.update(torch.stack(discounted, 1))
+
+    def apply(self, observation_norm: ObservationNorm | None, reward_scaling: RewardScaling | None) -> None:
+        """Write the current statistics into the transforms (call between rollouts only)."""
+        if observation_norm is not None and self.observations.count > 0:
+            observation_norm.loc.copy_(self.observations.mean.to(observation_norm.loc.dtype))
+            observation_norm.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(observation_norm.scale.dtype))
+        if reward_scaling is not None and self.returns.count > 1:
+            reward_scaling.scale.copy_(self.returns.std.clamp_min(1e-3).to(reward_scaling.scale.dtype))
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"observations": self.observations.state_dict(), "returns": self.returns.state_dict()}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.observations.load_state_dict(state["observations"])
+        self.returns.load_state_dict(state["returns"])
+
+
+def policy_env(base: MorphogeneticEnv, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
+    """The env as the PPO policy sees it: `extra` user transforms, then normalized
+    observation, scaled reward and the LSTM state."""
+    size = base.observation_spec["observation"].shape[-1]
+    transforms = [
+        *extra,
+        ObservationNorm(
+            loc=torch.zeros(size, device=base.device),
+            scale=torch.ones(size, device=base.device),
+            in_keys=["observation"],
+            out_keys=[NORMALIZED_OBSERVATION],
+            standard_normal=True,
+        ),
+        RewardScaling(loc=0.0, scale=1.0, in_keys=["reward"], out_keys=[SCALED_REWARD], standard_normal=True),
+    ]
+    if nets.lstm is not None:
+        transforms += [InitTracker(), nets.lstm.make_tensordict_primer()]
+    return TransformedEnv(base, Compose(*transforms))
+
+
+def norm_transforms(env: TransformedEnv) -> tuple[ObservationNorm, RewardScaling]:
+    """The normalizers `policy_env` put into `env`."""
+    (observation_norm,) = [t for t in env.transform if isinstance(t, ObservationNorm) and t.out_keys == [NORMALIZED_OBSERVATION]]
+    (reward_scaling,) = [t for t in env.transform if isinstance(t, RewardScaling) and t.out_keys == [SCALED_REWARD]]
+    return observation_norm, reward_scaling
+
+
+# --- state and hooks ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainerState:
+    """What hooks see. Filled before each hook point runs."""
+
+    config: TrainingConfig
+    run_dir: Path
+    nets: ActorCritic
+    logger: Logger | None
+    update: int = 0
+    """PPO updates done (= episode batches done)."""
+    frames: int = 0
+    """Env steps collected, summed over envs."""
+    rollout: dict[str, Any] = field(default_factory=dict)
+    losses: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Filled by the comparison at the end of the run (controller -> summary)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One short record per update (return, accuracy, losses), for plots and resume."""
+    checkpoint_path: Path | None = None
+    telemetry_level: str = "normal"
+    debug_updates_left: int = 0
+    stop: bool = False
+    wall_time: float = 0.0
+
+
+Hook = Callable[[TrainerState], None]
+
+
+# --- the trainer -------------------------------------------------------------------------
+
+
+class PPOTrainer:
+    """Builds env, policy, loss and optimizer from a `TrainingConfig` and runs the loop."""
+
+    def __init__(
+        self, config: TrainingConfig, run_dir: Path, transforms: Sequence[Transform] = (), env: MorphogeneticEnv | None = None
+    ) -> None:
+        """`transforms` (TorchRL) go between the env and the normalizers: a custom reward term
+        added there is scaled and learned like the env's own. `env`: an env already built
+        from `config.env` (the CLI builds it first so a data error creates no run directory)."""
+        self.config = config
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.env.seed)
+        self.base_env = MorphogeneticEnv(config.env, self.device) if env is None else env
+        observation_size = self.base_env.observation_spec["observation"].shape[-1]
+        model = self.base_env.model
+        self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
+        self.env = policy_env(self.base_env, self.nets, transforms)
+        self.observation_norm, self.reward_scaling = norm_transforms(self.env)
+        self.normalizers = Normalizers(observation_size, config.env.n_envs, config.ppo.gamma, self.device)
+        ppo = config.ppo
+        weights = {"op": ppo.entropy_weight_op, "slot": ppo.entropy_weight_slot, "blueprint": ppo.entropy_weight_blueprint, "blend": ppo.entropy_weight_blend}
+        self.loss = ClipPPOLoss(
+            self.nets.actor,
+            self.nets.critic,
+            clip_epsilon=ppo.clip_epsilon,
+            entropy_coeff={key: weights[head] for key, head in zip(ENTROPY_KEYS, HEADS)},
+            critic_coeff=ppo.critic_coeff,
+            clip_value=ppo.value_clip if ppo.value_clip > 0 else False,
+            normalize_advantage=False,
+        )
+        self.gae = GAE(gamma=ppo.gamma, lmbda=ppo.gae_lambda, value_network=self.nets.critic, average_gae=True)
+        self.gae.set_keys(reward=SCALED_REWARD)
+        self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=ppo.lr, eps=ppo.adam_eps)
+        self.minibatch_generator = torch.Generator().manual_seed(config.env.seed)
+        self.state = TrainerState(
+            config=config, run_dir=run_dir, nets=self.nets, logger=make_logger(config, run_dir), telemetry_level=config.telemetry.level
+        )
+        self.hooks: dict[str, list[Hook]] = {point: [] for point in HOOK_POINTS}
+        self.frames_per_batch = config.env.n_envs * self.base_env.max_epochs
+        self._pending_rng: dict[str, torch.Tensor] | None = None
+
+    def register_hook(self, point: str, hook: Hook) -> None:
+        if point not in self.hooks:
+            raise ValueError(f"unknown hook point {point!r}; choose one of {list(HOOK_POINTS)}")
+        self.hooks[point].append(hook)
+
+    def _run_hooks(self, point: str) -> None:
+        for hook in self.hooks[point]:
+            hook(self.state)
+
+    # -- checkpoint state --
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, normalizers, counters, RNGs."""
+        return {
+            "actor": self.nets.actor.state_dict(),
+            "critic": self.nets.critic.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "normalizers": self.normalizers.state_dict(),
+            "counters": {"update": self.state.update, "frames": self.state.frames},
+            "history": self.state.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "env": self.base_env.generator.get_state(),
+                "minibatch": self.minibatch_generator.get_state(),
+            },
+        }
+
+    def load_weights(self, checkpoint: dict[str, Any]) -> None:
+        self.nets.actor.load_state_dict(checkpoint["actor"])
+        self.nets.critic.load_state_dict(checkpoint["critic"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.normalizers.load_state_dict(checkpoint["normalizers"])
+        self.normalizers.apply(self.observation_norm, self.reward_scaling)
+        self.state.update = int(checkpoint["counters"]["update"])
+        self.state.frames = int(checkpoint["counters"]["frames"])
+        self.state.history = list(checkpoint["history"])
+        self._pending_rng = checkpoint["rng"]
+
+    def _restore_rng(self) -> None:
+        rng = self._pending_rng
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        self.base_env.generator.set_state(rng["env"])
+        self.minibatch_generator.set_state(rng["minibatch"])
+        self._pending_rng = None
+
+    # -- the loop --
+
+    def train(self) -> TrainerState:
+        config = self.config
+        remaining = config.episodes - self.state.update
+        if remaining <= 0:
+            self._run_hooks("end_of_run")
+            return self.state
+        collector = Collector(
+            self.env,
+            self.nets.actor,
+            frames_per_batch=self.frames_per_batch,
+            total_frames=self.frames_per_batch * remaining,
+            reset_at_each_iter=True,
+            device=self.device,
+            auto_register_policy_transforms=False,
+        )
+        # The collector resets the env when built; the RNG states of a resumed run are
+        # restored after that so the first rollout replays the uninterrupted run exactly.
+        self._restore_rng()
+        start = time.perf_counter()
+        progress = tqdm(total=config.episodes, initial=self.state.update, desc="ppo", disable=not config.telemetry.progress_bar)
+        with self._logs() as logs:
+            for batch in collector:
+                self.state.rollout = rollout_statistics(batch, self.base_env.model.host_param_count)
+                self._log_steps(batch, logs)
+                self._run_hooks("after_rollout")
+                self.state.losses = self.update(batch)
+                self._run_hooks("after_update")
+                self.normalizers.update(batch)
+                self.normalizers.apply(self.observation_norm, self.reward_scaling)
+                self.state.update += 1
+                self.state.frames += batch.numel()
+                self.state.wall_time = time.perf_counter() - start
+                self.state.history.append(history_record(self.state))
+                progress.update(1)
+                progress.set_postfix(ret=f"{self.state.rollout['return']:.2f}", acc=f"{self.state.rollout['final_accuracy']:.1f}")
+                self._run_hooks("after_batch")
+                if self.state.stop:
+                    break
+        progress.close()
+        collector.shutdown()
+        self._run_hooks("end_of_run")
+        return self.state
+
+    def _logs(self) -> _RunLogs:
+        return _RunLogs(self.state.run_dir)
+
+    def _log_steps(self, batch: TensorDictBase, logs: _RunLogs) -> None:
+        level = TELEMETRY_LEVELS.index(self.state.telemetry_level)
+        if level < TELEMETRY_LEVELS.index("minimal"):
+            return
+        names = self.base_env.model.blueprint_names
+        episode = self.state.update
+        for t in range(batch.shape[1]):
+            step = batch[:, t]
+            for event in lifecycle_events(step, step, names, episode):
+                logs.lifecycle.write({"controller": "ppo", **event.record()})
+            if level >= TELEMETRY_LEVELS.index("normal"):
+                logs.metrics.write(step_record(step, episode))
+
+    def update(self, batch: TensorDictBase) -> dict[str, Any]:
+        """GAE, then epochs of minibatches of ClipPPOLoss; returns the update's statistics."""
+        ppo = self.config.ppo
+        recurrent = self.nets.lstm is not None
+        with torch.no_grad():
+            self.gae(batch)
+        entropy_coeff = ppo.entropy_at(self.state.update)
+        sums: dict[str, float] = {}
+        steps = 0
+        stopped_at: int | None = None
+        flat = batch if recurrent else batch.reshape(-1)
+        units = flat.shape[0]
+        for epoch in range(ppo.epochs):
+            order = torch.randperm(units, generator=self.minibatch_generator).to(self.device)
+            for indices in order.tensor_split(ppo.minibatches):
+                minibatch = flat[indices]
+                with set_recurrent_mode(recurrent):
+                    kl = approx_kl(self.nets, minibatch)
+                    if ppo.target_kl > 0 and kl > ppo.kl_stop_factor * ppo.target_kl:
+                        stopped_at = epoch
+                        break
+                    out = self.loss(minibatch)
+                total = out["loss_objective"] + out["loss_critic"] + entropy_coeff * out["loss_entropy"]
+                self.optimizer.zero_grad()
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.loss.parameters(), ppo.max_grad_norm)
+                self.optimizer.step()
+                record = {
+                    "loss_objective": out["loss_objective"].item(),
+                    "loss_critic": out["loss_critic"].item(),
+                    "loss_entropy": out["loss_entropy"].item(),
+                    "kl_approx": kl,
+                    "clip_fraction": out["clip_fraction"].item(),
+                    "explained_variance": out["explained_variance"].mean().item(),
+                    "grad_norm": grad_norm.item(),
+                }
+                for key, head in zip(ENTROPY_KEYS, HEADS):
+                    record[f"entropy_{head}"] = out["composite_entropy", key].mean().item()
+                for key, value in record.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                steps += 1
+            if stopped_at is not None:
+                break
+        stats: dict[str, Any] = {key: value / max(steps, 1) for key, value in sums.items()}
+        stats.update(
+            optimizer_steps=steps,
+            kl_stopped_at_epoch=stopped_at,
+            entropy_coeff=entropy_coeff,
+            **ratio_diagnostics(self.nets, batch, recurrent, self.config.telemetry.ratio_explosion, self.config.telemetry.ratio_collapse),
+        )
+        stats["anomalies"] = detect_anomalies(stats, self.state.update / self.config.episodes, self.config.telemetry)
+        if stats["anomalies"]:
+            self.state.debug_updates_left = self.config.telemetry.anomaly_debug_updates
+        if self.state.debug_updates_left > 0:
+            self.state.telemetry_level = "debug"
+            self.state.debug_updates_left -= 1
+        else:
+            self.state.telemetry_level = self.config.telemetry.level
+            stats.pop("ratio_offenders")
+        return stats
+
+
+class _RunLogs:
+    """The run's JSONL logs (appending, so a resumed run continues them)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def __enter__(self) -> _RunLogs:
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.lifecycle = JsonlWriter(self.run_dir / "lifecycle.jsonl")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.metrics.close()
+        self.lifecycle.close()
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+
+def rollout_statistics(batch: TensorDictBase, host_params: int) -> dict[str, Any]:
+    """Per-batch summary of a `[N, T]` rollout (one read-back per entry)."""
+    nxt = batch["next"]
+    final = nxt["metrics"][:, -1]
+    ops = batch["action", "op"]
+    return {
+        "return": nxt["reward"].sum((1, 2)).mean().item(),
+        "final_accuracy": final["val_accuracy"].mean().item(),
+        "param_growth": (final["seed_params"].float() / host_params).mean().item(),
+        "illegal_actions": int(final["illegal_actions"].sum()),
+        "action_distribution": {op.name: (ops == op).float().mean().item() for op in Op},
+        "reward_components": {name: value.mean().item() for name, value in nxt["reward_components"].items()},
+    }
+
+
+def joint_log_ratio(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:
+    """log pi_new(a|s) - log pi_old(a|s) of the joint (causal) action, without gradients."""
+    with torch.no_grad():
+        data = batch.clone(False)
+        log_prob = nets.actor.get_dist(data).log_prob(data)
+        new = sum(log_prob.get(key) for key in LOG_PROB_KEYS)
+        old = sum(batch.get(key) for key in LOG_PROB_KEYS)
+        return new - old
+
+
+def approx_kl(nets: ActorCritic, batch: TensorDictBase) -> float:
+    """KL(old || new) estimated as E[(r - 1) - log r] (non-negative, low variance)."""
+    log_ratio = joint_log_ratio(nets, batch)
+    return ((log_ratio.exp() - 1) - log_ratio).mean().item()
+
+
+def ratio_diagnostics(nets: ActorCritic, batch: TensorDictBase, recurrent: bool, explosion: float, collapse: float) -> dict[str, Any]:
+    """Joint ratio new/old policy over the whole batch after the update, with offending steps."""
+    with set_recurrent_mode(recurrent):
+        log_ratio = joint_log_ratio(nets, batch)
+        ratio = log_ratio.exp()
+        bad = (ratio > explosion) | (ratio < collapse)
+        offenders = [
+            {
+                "env": env,
+                "epoch": t,
+                "ratio": ratio[env, t].item(),
+                "action": {head: int(batch["action", head][env, t]) for head in HEADS},
+            }
+            for env, t in bad.nonzero().tolist()[:20]
+        ]
+        return {
+            "ratio_max": ratio.max().item(),
+            "ratio_min": ratio.min().item(),
+            "ratio_mean": ratio.mean().item(),
+            "log_ratio_abs_max": log_ratio.abs().max().item(),
+            "ratio_offenders": offenders,
+        }
+
+
+def detect_anomalies(stats: dict[str, Any], progress: float, telemetry: TelemetryConfig) -> list[str]:
+    """Reference AnomalyDetector: ratio explosion/collapse, value collapse by phase, NaN/Inf."""
+    anomalies = []
+    if stats["ratio_max"] > telemetry.ratio_explosion:
+        anomalies.append("ratio_explosion")
+    if stats["ratio_min"] < telemetry.ratio_collapse:
+        anomalies.append("ratio_collapse")
+    threshold = -0.5 if progress < 0.1 else -0.2 if progress < 0.25 else 0.0 if progress < 0.75 else 0.1
+    if "explained_variance" in stats and stats["explained_variance"] < threshold:
+        anomalies.append("value_collapse")
+    numbers = [value for value in stats.values() if isinstance(value, float)]
+    if any(not math.isfinite(value) for value in numbers):
+        anomalies.append("numerical_instability")
+    return anomalies
+
+
+def history_record(state: TrainerState) -> dict[str, float]:
+    losses = state.losses
+    return {
+        "update": state.update,
+        "return": state.rollout["return"],
+        "final_accuracy": state.rollout["final_accuracy"],
+        "param_growth": state.rollout["param_growth"],
+        "loss_objective": losses.get("loss_objective", float("nan")),
+        "loss_critic": losses.get("loss_critic", float("nan")),
+        "kl_approx": losses.get("kl_approx", float("nan")),
+    }
+
+
+def make_logger(config: TrainingConfig, run_dir: Path) -> Logger | None:
+    if config.telemetry.logger == "none" or config.telemetry.level == "off":
+        return None
+    if config.telemetry.logger == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ModuleNotFoundError as error:
+            raise ConfigError("telemetry.logger='tensorboard' needs the tensorboard package; pip install tensorboard, or use 'csv'") from error
+        return TensorboardLogger(exp_name="ppo", log_dir=str(run_dir / "logger"))
+    return CSVLogger(exp_name="ppo", log_dir=str(run_dir / "logger"))
+
+
+def scalar_metrics(state: TrainerState) -> dict[str, float]:
+    """Flat scalars of the latest batch for the TorchRL logger and `updates.jsonl`."""
+    scalars: dict[str, float] = {}
+    for key, value in state.rollout.items():
+        if isinstance(value, dict):
+            scalars.update({f"{key}/{name}": float(item) for name, item in value.items()})
+        else:
+            scalars[f"rollout/{key}"] = float(value)
+    for key, value in state.losses.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[f"train/{key}"] = float(value)
+    return scalars

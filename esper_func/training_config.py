@@ -1,0 +1,253 @@
+"""`TrainingConfig`: the one source of truth of a run (env, task, rewards, PPO, policy, telemetry).
+
+Presets (`TrainingConfig.preset(name)`): `default` (a CPU-sized PPO run on the embedded
+synthetic task, about 10 minutes on 2 cores), `cifar10`, `cifar10_deep`, `tinystories`
+(the reference's settings; they need `--data-dir`), and `tiny` (tests and smoke runs).
+JSON loading is strict (`load_training_config`): an unknown or mistyped key is an error
+that names it, missing keys take the dataclass defaults, and the resolved config a run
+saves (`config.json`) loads back to the same config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from envs.morphogenetic import EnvConfig
+from esper_func.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, to_dict
+from esper_func.rewards import RewardConfig
+from esper_func.tasks import TaskConfig
+from policies.ppo import PolicyConfig
+
+Controller = Literal["ppo", "heuristic", "static", "random"]
+TelemetryLevel = Literal["off", "minimal", "normal", "debug"]
+TELEMETRY_LEVELS: tuple[str, ...] = ("off", "minimal", "normal", "debug")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (reference defaults, with minibatching and a working KL stop)."""
+
+    gamma: float = 0.995
+    """Discount; must equal `env.rewards.gamma` (the PBRS discount)."""
+    gae_lambda: float = 0.97
+    clip_epsilon: float = 0.2
+    value_clip: float = 10.0
+    """Clip of the value update around the rollout's value (0 disables value clipping)."""
+    critic_coeff: float = 0.5
+    lr: float = 3e-4
+    adam_eps: float = 1e-5
+    max_grad_norm: float = 0.5
+    epochs: int = 4
+    """Passes over each rollout."""
+    minibatches: int = 4
+    """Minibatches per pass: of transitions, or of whole env sequences when the LSTM is on."""
+    target_kl: float = 0.015
+    """Stop the update's passes when the approximate KL exceeds `kl_stop_factor * target_kl`
+    (checked before the optimizer step); 0 disables."""
+    kl_stop_factor: float = 1.5
+    entropy_coeff: float = 0.05
+    """Entropy weight at the first update."""
+    entropy_coeff_end: float = 0.05
+    """Entropy weight after `entropy_anneal_updates` updates (linear in between)."""
+    entropy_anneal_updates: int = 0
+    """0: constant `entropy_coeff`."""
+    entropy_weight_op: float = 1.0
+    entropy_weight_slot: float = 1.0
+    entropy_weight_blueprint: float = 1.3
+    entropy_weight_blend: float = 1.2
+    normalize_observations: bool = True
+    """ObservationNorm whose statistics are frozen during a rollout and refreshed after it."""
+    scale_rewards: bool = True
+    """Divide rewards by the running std of discounted returns (refreshed after each rollout)."""
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            _require(0.0 < value <= 1.0, f"PPOConfig.{name} must be in (0, 1], got {value}")
+        for name in ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"):
+            value = getattr(self, name)
+            _require(value > 0.0, f"PPOConfig.{name} must be > 0, got {value}")
+        for name in ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"):
+            value = getattr(self, name)
+            _require(value >= 0, f"PPOConfig.{name} must be >= 0, got {value}")
+        for name in ("epochs", "minibatches"):
+            value = getattr(self, name)
+            _require(value >= 1, f"PPOConfig.{name} must be >= 1, got {value}")
+        for head in ("op", "slot", "blueprint", "blend"):
+            value = getattr(self, f"entropy_weight_{head}")
+            _require(value >= 0, f"PPOConfig.entropy_weight_{head} must be >= 0, got {value}")
+
+    def entropy_at(self, update: int) -> float:
+        """Entropy weight at update `update` (0-based): linear from start to end, then constant."""
+        if self.entropy_anneal_updates == 0:
+            return self.entropy_coeff
+        progress = min(1.0, update / self.entropy_anneal_updates)
+        return self.entropy_coeff + progress * (self.entropy_coeff_end - self.entropy_coeff)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """What a run records. Levels: `off` (summary and checkpoints only), `minimal` (+ per-update
+    metrics and lifecycle events), `normal` (+ per-step metrics), `debug` (+ per-update ratio
+    diagnostics); an anomaly raises the level to `debug` for `anomaly_debug_updates` updates."""
+
+    level: TelemetryLevel = "normal"
+    logger: Literal["csv", "tensorboard", "none"] = "csv"
+    plots: bool = True
+    """PNG plots at the end of a run (accuracy per epoch, return per update, lifecycle timeline)."""
+    anomaly_debug_updates: int = 5
+    ratio_explosion: float = 5.0
+    """A joint ratio above this on any transition is an anomaly (`ratio_explosion`)."""
+    ratio_collapse: float = 0.1
+    """A joint ratio below this on any transition is an anomaly (`ratio_collapse`)."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.anomaly_debug_updates >= 0, f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}")
+        _require(self.ratio_explosion > 1.0, f"TelemetryConfig.ratio_explosion must be > 1, got {self.ratio_explosion}")
+        _require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A whole run. `env.seed` seeds everything (env, policy init, sampling, minibatches)."""
+
+    controller: Controller = "ppo"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    episodes: int = 8
+    """Episode batches: each rollout plays one whole episode in every env, then PPO updates once."""
+    device: str = "cpu"
+    devices: tuple[str, ...] = ()
+    """Several devices to shard the envs over (not available yet: must be empty or `[device]`)."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many updates (and always at the end); 0: only at the end."""
+    compare_episodes: int = 1
+    """After PPO training: episodes per controller (static, heuristic, trained policy) on fresh
+    envs with the same seeds; 0 skips the comparison."""
+
+    def __post_init__(self) -> None:
+        _require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
+        _require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
+        _require(
+            self.ppo.gamma == self.env.rewards.gamma,
+            f"ppo.gamma={self.ppo.gamma} differs from env.rewards.gamma={self.env.rewards.gamma}: the PBRS discount must "
+            "equal the PPO discount or shaping changes the optimal policy; set both to the same value",
+        )
+        _require(
+            not (self.policy.lstm and self.ppo.minibatches > self.env.n_envs),
+            f"ppo.minibatches={self.ppo.minibatches} exceeds env.n_envs={self.env.n_envs}: with the LSTM a minibatch holds "
+            "whole env sequences; use at most n_envs minibatches",
+        )
+        transitions = self.env.n_envs * self.env.core.lifecycle.max_epochs
+        _require(
+            self.ppo.minibatches <= transitions,
+            f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer minibatches",
+        )
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as error:
+            raise ConfigError(f"TrainingConfig.device: {self.device!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'") from error
+        _require(
+            device.type != "cuda" or torch.cuda.is_available(),
+            f"TrainingConfig.device={self.device!r} but CUDA is not available on this machine; use --device cpu",
+        )
+        _require(
+            self.devices in ((), (self.device,)),
+            f"TrainingConfig.devices={list(self.devices)}: sharding envs over several devices is not available yet; "
+            f"use a single --device (or --devices {self.device})",
+        )
+
+    @classmethod
+    def preset(cls, name: str) -> TrainingConfig:
+        _require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.controller}-{self.env.task.name}"
+
+
+def _default() -> TrainingConfig:
+    # Half the training iterations and validation batches of the calibration budget, so
+    # 7 episode batches of 8 envs and the comparison fit 10 minutes on 2 CPU cores.
+    task = replace(TaskConfig.preset("synthetic"), train_iters=8, val_batches=4)
+    env = EnvConfig(task=task, core=CoreConfig(compile=False), rewards=RewardConfig.for_task("synthetic"), n_envs=8)
+    ppo = PPOConfig(epochs=4, minibatches=4, entropy_coeff=0.05, entropy_coeff_end=0.01, entropy_anneal_updates=7)
+    return TrainingConfig(env=env, ppo=ppo, episodes=7)
+
+
+def _cifar10(host_preset: str | None = None, entropy: float = 0.1) -> TrainingConfig:
+    env = EnvConfig(
+        task=TaskConfig.preset("cifar10", data_dir="data/cifar-10-batches-py"),
+        core=CoreConfig(compile=True),
+        rewards=RewardConfig.for_task("cifar10"),
+        host_preset=host_preset,
+        n_envs=4,
+    )
+    ppo = PPOConfig(entropy_coeff=entropy, entropy_coeff_end=0.01, entropy_anneal_updates=50, minibatches=2)
+    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(lstm=True), episodes=100, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tinystories() -> TrainingConfig:
+    env = EnvConfig(
+        task=TaskConfig.preset("tinystories"),
+        core=CoreConfig(compile=True),
+        rewards=RewardConfig.for_task("tinystories"),
+        n_envs=4,
+    )
+    ppo = PPOConfig(entropy_coeff=0.05, entropy_coeff_end=0.01, entropy_anneal_updates=50, minibatches=2)
+    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(lstm=True), episodes=100, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tiny() -> TrainingConfig:
+    """Seconds per episode batch: for tests and smoke runs."""
+    task = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=2, val_batches=1, n_train=256, n_val=16)
+    core = CoreConfig(compile=False, lifecycle=LifecycleConfig(max_epochs=6))
+    env = EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=4)
+    ppo = PPOConfig(epochs=2, minibatches=2)
+    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(hidden=32, head_hidden=16, lstm_hidden=32), episodes=2)
+
+
+PRESETS = {
+    "default": _default,
+    "cifar10": _cifar10,
+    "cifar10_deep": lambda: _cifar10("cifar_deep", entropy=0.08),
+    "tinystories": _tinystories,
+    "tiny": _tiny,
+}
+
+
+def load_training_config(data: dict[str, Any]) -> TrainingConfig:
+    """A TrainingConfig from a plain dict (strict: unknown or mistyped keys are errors naming them)."""
+    return from_dict(TrainingConfig, data)
+
+
+def read_training_config(path: Path) -> TrainingConfig:
+    """Load a JSON file written by hand or saved by a run (`RUN_DIR/config.json`)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {path} does not exist; pass the path of a JSON TrainingConfig") from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid JSON ({error}); fix the file or regenerate it from a run's config.json") from error
+    return load_training_config(data)
+
+
+def write_training_config(config: TrainingConfig, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

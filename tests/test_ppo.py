@@ -1,0 +1,310 @@
+"""PPO: the factored distribution, learning on a known-optimum variant, exact resume, checkpoints, hooks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDictBase
+from torchrl.envs import Transform, TransformedEnv
+
+from envs.morphogenetic import MorphogeneticEnv
+from esper_func.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from esper_func.episodes import play_episode
+from esper_func.hooks import CheckpointHook, EarlyStopping
+from esper_func.ppo import HOOK_POINTS, PPOTrainer, TrainerState, detect_anomalies
+from esper_func.stages import Op
+from esper_func.training_config import TelemetryConfig, TrainingConfig
+from policies import RandomPolicy
+from policies.ppo import FactoredActionDistribution
+
+QUIET = TelemetryConfig(level="off", plots=False, progress_bar=False)
+
+
+def tiny(**fields: object) -> TrainingConfig:
+    base = TrainingConfig.preset("tiny")
+    return replace(base, **{"telemetry": QUIET, "compare_episodes": 0, **fields})
+
+
+# --- the distribution -----------------------------------------------------------------------
+
+
+def random_masks(n: int, n_slots: int, n_blueprints: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    op = torch.rand(n, 4, generator=generator) < 0.6
+    op[:, Op.WAIT] = True
+    slot = torch.rand(n, 4, n_slots, generator=generator) < 0.5
+    slot[:, Op.WAIT] = True
+    # An allowed op always has a legal slot (the env's contract); others may have none.
+    empty = ~slot.any(-1)
+    slot[..., 0] |= empty & op
+    blueprint = torch.rand(n, n_blueprints, generator=generator) < 0.6
+    blueprint[:, 1] = True
+    return {"op_mask": op, "slot_mask": slot, "blueprint_mask": blueprint, "blend_mask": torch.ones(n, 3, dtype=torch.bool)}
+
+
+def make_distribution(n: int = 64, seed: int = 0, requires_grad: bool = False) -> tuple[FactoredActionDistribution, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    masks = random_masks(n, 3, 5, generator)
+    logits = {
+        "op_logits": torch.randn(n, 4, generator=generator),
+        "slot_logits": torch.randn(n, 3, generator=generator),
+        "blueprint_logits": torch.randn(n, 5, generator=generator),
+        "blend_logits": torch.randn(n, 3, generator=generator),
+    }
+    if requires_grad:
+        for value in logits.values():
+            value.requires_grad_(True)
+    return FactoredActionDistribution(**logits, **masks), {**logits, **masks}
+
+
+def test_samples_respect_the_op_conditioned_slot_mask() -> None:
+    dist, inputs = make_distribution(n=256)
+    for _ in range(20):
+        sample = dist.sample()["action"]
+        rows = torch.arange(256)
+        assert inputs["op_mask"][rows, sample["op"]].all()
+        assert inputs["slot_mask"][rows, sample["op"], sample["slot"]].all()
+        assert inputs["blueprint_mask"][rows, sample["blueprint"]].all()
+
+
+def test_causal_log_prob_counts_only_the_heads_the_op_uses() -> None:
+    dist, inputs = make_distribution(n=256, seed=1)
+    sample = dist.sample()
+    log_prob = dist.log_prob(sample)["action"]
+    op = sample["action", "op"]
+    assert (log_prob["slot_log_prob"][op == Op.WAIT] == 0).all()
+    assert (log_prob["slot_log_prob"][op != Op.WAIT] <= 0).all()
+    not_germinate = op != Op.GERMINATE
+    assert (log_prob["blueprint_log_prob"][not_germinate] == 0).all()
+    assert (log_prob["blend_log_prob"][not_germinate] == 0).all()
+    # The slot log-prob is that of the op's own masked row.
+    rows = (op != Op.WAIT).nonzero().flatten()
+    for row in rows[:10].tolist():
+        o, s = int(op[row]), int(sample["action", "slot"][row])
+        masked = inputs["slot_logits"][row].masked_fill(~inputs["slot_mask"][row, o], -math.inf)
+        assert log_prob["slot_log_prob"][row].item() == pytest.approx(torch.log_softmax(masked, -1)[s].item(), abs=1e-5)
+
+
+def test_entropy_is_the_chain_rule_entropy_of_the_executed_action() -> None:
+    dist, inputs = make_distribution(n=8, seed=2)
+    entropy = dist.entropy()["action"]
+    for row in range(8):
+        op_logits = inputs["op_logits"][row].masked_fill(~inputs["op_mask"][row], -math.inf)
+        p_op = torch.softmax(op_logits, -1)
+
+        def h(logits: torch.Tensor, mask: torch.Tensor) -> float:
+            p = torch.softmax(logits.masked_fill(~mask, -math.inf), -1)
+            return float(-(p[mask] * p[mask].log()).sum())
+
+        expected_slot = sum(
+            float(p_op[o]) * h(inputs["slot_logits"][row], inputs["slot_mask"][row, o])
+            for o in range(4)
+            if o != Op.WAIT and inputs["op_mask"][row, o]
+        )
+        assert entropy["op_entropy"][row].item() == pytest.approx(h(inputs["op_logits"][row], inputs["op_mask"][row]), abs=1e-5)
+        assert entropy["slot_entropy"][row].item() == pytest.approx(expected_slot, abs=1e-5)
+        germinate = float(p_op[Op.GERMINATE])
+        assert entropy["blueprint_entropy"][row].item() == pytest.approx(
+            germinate * h(inputs["blueprint_logits"][row], inputs["blueprint_mask"][row]), abs=1e-5
+        )
+
+
+def test_sampling_frequencies_match_the_conditional_probabilities() -> None:
+    dist, inputs = make_distribution(n=1, seed=3)
+    samples = dist.sample(torch.Size([20_000]))["action"]
+    p_op = torch.softmax(inputs["op_logits"][0].masked_fill(~inputs["op_mask"][0], -math.inf), -1)
+    frequencies = torch.bincount(samples["op"].flatten(), minlength=4).float() / 20_000
+    assert torch.allclose(frequencies, p_op, atol=0.02)
+
+
+def test_mode_is_the_most_likely_legal_action() -> None:
+    dist, inputs = make_distribution(n=32, seed=4)
+    mode = dist.mode["action"]
+    expected_op = inputs["op_logits"].masked_fill(~inputs["op_mask"], -math.inf).argmax(-1)
+    assert torch.equal(mode["op"], expected_op)
+    rows = torch.arange(32)
+    assert inputs["slot_mask"][rows, mode["op"], mode["slot"]].all()
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+class GoodBlueprintReward(Transform):
+    """Reward 1 for each executed GERMINATE of one blueprint, 0 otherwise: the best policy
+    germinates that blueprint in every free slot (3 per episode here)."""
+
+    def __init__(self, blueprint: int) -> None:
+        super().__init__()
+        self.blueprint = blueprint
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        hit = (
+            (tensordict["action", "op"] == Op.GERMINATE)
+            & (tensordict["action", "blueprint"] == self.blueprint)
+            & next_tensordict["metrics", "action_executed"]
+        )
+        next_tensordict["reward"] = hit.to(torch.float32).unsqueeze(-1)
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return tensordict_reset
+
+
+def test_ppo_learns_the_known_best_policy_far_better_than_random(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny()
+    config = replace(
+        base,
+        env=replace(base.env, n_envs=8),
+        episodes=12,
+        ppo=replace(base.ppo, lr=1e-3, epochs=4, minibatches=4, entropy_coeff=0.01, entropy_coeff_end=0.01),
+    )
+    state = PPOTrainer(config, tmp_path, transforms=[GoodBlueprintReward(3)]).train()
+    learned = sum(record["return"] for record in state.history[-3:]) / 3
+    env = MorphogeneticEnv(replace(config.env, seed=99))
+    random_policy = RandomPolicy(torch.Generator().manual_seed(1))
+    transformed = TransformedEnv(env, GoodBlueprintReward(3))
+    random_return = sum(
+        play_episode(transformed, random_policy, "random", e, env.model.blueprint_names, env.model.host_param_count).episode_return
+        for e in range(2)
+    ) / 2
+    first = state.history[0]["return"]
+    assert learned >= 2.0, f"PPO reached {learned:.2f} of the optimum 3 (started at {first:.2f})"
+    assert learned >= 3 * random_return, f"PPO {learned:.2f} vs random {random_return:.2f}"
+
+
+# --- checkpoints and resume ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lstm", [False, True])
+def test_resume_continues_exactly(tmp_path: Path, lstm: bool) -> None:
+    """Two updates straight equal one update, a checkpoint, a fresh process state and one more."""
+    base = tiny()
+    config = replace(base, policy=replace(base.policy, lstm=lstm), episodes=2)
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    straight_dir.mkdir(), split_dir.mkdir()
+    straight = PPOTrainer(config, straight_dir)
+    straight.train()
+
+    first = PPOTrainer(replace(config, episodes=1), split_dir)
+    first.register_hook("after_batch", CheckpointHook(first.state_dict, every=1))
+    first.train()
+    torch.manual_seed(12345)  # a resumed process starts from unrelated RNG state
+    checkpoint = load_checkpoint(latest_checkpoint(split_dir))
+    resumed = PPOTrainer(config, split_dir)
+    resumed.load_weights(checkpoint)
+    resumed.train()
+
+    for name, value in straight.nets.actor.state_dict().items():
+        assert torch.equal(value, resumed.nets.actor.state_dict()[name]), name
+    for name, value in straight.nets.critic.state_dict().items():
+        assert torch.equal(value, resumed.nets.critic.state_dict()[name]), name
+    straight_moments = straight.optimizer.state_dict()["state"]
+    resumed_moments = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(straight_moments[k]["exp_avg"], resumed_moments[k]["exp_avg"]) for k in straight_moments)
+    assert torch.equal(straight.normalizers.observations.mean, resumed.normalizers.observations.mean)
+    assert straight.state.history == resumed.state.history
+
+
+def test_checkpoint_round_trip_holds_everything_and_loads_weights_only(tmp_path: Path) -> None:
+    trainer = PPOTrainer(tiny(episodes=1), tmp_path)
+    trainer.register_hook("after_batch", CheckpointHook(trainer.state_dict, every=1))
+    state = trainer.train()
+    assert state.checkpoint_path == tmp_path / "checkpoints" / "update_00001.pt"
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path))
+    assert checkpoint["counters"] == {"update": 1, "frames": 24}
+    assert set(checkpoint["rng"]) == {"torch", "env", "minibatch"}
+    assert checkpoint["config"]["episodes"] == 1
+    clone = PPOTrainer(tiny(episodes=1), tmp_path / "other")
+    clone.load_weights(checkpoint)
+    for name, value in trainer.nets.actor.state_dict().items():
+        assert torch.equal(value, clone.nets.actor.state_dict()[name])
+    assert torch.equal(clone.observation_norm.loc, trainer.observation_norm.loc)
+    assert torch.equal(clone.reward_scaling.scale, trainer.reward_scaling.scale)
+
+
+def test_missing_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"format": 1, "weights": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not an esper_func checkpoint"):
+        load_checkpoint(foreign)
+
+
+# --- hooks and diagnostics -----------------------------------------------------------------------
+
+
+def test_hooks_run_at_each_point_with_a_filled_state(tmp_path: Path) -> None:
+    trainer = PPOTrainer(tiny(episodes=2), tmp_path)
+    seen: list[tuple[str, int, bool, bool]] = []
+
+    def recorder(point: str):
+        def hook(state: TrainerState) -> None:
+            seen.append((point, state.update, bool(state.rollout), bool(state.losses)))
+
+        return hook
+
+    for point in HOOK_POINTS:
+        trainer.register_hook(point, recorder(point))
+    trainer.train()
+    assert seen == [
+        ("after_rollout", 0, True, False),
+        ("after_update", 0, True, True),
+        ("after_batch", 1, True, True),
+        ("after_rollout", 1, True, True),
+        ("after_update", 1, True, True),
+        ("after_batch", 2, True, True),
+        ("end_of_run", 2, True, True),
+    ]
+    with pytest.raises(ValueError, match="unknown hook point"):
+        trainer.register_hook("before_lunch", recorder("x"))
+
+
+def test_early_stopping_hook_stops_the_loop(tmp_path: Path) -> None:
+    trainer = PPOTrainer(tiny(episodes=5), tmp_path)
+    trainer.register_hook("after_batch", EarlyStopping(patience=1, min_delta=1e9))
+    state = trainer.train()
+    assert state.update == 2  # the first sets the best, the second does not beat it by 1e9
+
+
+def test_update_statistics_cover_every_head_and_ratio(tmp_path: Path) -> None:
+    trainer = PPOTrainer(tiny(episodes=1), tmp_path)
+    state = trainer.train()
+    losses = state.losses
+    for head in ("op", "slot", "blueprint", "blend"):
+        assert losses[f"entropy_{head}"] >= 0
+    assert 0 < losses["ratio_min"] <= losses["ratio_mean"] <= losses["ratio_max"]
+    assert losses["kl_approx"] >= 0
+    assert losses["optimizer_steps"] == trainer.config.ppo.epochs * trainer.config.ppo.minibatches
+    assert set(state.rollout["action_distribution"]) == {op.name for op in Op}
+    assert sum(state.rollout["action_distribution"].values()) == pytest.approx(1.0)
+
+
+def test_anomaly_detector_flags_ratios_values_and_nans() -> None:
+    telemetry = TelemetryConfig()
+    healthy = {"ratio_max": 1.2, "ratio_min": 0.8, "explained_variance": 0.3, "kl_approx": 0.01}
+    assert detect_anomalies(healthy, 0.5, telemetry) == []
+    assert detect_anomalies({**healthy, "ratio_max": 9.0}, 0.5, telemetry) == ["ratio_explosion"]
+    assert detect_anomalies({**healthy, "ratio_min": 0.01}, 0.5, telemetry) == ["ratio_collapse"]
+    assert detect_anomalies({**healthy, "explained_variance": -0.3}, 0.05, telemetry) == []
+    assert detect_anomalies({**healthy, "explained_variance": -0.3}, 0.5, telemetry) == ["value_collapse"]
+    assert detect_anomalies({**healthy, "kl_approx": float("nan")}, 0.5, telemetry) == ["numerical_instability"]
+
+
+def test_anomaly_raises_the_telemetry_level_for_a_few_updates(tmp_path: Path) -> None:
+    config = tiny(episodes=3, telemetry=replace(QUIET, level="minimal", ratio_explosion=1.0 + 1e-9, ratio_collapse=1.0 - 1e-9, anomaly_debug_updates=2))
+    trainer = PPOTrainer(config, tmp_path)
+    levels: list[str] = []
+    trainer.register_hook("after_update", lambda state: levels.append(state.telemetry_level))
+    state = trainer.train()
+    assert levels == ["debug", "debug", "debug"]
+    assert "ratio_offenders" in state.losses and state.losses["ratio_offenders"]

@@ -1,0 +1,97 @@
+"""TrainingConfig: presets, strict JSON, cross-field rules, CLI overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from esper_func.config import ConfigError, to_dict
+from esper_func.rewards import RewardConfig
+from esper_func.train import parse_args, resolve_config
+from esper_func.training_config import PRESETS, PPOConfig, TrainingConfig, load_training_config, read_training_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_json(name: str) -> None:
+    config = TrainingConfig.preset(name)
+    assert load_training_config(json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_unknown_and_mistyped_keys_are_named() -> None:
+    data = to_dict(TrainingConfig.preset("tiny"))
+    with pytest.raises(ConfigError, match=r"TrainingConfig.ppo: unknown key\(s\) \['learning_rate'\]"):
+        load_training_config({**data, "ppo": {**data["ppo"], "learning_rate": 1e-3}})
+    with pytest.raises(ConfigError, match=r"TrainingConfig.episodes: expected int, got str"):
+        load_training_config({**data, "episodes": "10"})
+    with pytest.raises(ConfigError, match=r"TrainingConfig.telemetry.level: 'loud' is not one of"):
+        load_training_config({**data, "telemetry": {**data["telemetry"], "level": "loud"}})
+    with pytest.raises(ConfigError, match=r"TrainingConfig.env.task.name"):
+        load_training_config({**data, "env": {**data["env"], "task": {**data["env"]["task"], "name": "mnist"}}})
+
+
+def test_missing_keys_take_defaults() -> None:
+    assert load_training_config({"episodes": 3}) == replace(TrainingConfig(), episodes=3)
+
+
+def test_pbrs_gamma_must_equal_ppo_gamma() -> None:
+    config = TrainingConfig.preset("tiny")
+    with pytest.raises(ConfigError, match="ppo.gamma=0.99 differs from env.rewards.gamma=0.995"):
+        replace(config, ppo=replace(config.ppo, gamma=0.99))
+    same = replace(config, ppo=replace(config.ppo, gamma=0.99), env=replace(config.env, rewards=RewardConfig.for_task("synthetic", gamma=0.99)))
+    assert same.ppo.gamma == 0.99
+
+
+def test_cross_field_rules_name_the_fix() -> None:
+    config = TrainingConfig.preset("tiny")
+    with pytest.raises(ConfigError, match="minibatches=8 exceeds env.n_envs=4"):
+        replace(config, policy=replace(config.policy, lstm=True), ppo=replace(config.ppo, minibatches=8))
+    with pytest.raises(ConfigError, match="sharding envs over several devices is not available yet"):
+        replace(config, devices=("cpu", "cpu"))
+    with pytest.raises(ConfigError, match="is not a device"):
+        replace(config, device="gpu7")
+    with pytest.raises(ConfigError, match="PPOConfig.epochs must be >= 1"):
+        PPOConfig(epochs=0)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        TrainingConfig.preset("huge")
+
+
+def test_entropy_schedule_anneals_linearly_then_holds() -> None:
+    ppo = PPOConfig(entropy_coeff=0.1, entropy_coeff_end=0.02, entropy_anneal_updates=4)
+    assert [round(ppo.entropy_at(u), 6) for u in range(6)] == [0.1, 0.08, 0.06, 0.04, 0.02, 0.02]
+    assert PPOConfig(entropy_coeff=0.07).entropy_at(100) == 0.07
+
+
+def test_cli_flags_override_the_preset() -> None:
+    args = parse_args(["--preset", "tiny", "--n-envs", "3", "--episodes", "5", "--seed", "7", "--max-epochs", "4", "--train-iters", "3", "--telemetry-level", "debug", "--no-compile"])
+    config = resolve_config(args)
+    assert config.env.n_envs == 3 and config.episodes == 5 and config.env.seed == 7
+    assert config.env.core.lifecycle.max_epochs == 4 and config.env.task.train_iters == 3
+    assert config.telemetry.level == "debug" and config.env.core.compile is False
+    assert config.env.task.batch_size == TrainingConfig.preset("tiny").env.task.batch_size
+
+
+def test_cli_task_flag_switches_task_and_reward_scale() -> None:
+    config = resolve_config(parse_args(["--preset", "tiny", "--task", "tinystories"]))
+    assert config.env.task.name == "tinystories"
+    assert config.env.rewards.loss_baseline == RewardConfig.for_task("tinystories").loss_baseline
+
+
+def test_config_json_file_is_loaded_strictly(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**to_dict(TrainingConfig.preset("tiny")), "episodes": 4}))
+    assert resolve_config(parse_args(["--config-json", str(path)])).episodes == 4
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        read_training_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_training_config(tmp_path / "absent.json")
+
+
+def test_cli_rejects_contradictory_flags() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny", "--config-json", "x.json"])
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "runs/x", "--n-envs", "3"])
