@@ -72,7 +72,10 @@ def plot_lifecycle(stages: list[list[list[int]]], slot_names: tuple[str, ...], p
         interpolation="nearest",
     )
     axis.set_yticks(range(len(rows)), [f"env {env} {slot}" for env in range(n_envs) for slot in slot_names])
-    axis.set_xlabel("epoch")
+    epochs = len(stages)
+    ticks = list(range(0, epochs, max(1, epochs // 10)))
+    axis.set_xticks(ticks, [str(t + 1) for t in ticks])
+    axis.set_xlabel("epoch (stage after the epoch)")
     axis.set_title("Seed lifecycle per slot")
     handles = [plt.Rectangle((0, 0), 1, 1, color=STAGE_COLOURS[stage]) for stage in order]
     axis.legend(handles, [stage.name for stage in order], loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, fontsize=7)
