@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 
 
 from envs.morphogenetic import MorphogeneticEnv
@@ -29,6 +31,7 @@ from esper_func.evaluate import (
     compare_controllers,
     format_table,
     mean_curves,
+    next_free,
     summary_table,
 )
 from esper_func.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
@@ -143,10 +146,33 @@ def run_baseline(config: TrainingConfig, env: MorphogeneticEnv, run_dir: Path) -
     return records
 
 
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the current batch, checkpoint, flush and stop; a second aborts."""
+
+    def __init__(self, state: TrainerState) -> None:
+        self.state = state
+        self.received: int | None = None
+
+    def __enter__(self) -> GracefulStop:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.state.stop = True
+        print(f"\n{signal.Signals(signum).name}: finishing this batch, then checkpointing (signal again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def run_ppo(
     config: TrainingConfig, env: MorphogeneticEnv, run_dir: Path, resume: dict[str, object] | None, early_stop: int
-) -> TrainerState:
-    """Train, checkpoint, compare against static and heuristic control, plot."""
+) -> int:
+    """Train, checkpoint, compare against static and heuristic control, plot; the exit code."""
     trainer = PPOTrainer(config, run_dir, env=env)
     if resume is not None:
         trainer.load_weights(resume)
@@ -158,9 +184,17 @@ def run_ppo(
         trainer.register_hook("after_batch", EarlyStopping(early_stop))
     trainer.register_hook("end_of_run", checkpoints.final)
     trainer.register_hook("end_of_run", update_log.close)
-    state = trainer.train()
+    with GracefulStop(trainer.state) as stop:
+        state = trainer.train()
     if config.telemetry.plots and state.history:
         plot_returns(state.history, run_dir / "return_per_update.png")
+    if stop.received is not None:
+        print(
+            f"stopped by {signal.Signals(stop.received).name} after update {state.update}; checkpoint {state.checkpoint_path}; "
+            f"continue with: python -m esper_func.train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 128 + stop.received
     if config.compare_episodes > 0:
         seed = config.env.seed + EVAL_SEED_OFFSET
         print(f"comparing static, heuristic and the trained policy on fresh envs (seed {seed}) ...")
@@ -169,12 +203,14 @@ def run_ppo(
         )
         rows = summary_table(results)
         state.evaluation = {"seed": seed, "table": rows}
-        (run_dir / "comparison.json").write_text(json.dumps(state.evaluation, indent=2) + "\n")
+        out = run_dir / "comparison.json"
+        out = next_free(run_dir, "comparison", ".json") if out.exists() else out  # a resumed run keeps the first
+        out.write_text(json.dumps(state.evaluation, indent=2) + "\n")
         print(format_table(rows))
         if config.telemetry.plots:
             plot_accuracy(mean_curves(results), run_dir / "accuracy_by_controller.png")
             plot_lifecycle(results["ppo"][0].stages, SLOT_NAMES[: trainer.base_env.model.n_slots], run_dir / "lifecycle_timeline.png")
-    return state
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run directory: {run_dir}")
     if config.controller == "ppo":
-        run_ppo(config, env, run_dir, checkpoint, args.early_stop)
-        return 0
+        return run_ppo(config, env, run_dir, checkpoint, args.early_stop)
     records = run_baseline(config, env, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
     return 0

@@ -99,3 +99,32 @@ def test_resume_and_evaluate_report_a_missing_checkpoint(tmp_path: Path, capsys:
     from esper_func.evaluate import main as evaluate
 
     assert evaluate([str(tmp_path)]) == 2
+
+
+def test_sigterm_stops_after_the_batch_with_a_resumable_checkpoint(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "esper_func.train", "--preset", "tiny", "--n-envs", "2", "--episodes", "500", "--run-dir", str(run_dir), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    updates = run_dir / "updates.jsonl"
+    deadline = time.monotonic() + 120
+    while not (updates.exists() and updates.read_text().count("\n") >= 1):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no update within 120 s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err
+    done = [json.loads(line)["update"] for line in updates.read_text().splitlines()]
+    assert 1 <= len(done) < 500 and done == list(range(1, len(done) + 1))
+    from esper_func.checkpoints import latest_checkpoint, load_checkpoint
+
+    assert load_checkpoint(latest_checkpoint(run_dir))["counters"]["update"] == len(done)
+    assert main(["--resume", str(run_dir), "--episodes", str(len(done) + 1), "--no-progress"]) == 0
+    done_after = [json.loads(line)["update"] for line in updates.read_text().splitlines()]
+    assert done_after == list(range(1, len(done) + 2))
