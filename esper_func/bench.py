@@ -377,8 +377,9 @@ def format_table(results: Sequence[VariantResult]) -> str:
     return "\n".join(rows)
 
 
-def load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (POSIX), to tell an idle machine from a busy one."""
+    return list(os.getloadavg())
 
 
 def report(

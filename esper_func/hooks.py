@@ -6,7 +6,6 @@ Each is a callable on `TrainerState`, registered at a hook point of `PPOTrainer`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ class UpdateLogHook:
             "rollout": state.rollout,
             "losses": state.losses,
         }
-        self.writer.write(json.loads(json.dumps(record, default=float)))
+        self.writer.write(record)
         if state.logger is not None:
             for name, value in scalar_metrics(state).items():
                 state.logger.log_scalar(name, value, step=state.update)

@@ -89,11 +89,10 @@ class Normalizers:
     returns accumulated per env along the batch (the usual PPO reward scaling).
     """
 
-    def __init__(self, observation_size: int, n_envs: int, gamma: float, device: torch.device) -> None:
+    def __init__(self, observation_size: int, gamma: float, device: torch.device) -> None:
         self.observations = RunningMoments((observation_size,), device)
         self.returns = RunningMoments((), device)
         self.gamma = gamma
-        self.n_envs = n_envs
 
     def update(self, batch: TensorDictBase) -> None:
         self.observations.update(batch["observation"])
@@ -105,12 +104,12 @@ class Normalizers:
             discounted.append(running)
         self.returns.update(torch.stack(discounted, 1))
 
-    def apply(self, observation_norm: ObservationNorm | None, reward_scaling: RewardScaling | None) -> None:
+    def apply(self, observation_norm: ObservationNorm, reward_scaling: RewardScaling) -> None:
         """Write the current statistics into the transforms (call between rollouts only)."""
-        if observation_norm is not None and self.observations.count > 0:
+        if self.observations.count > 0:
             observation_norm.loc.copy_(self.observations.mean.to(observation_norm.loc.dtype))
             observation_norm.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(observation_norm.scale.dtype))
-        if reward_scaling is not None and self.returns.count > 1:
+        if self.returns.count > 1:
             reward_scaling.scale.copy_(self.returns.std.clamp_min(1e-3).to(reward_scaling.scale.dtype))
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -200,7 +199,7 @@ class PPOTrainer:
         self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
         self.env = policy_env(self.base_env, self.nets, transforms)
         self.observation_norm, self.reward_scaling = norm_transforms(self.env)
-        self.normalizers = Normalizers(observation_size, config.env.n_envs, config.ppo.gamma, self.device)
+        self.normalizers = Normalizers(observation_size, config.ppo.gamma, self.device)
         ppo = config.ppo
         weights = {"op": ppo.entropy_weight_op, "slot": ppo.entropy_weight_slot, "blueprint": ppo.entropy_weight_blueprint, "blend": ppo.entropy_weight_blend}
         self.loss = ClipPPOLoss(
@@ -338,8 +337,7 @@ class PPOTrainer:
         with torch.no_grad():
             self.gae(batch)
         entropy_coeff = ppo.entropy_at(self.state.update)
-        sums: dict[str, float] = {}
-        steps = 0
+        records: list[torch.Tensor] = []
         stopped_at: int | None = None
         flat = batch if recurrent else batch.reshape(-1)
         units = flat.shape[0]
@@ -349,7 +347,7 @@ class PPOTrainer:
                 minibatch = flat[indices]
                 with set_recurrent_mode(recurrent):
                     kl = approx_kl(self.nets, minibatch)
-                    if ppo.target_kl > 0 and kl > ppo.kl_stop_factor * ppo.target_kl:
+                    if ppo.target_kl > 0 and kl.item() > ppo.kl_stop_factor * ppo.target_kl:
                         stopped_at = epoch
                         break
                     out = self.loss(minibatch)
@@ -358,25 +356,18 @@ class PPOTrainer:
                 total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.loss.parameters(), ppo.max_grad_norm)
                 self.optimizer.step()
-                record = {
-                    "loss_objective": out["loss_objective"].item(),
-                    "loss_critic": out["loss_critic"].item(),
-                    "loss_entropy": out["loss_entropy"].item(),
-                    "kl_approx": kl,
-                    "clip_fraction": out["clip_fraction"].item(),
-                    "explained_variance": out["explained_variance"].mean().item(),
-                    "grad_norm": grad_norm.item(),
-                }
-                for key, head in zip(ENTROPY_KEYS, HEADS):
-                    record[f"entropy_{head}"] = out["composite_entropy", key].mean().item()
-                for key, value in record.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                steps += 1
+                entropies = [out["composite_entropy", key].mean() for key in ENTROPY_KEYS]
+                losses = [out[key].detach() for key in ("loss_objective", "loss_critic", "loss_entropy")]
+                diagnostics = [kl, out["clip_fraction"], out["explained_variance"].mean(), grad_norm]
+                records.append(torch.stack([*losses, *diagnostics, *entropies]))
             if stopped_at is not None:
                 break
-        stats: dict[str, Any] = {key: value / max(steps, 1) for key, value in sums.items()}
+        names = ["loss_objective", "loss_critic", "loss_entropy", "kl_approx", "clip_fraction", "explained_variance", "grad_norm"]
+        names += [f"entropy_{head}" for head in HEADS]
+        # One read-back per update; no loss statistics when the KL stop fired before any step.
+        stats: dict[str, Any] = dict(zip(names, torch.stack(records).mean(0).tolist())) if records else {}
         stats.update(
-            optimizer_steps=steps,
+            optimizer_steps=len(records),
             kl_stopped_at_epoch=stopped_at,
             entropy_coeff=entropy_coeff,
             **ratio_diagnostics(self.nets, batch, recurrent, self.config.telemetry.ratio_explosion, self.config.telemetry.ratio_collapse),
@@ -437,10 +428,10 @@ def joint_log_ratio(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:
         return new - old
 
 
-def approx_kl(nets: ActorCritic, batch: TensorDictBase) -> float:
+def approx_kl(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:
     """KL(old || new) estimated as E[(r - 1) - log r] (non-negative, low variance)."""
     log_ratio = joint_log_ratio(nets, batch)
-    return ((log_ratio.exp() - 1) - log_ratio).mean().item()
+    return ((log_ratio.exp() - 1) - log_ratio).mean()
 
 
 def ratio_diagnostics(nets: ActorCritic, batch: TensorDictBase, recurrent: bool, explosion: float, collapse: float) -> dict[str, Any]:

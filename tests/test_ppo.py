@@ -198,6 +198,8 @@ def test_resume_continues_exactly(tmp_path: Path, lstm: bool) -> None:
     resumed.load_weights(checkpoint)
     resumed.train()
 
+    untrained = PPOTrainer(config, tmp_path / "untrained").nets.actor.state_dict()
+    assert any(not torch.equal(value, untrained[name]) for name, value in straight.nets.actor.state_dict().items()), "training moved nothing"
     for name, value in straight.nets.actor.state_dict().items():
         assert torch.equal(value, resumed.nets.actor.state_dict()[name]), name
     for name, value in straight.nets.critic.state_dict().items():
