@@ -12,7 +12,9 @@ Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated
 - `("seeds", key)` `[N, S]`: stage, alpha, blueprint, epochs_in_stage, contribution,
   improvement (accuracy change since the stage began, pp);
 - `("metrics", key)` `[N]`: train_loss, val_loss, val_accuracy, epoch, action_executed,
-  illegal_actions (count this episode), seed_params;
+  illegal_actions (count this episode), seed_params, rolled_back (the governor restored
+  the env's snapshot in this step), panic (`governor.Panic` value), rollbacks (count this
+  episode);
 - `("signals", key)` `[N]`: stabilized, plateau_epochs;
 - `("reward_components", name)` `[N]`: the reward is exactly their sum.
 Actions `("action", head)` `[N]` int64 for heads op, slot, blueprint, blend. An action
@@ -30,6 +32,7 @@ from torchrl.envs import EnvBase
 
 from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
 from esper_func.features import feature_names, observe
+from esper_func.governor import Panic, take_snapshots
 from esper_func.masks import action_masks
 from esper_func.model import build_model
 from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, total
@@ -145,6 +148,9 @@ class MorphogeneticEnv(EnvBase):
                     "action_executed": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
                     "illegal_actions": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
                     "seed_params": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
+                    "rolled_back": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
+                    "panic": Categorical(len(Panic), shape=(n,), dtype=torch.int64, device=self.device),
+                    "rollbacks": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
                 },
                 shape=(n,),
             ),
@@ -180,9 +186,12 @@ class MorphogeneticEnv(EnvBase):
         signals = init_signals(self.config.signals, self.config.n_envs, self.device)
         state["signals"] = update_signals(self.config.signals, signals, metrics)
         state["illegal_actions"] = torch.zeros(self.config.n_envs, dtype=torch.int64, device=self.device)
-        return state
+        # The first snapshot holds the evaluated fresh hosts, so a rollback restores real metrics.
+        return take_snapshots(state, torch.ones(self.config.n_envs, dtype=torch.bool, device=self.device))
 
-    def _observation(self, state: TensorDict, executed: torch.Tensor, components: TensorDict) -> TensorDict:
+    def _observation(
+        self, state: TensorDict, executed: torch.Tensor, panic: torch.Tensor, components: TensorDict
+    ) -> TensorDict:
         n = self.config.n_envs
         slots = state["slots"]
         occupied_params = seed_param_count(self.model, slots)
@@ -201,6 +210,9 @@ class MorphogeneticEnv(EnvBase):
                         "action_executed": executed,
                         "illegal_actions": state["illegal_actions"],
                         "seed_params": live_params,
+                        "rolled_back": panic != int(Panic.NONE),
+                        "panic": panic,
+                        "rollbacks": state["governor", "rollbacks"],
                     },
                     batch_size=[n],
                 ),
@@ -227,7 +239,12 @@ class MorphogeneticEnv(EnvBase):
             {name: torch.zeros(n, device=self.device) for name in self.full_observation_spec["reward_components"].keys()},
             batch_size=[n],
         )
-        out = self._observation(self.state, torch.ones(n, dtype=torch.bool, device=self.device), zero_components)
+        out = self._observation(
+            self.state,
+            torch.ones(n, dtype=torch.bool, device=self.device),
+            torch.zeros(n, dtype=torch.int64, device=self.device),
+            zero_components,
+        )
         for key in ("done", "terminated", "truncated"):
             out[key] = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
         return out
@@ -239,11 +256,13 @@ class MorphogeneticEnv(EnvBase):
         state, metrics = env_step(self.steps, prev, action, batches, self.generator)
         executed = metrics["executed"]
         is_last = state["epoch"] >= self.max_epochs
-        components = compute_reward(self.config.rewards, self.model, prev, state, action, executed, metrics, is_last)
+        components = compute_reward(
+            self.config.rewards, self.model, prev, state, action, executed, metrics, is_last, metrics["rolled_back"]
+        )
         state["signals"] = update_signals(self.config.signals, prev["signals"], metrics)
         state["illegal_actions"] = prev["illegal_actions"] + (~executed).long()
         self.state = state
-        out = self._observation(state, executed, components)
+        out = self._observation(state, executed, metrics["panic"], components)
         out["reward"] = total(components).unsqueeze(-1)
         done = is_last.unsqueeze(-1)
         out["done"] = done

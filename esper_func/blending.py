@@ -18,7 +18,7 @@ from esper_func.stages import BlendMode
 def alpha_schedule(blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float) -> torch.Tensor:
     """Scheduled alpha for blend modes `blend` at integer `step` of `total` (any shape)."""
     t = (step.to(torch.float32) / total).clamp(0.0, 1.0)
-    half = torch.tensor(steepness / 2, dtype=torch.float32, device=t.device)
+    half = t.new_full((), steepness / 2)  # filled on the device: no host-to-device copy
     low, high = torch.sigmoid(-half), torch.sigmoid(half)
     sigmoid = ((torch.sigmoid(steepness * (t - 0.5)) - low) / (high - low)).clamp(0.0, 1.0)
     # Exact endpoints regardless of rounding in the rescale.

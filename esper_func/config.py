@@ -216,17 +216,58 @@ class OptimConfig:
         )
 
 
+@dataclass(frozen=True)
+class GovernorConfig:
+    """Health checks and rollbacks (DESIGN.md, Governor). Loss thresholds are multiples of
+    the task's random-guess loss ln(classes), so one config fits CIFAR (ln 10) and a
+    50k-token vocabulary (ln 50257) alike; the reference used 12.0 and ln 10 for every task."""
+
+    enabled: bool = True
+    window: int = 20
+    """Healthy validation losses kept for the spike statistics."""
+    min_samples: int = 10
+    """Spike and collapse checks start once the window holds this many losses."""
+    spike_sigma: float = 6.0
+    spike_mean_factor: float = 3.0
+    spike_min_loss_factor: float = 1.2
+    """A spike must also exceed this multiple of the random-guess loss."""
+    consecutive_spikes: int = 3
+    collapse_history_fraction: float = 0.6
+    """Collapse needs a window mean below this fraction of the random-guess loss..."""
+    collapse_tolerance: float = 0.065
+    """...then a loss within this fraction of the random-guess loss (a uniform guess)."""
+    snapshot_every: int = 5
+    """Epochs between snapshots (each taken only after a passed check)."""
+
+    def __post_init__(self) -> None:
+        _require(self.window >= 2, f"GovernorConfig.window must be >= 2, got {self.window}")
+        _require(
+            1 <= self.min_samples <= self.window,
+            f"GovernorConfig.min_samples must be in 1..window={self.window}, got {self.min_samples}",
+        )
+        for name in ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"):
+            value = getattr(self, name)
+            _require(value > 0, f"GovernorConfig.{name} must be > 0, got {value}")
+        for name in ("consecutive_spikes", "snapshot_every"):
+            value = getattr(self, name)
+            _require(value >= 1, f"GovernorConfig.{name} must be >= 1, got {value}")
+        for name in ("collapse_history_fraction", "collapse_tolerance"):
+            value = getattr(self, name)
+            _require(0.0 < value < 1.0, f"GovernorConfig.{name} must be in (0, 1), got {value}")
+
+
 def _default_host() -> HostConfig:
     return CNNHostConfig()
 
 
 @dataclass(frozen=True)
 class CoreConfig:
-    """Everything the functional core needs: host, lifecycle, optimizer, compilation."""
+    """Everything the functional core needs: host, lifecycle, optimizer, governor, compilation."""
 
     host: HostConfig = field(default_factory=_default_host)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
     compile: bool = True
     """torch.compile the train iteration and the evaluation."""
     bank_mode: Literal["active", "full"] = "active"

@@ -18,7 +18,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import step_mdp
 from tqdm import tqdm
 
-from esper_func.telemetry import JsonlWriter, lifecycle_events, step_record
+from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 
 
 @dataclass
@@ -48,6 +48,8 @@ class EpisodeResult:
     """Mean over envs of the summed (unscaled) reward."""
     counts: LifecycleCounts
     illegal_actions: int
+    rollbacks: int
+    """Governor rollbacks, summed over envs."""
     env_steps_per_s: float
     accuracy_curve: list[float] = field(default_factory=list)
     """Mean validation accuracy after each epoch."""
@@ -58,7 +60,7 @@ class EpisodeResult:
         return (
             f"episode {self.episode} [{self.controller}] final acc {self.final_accuracy:.2f}% | return {self.episode_return:.2f} | "
             f"germinated {self.counts.germinated} fossilized {self.counts.fossilized} culled {self.counts.culled} | "
-            f"param growth {100 * self.param_growth:.1f}% | {self.env_steps_per_s:.2f} env-steps/s"
+            f"param growth {100 * self.param_growth:.1f}% | rollbacks {self.rollbacks} | {self.env_steps_per_s:.2f} env-steps/s"
         )
 
     def record(self) -> dict[str, object]:
@@ -72,6 +74,7 @@ class EpisodeResult:
             "fossilized": self.counts.fossilized,
             "culled": self.counts.culled,
             "illegal_actions": self.illegal_actions,
+            "rollbacks": self.rollbacks,
             "env_steps_per_s": self.env_steps_per_s,
             "accuracy_curve": self.accuracy_curve,
         }
@@ -107,6 +110,9 @@ def play_episode(
                 if lifecycle_log is not None:
                     lifecycle_log.write({"controller": name, **event.record()})
                 counts.add(event.from_stage, event.to_stage)
+            if lifecycle_log is not None:
+                for record in rollback_events(step, episode):
+                    lifecycle_log.write({"controller": name, **record})
             returns += nxt["reward"].squeeze(-1).cpu()
             accuracy = nxt["metrics", "val_accuracy"].mean().item()
             curve.append(accuracy)
@@ -127,6 +133,7 @@ def play_episode(
         episode_return=returns.mean().item(),
         counts=counts,
         illegal_actions=int(final["illegal_actions"].sum()),
+        rollbacks=int(final["rollbacks"].sum()),
         env_steps_per_s=n_envs * len(curve) / elapsed,
         accuracy_curve=curve,
         stages=stages,

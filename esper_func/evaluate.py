@@ -89,6 +89,7 @@ def summary_table(results: dict[str, list[EpisodeResult]]) -> list[dict[str, Any
                 "fossilized": sum(e.counts.fossilized for e in episodes) / count,
                 "culled": sum(e.counts.culled for e in episodes) / count,
                 "germinated": sum(e.counts.germinated for e in episodes) / count,
+                "rollbacks": sum(e.rollbacks for e in episodes) / count,
                 "return": sum(e.episode_return for e in episodes) / count,
                 "episodes": count,
             }
@@ -97,12 +98,12 @@ def summary_table(results: dict[str, list[EpisodeResult]]) -> list[dict[str, Any
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = "| controller | final acc (%) | params added (%) | germinated | fossilized | culled | return |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    header = "| controller | final acc (%) | params added (%) | germinated | fossilized | culled | rollbacks | return |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['controller']} | {row['final_accuracy']:.2f} | {row['params_added_pct']:.1f} | {row['germinated']:.1f} | "
-            f"{row['fossilized']:.1f} | {row['culled']:.1f} | {row['return']:.2f} |"
+            f"{row['fossilized']:.1f} | {row['culled']:.1f} | {row['rollbacks']:.1f} | {row['return']:.2f} |"
         )
     return "\n".join(lines)
 

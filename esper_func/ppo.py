@@ -38,7 +38,7 @@ from tqdm import tqdm
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.config import ConfigError
 from esper_func.stages import Op
-from esper_func.telemetry import JsonlWriter, lifecycle_events, step_record
+from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from esper_func.training_config import TELEMETRY_LEVELS, TelemetryConfig, TrainingConfig
 from policies.ppo import ENTROPY_KEYS, HEADS, LOG_PROB_KEYS, NORMALIZED_OBSERVATION, ActorCritic, make_actor_critic
 
@@ -327,6 +327,8 @@ class PPOTrainer:
             step = batch[:, t]
             for event in lifecycle_events(step, step, names, episode):
                 logs.lifecycle.write({"controller": "ppo", **event.record()})
+            for record in rollback_events(step, episode):
+                logs.lifecycle.write({"controller": "ppo", **record})
             if level >= TELEMETRY_LEVELS.index("normal"):
                 logs.metrics.write(step_record(step, episode))
 
@@ -413,6 +415,7 @@ def rollout_statistics(batch: TensorDictBase, host_params: int) -> dict[str, Any
         "final_accuracy": final["val_accuracy"].mean().item(),
         "param_growth": (final["seed_params"].float() / host_params).mean().item(),
         "illegal_actions": int(final["illegal_actions"].sum()),
+        "rollbacks": int(final["rollbacks"].sum()),
         "action_distribution": {op.name: (ops == op).float().mean().item() for op in Op},
         "reward_components": {name: value.mean().item() for name, value in nxt["reward_components"].items()},
     }

@@ -70,6 +70,7 @@ ratio penalty `q`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 import typing
@@ -83,7 +84,7 @@ from tensordict import TensorDict
 
 from esper_func.config import ConfigError
 from esper_func.model import Model
-from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, stage_lookup
+from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, on_device, stage_lookup
 from esper_func.state import seed_param_count
 
 Family = Literal["shaped", "sparse", "minimal", "simplified", "loss"]
@@ -269,8 +270,10 @@ _ACTION_STAGE = torch.tensor(
 """Stage an executed op puts its slot in, indexed by op (WAIT's entry is never used)."""
 
 
+@functools.cache
 def stage_potential_table(config: RewardConfig) -> torch.Tensor:
-    """`[NUM_STAGE_VALUES]` float32: `P[stage]`, 0 for stages that hold no seed."""
+    """`[NUM_STAGE_VALUES]` float32: `P[stage]`, 0 for stages that hold no seed (one
+    cached tensor per config: treat it as read-only)."""
     table = torch.zeros(NUM_STAGE_VALUES, dtype=torch.float32)
     for stage, value in (
         (Stage.GERMINATED, config.potential_germinated),
@@ -283,8 +286,10 @@ def stage_potential_table(config: RewardConfig) -> torch.Tensor:
     return table
 
 
+@functools.cache
 def intervention_cost_table(config: RewardConfig) -> torch.Tensor:
-    """`[len(Op)]` float32 reward term of each op (0 for WAIT, else minus its cost); family-aware."""
+    """`[len(Op)]` float32 reward term of each op (0 for WAIT, else minus its cost); family-aware
+    (one cached tensor per config: treat it as read-only)."""
     if config.family == "simplified":
         costs = {op: config.simplified_action_cost for op in Op}
     else:
@@ -365,7 +370,7 @@ def _transition(
     op = torch.where(executed, action["op"], int(Op.WAIT))
     acted = torch.nn.functional.one_hot(action["slot"].clamp(0, n_slots - 1), n_slots).bool()
     acted = acted & (op != int(Op.WAIT)).unsqueeze(-1)
-    target = _ACTION_STAGE.to(op.device)[op].unsqueeze(-1)
+    target = on_device(_ACTION_STAGE, op.device)[op].unsqueeze(-1)
     seeded_next = stage_lookup(SEEDED, nxt["stage"])
     return _Transition(
         prev=prev,
@@ -533,7 +538,7 @@ def _minimal_action(config: RewardConfig, t: _Transition) -> torch.Tensor:
 
 
 def _intervention_cost(config: RewardConfig, t: _Transition) -> torch.Tensor:
-    return intervention_cost_table(config).to(t.op.device)[t.op]
+    return on_device(intervention_cost_table(config), t.op.device)[t.op]
 
 
 def _contributing_fossils(config: RewardConfig, t: _Transition) -> torch.Tensor:

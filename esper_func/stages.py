@@ -107,6 +107,21 @@ COUNTS_AGE = _stage_mask(
 """Stages whose ticks add to `epochs_total` (a seed's age)."""
 
 
+_DEVICE_COPIES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A lookup table on `device`, copied there once and cached: a per-step host-to-device
+    copy would make the host wait. Tables must be long-lived (module constants, or cached
+    per config); the cache keeps the source alive, so its id cannot be reused."""
+    if table.device == device:
+        return table
+    key = (id(table), device)
+    if key not in _DEVICE_COPIES:
+        _DEVICE_COPIES[key] = (table, table.to(device))
+    return _DEVICE_COPIES[key][1]
+
+
 def stage_lookup(table: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
     """Index a stage table by a stage tensor of any shape, on the stage's device."""
-    return table.to(stage.device)[stage]
+    return on_device(table, stage.device)[stage]

@@ -12,6 +12,7 @@ State is one `TensorDict` with batch size `[N]` (N environments):
 | `("metrics", "val_loss")` | `[N]` | float32 | latest validation loss |
 | `("metrics", "train_loss")` | `[N]` | float32 | mean training loss of the latest epoch |
 | `"epoch"` | `[N]` | int64 | host epochs completed |
+| `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.governor`) |
 
 Blueprint indices refer to the host topology's catalogue (`blueprints.CATALOGUE`); stage
 values are `stages.Stage`; blend values are `stages.BlendMode`. A slot's seed bank holds
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
+from esper_func.governor import init_governor
 from esper_func.initialization import draw_parameters
 from esper_func.model import Model
 from esper_func.stages import BlendMode, Stage
@@ -57,7 +59,7 @@ def empty_slots(n_envs: int, n_slots: int, device: torch.device) -> TensorDict:
 
 
 def init_state(model: Model, n_envs: int, generator: torch.Generator) -> TensorDict:
-    """Fresh hosts (and seed banks) for `n_envs` environments, every slot DORMANT."""
+    """Fresh hosts (and seed banks) for `n_envs` environments, every slot DORMANT, snapshotted."""
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     device = model.device
@@ -67,7 +69,7 @@ def init_state(model: Model, n_envs: int, generator: torch.Generator) -> TensorD
         name: template_buffers[name].expand(n_envs, *template_buffers[name].shape).clone()
         for name in model.buffer_names
     }
-    return TensorDict(
+    state = TensorDict(
         {
             "params": TensorDict(params, batch_size=[n_envs]),
             "buffers": TensorDict(buffers, batch_size=[n_envs]),
@@ -81,6 +83,8 @@ def init_state(model: Model, n_envs: int, generator: torch.Generator) -> TensorD
         batch_size=[n_envs],
         device=device,
     )
+    state["governor"] = init_governor(model.config.governor, state)
+    return state
 
 
 def seed_param_count(model: Model, slots: TensorDict) -> torch.Tensor:

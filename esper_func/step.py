@@ -1,4 +1,5 @@
-"""One env step composed from the pure transitions: act, train an epoch, evaluate, tick."""
+"""One env step composed from the pure transitions: act, train an epoch, evaluate, check
+health (rolling back envs that panic), tick, snapshot."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from tensordict import TensorDict
 
 from esper_func.evaluation import EvalStepCache, evaluate
+from esper_func.governor import Panic, check, random_guess_loss, rollback, snapshot_due, take_snapshots
 from esper_func.lifecycle import apply_action, tick
 from esper_func.model import Model
 from esper_func.training import TrainStepCache, train_epoch
@@ -40,17 +42,26 @@ class Batches:
 def env_step(
     steps: Steps, state: TensorDict, action: TensorDict, batches: Batches, generator: torch.Generator
 ) -> tuple[TensorDict, TensorDict]:
-    """Apply `action`, train one epoch, evaluate with counterfactuals, tick.
+    """Apply `action`, train one epoch, evaluate with counterfactuals, check, tick.
 
     Returns the new state and the epoch's metrics `[N]`: `train_loss`, `val_loss`,
     `val_accuracy`, `contribution [N, S]`, `grad_ratio [N, S]`, `executed` (the action
-    was legal and ran; otherwise the env waited).
+    was legal and ran; otherwise the env waited), `rolled_back` (the governor restored the
+    env's snapshot; its metrics are then the snapshot's) and `panic` (a `Panic` value).
     """
     model = steps.model
+    governor_config = model.config.governor
     state, executed = apply_action(model, state, action, generator)
     state, train_stats = train_epoch(model, state, batches.train_x, batches.train_y, steps.train)
     metrics = evaluate(model, state, batches.val_x, batches.val_y, steps.eval)
     metrics.update(train_stats)
+    governor, panic = check(governor_config, random_guess_loss(model.config.host), state["governor"], metrics)
+    state["governor"] = governor
+    rolled_back = panic != int(Panic.NONE)
+    state, metrics = rollback(model, state, metrics, rolled_back)
     state = tick(model, state, metrics)
+    state = take_snapshots(state, snapshot_due(governor_config, state, panic))
     metrics["executed"] = executed
+    metrics["rolled_back"] = rolled_back
+    metrics["panic"] = panic
     return state, metrics

@@ -202,11 +202,6 @@ class Task:
     """`[V, B, ...]` validation inputs, built once: the same tensor every epoch."""
     val_y: torch.Tensor
 
-    @property
-    def random_guess_loss(self) -> float:
-        """Cross-entropy of a uniform guess, ln(classes): the governor's collapse level."""
-        return math.log(self.num_classes)
-
     def sample_batches(self, generator: torch.Generator) -> Batches:
         """One epoch: `train_iters` batches drawn uniformly with replacement, and the fixed validation batches.
 
@@ -293,6 +288,11 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (pixels - mean) / std
 
 
+def _to(draws: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Random draws moved to the data's device only when the generator lives elsewhere."""
+    return draws if draws.device == device else draws.to(device)
+
+
 def crop_and_flip(
     images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING
 ) -> torch.Tensor:
@@ -303,8 +303,8 @@ def crop_and_flip(
     """
     m, _, height, width = images.shape
     draw_device = generator.device
-    offsets = torch.randint(0, 2 * padding + 1, (m, 2), generator=generator, device=draw_device).to(images.device)
-    flips = torch.randint(0, 2, (m,), generator=generator, device=draw_device).to(images.device).bool()
+    offsets = _to(torch.randint(0, 2 * padding + 1, (m, 2), generator=generator, device=draw_device), images.device)
+    flips = _to(torch.randint(0, 2, (m,), generator=generator, device=draw_device), images.device).bool()
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = offsets[:, :1] + torch.arange(height, device=images.device)
     across = torch.arange(width, device=images.device)
@@ -318,7 +318,7 @@ def sample_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`shape = (I, B)` images drawn with replacement: float32 `[I, B, C, H, W]`, int64 labels `[I, B]`."""
     n = data.labels.numel()
-    index = torch.randint(0, n, shape, generator=generator, device=generator.device).to(device).flatten()
+    index = _to(torch.randint(0, n, shape, generator=generator, device=generator.device), device).flatten()
     images = data.images[index]
     if data.augment:
         images = crop_and_flip(images, generator)
@@ -346,7 +346,7 @@ def sample_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`shape = (I, B)` windows at uniform random starts: int64 x, y `[I, B, context]`."""
     n_starts = data.tokens.numel() - data.context
-    starts = torch.randint(0, n_starts, shape, generator=generator, device=generator.device).to(device)
+    starts = _to(torch.randint(0, n_starts, shape, generator=generator, device=generator.device), device)
     return windows(data.tokens, starts, data.context)
 
 

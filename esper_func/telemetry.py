@@ -1,7 +1,8 @@
 """Run directories, JSONL logs and lifecycle events, all outside the hot path.
 
 A run directory holds `config.json` (the resolved configuration), `metrics.jsonl` (one
-record per env step) and `lifecycle.jsonl` (one record per seed stage change). Nothing
+record per env step) and `lifecycle.jsonl` (one record per seed stage change, `"event":
+"stage"`, and one per governor rollback, `"event": "rollback"`). Nothing
 is ever overwritten: a new run refuses a non-empty directory, and logs are append-only
 and flushed after every record.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
+from esper_func.governor import Panic
 from esper_func.stages import Op, Stage
 
 SLOT_NAMES_BY_INDEX = ("early", "mid", "late")
@@ -65,10 +67,12 @@ class LifecycleEvent:
     to_stage: str
     blueprint: str
     cause: str
-    """`action` when the controller's op caused it, else `tick` (automatic)."""
+    """`action:<OP>` when the controller's op caused it, `governor:<PANIC>` when a rollback
+    culled the seed, else `tick` (automatic)."""
 
     def record(self) -> dict[str, Any]:
         return {
+            "event": "stage",
             "episode": self.episode,
             "env": self.env,
             "epoch": self.epoch,
@@ -87,7 +91,8 @@ def lifecycle_events(
 
     One read-back of small `[N, S]` tensors; a slot can change twice in one step (e.g. a
     CULL action, then the tick's CULLED -> EMBARGOED), which is reported as one event from
-    the old stage to the new one, caused by the action when an op targeted that slot.
+    the old stage to the new one, caused by the governor when it rolled the env back, else
+    by the action when an op targeted that slot.
     """
     before = prev["seeds", "stage"].cpu()
     after = step["next", "seeds", "stage"].cpu()
@@ -96,9 +101,14 @@ def lifecycle_events(
     op = step["action", "op"].cpu()
     slot = step["action", "slot"].cpu()
     executed = step["next", "metrics", "action_executed"].cpu()
+    panic = step["next", "metrics", "panic"].cpu()
     events = []
     for env, s in torch.nonzero(before != after).tolist():
         acted = bool(executed[env]) and int(op[env]) != int(Op.WAIT) and int(slot[env]) == s
+        if int(panic[env]) != int(Panic.NONE):
+            cause = f"governor:{Panic(int(panic[env])).name}"
+        else:
+            cause = f"action:{Op(int(op[env])).name}" if acted else "tick"
         events.append(
             LifecycleEvent(
                 episode=episode,
@@ -108,17 +118,36 @@ def lifecycle_events(
                 from_stage=Stage(int(before[env, s])).name,
                 to_stage=Stage(int(after[env, s])).name,
                 blueprint=blueprint_names[int(blueprint[env, s])],
-                cause=f"action:{Op(int(op[env])).name}" if acted else "tick",
+                cause=cause,
             )
         )
     return events
+
+
+def rollback_events(step: TensorDictBase, episode: int) -> list[dict[str, Any]]:
+    """One `"event": "rollback"` record per env the governor rolled back in `step`."""
+    nxt = step["next", "metrics"]
+    panic = nxt["panic"].cpu()
+    epoch = nxt["epoch"].cpu()
+    rollbacks = nxt["rollbacks"].cpu()
+    return [
+        {
+            "event": "rollback",
+            "episode": episode,
+            "env": env,
+            "epoch": int(epoch[env]),
+            "cause": f"governor:{Panic(int(panic[env])).name}",
+            "rollbacks_this_episode": int(rollbacks[env]),
+        }
+        for env in torch.nonzero(panic != int(Panic.NONE)).flatten().tolist()
+    ]
 
 
 def step_record(step: TensorDictBase, episode: int) -> dict[str, Any]:
     """Per-step metrics of every env as plain lists (one read-back)."""
     nxt = step["next"]
     record: dict[str, Any] = {"episode": episode, "epoch": int(nxt["metrics", "epoch"][0])}
-    for key in ("train_loss", "val_loss", "val_accuracy", "seed_params", "action_executed"):
+    for key in ("train_loss", "val_loss", "val_accuracy", "seed_params", "action_executed", "rolled_back"):
         record[key] = nxt["metrics", key].tolist()
     record["reward"] = nxt["reward"].squeeze(-1).tolist()
     record["reward_components"] = {name: value.tolist() for name, value in nxt["reward_components"].items()}
