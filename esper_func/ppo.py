@@ -18,6 +18,7 @@ Register with `trainer.register_hook(point, fn)`; a hook may set `state.stop = T
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from tqdm import tqdm
 
 from envs.morphogenetic import MorphogeneticEnv
+from esper_func.checkpoints import CheckpointError
 from esper_func.config import ConfigError
 from esper_func.stages import Op
 from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
@@ -79,6 +81,8 @@ class RunningMoments:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["mean"].shape != self.mean.shape or state["m2"].shape != self.mean.shape:
+            raise ValueError(f"running moments of shape {tuple(state['mean'].shape)} do not fit shape {tuple(self.mean.shape)}")
         self.count, self.mean, self.m2 = (state[key].to(self.mean.device) for key in ("count", "mean", "m2"))
 
 
@@ -249,16 +253,29 @@ class PPOTrainer:
             },
         }
 
-    def load_weights(self, checkpoint: dict[str, Any]) -> None:
+    def load_weights(self, checkpoint: dict[str, Any], source: Path | str = "the checkpoint") -> None:
+        """Restore everything `state_dict` saved; a checkpoint that does not fit these networks
+        (another policy size or observation schema) raises `CheckpointError` naming `source`,
+        before anything is changed."""
+        probe = copy.deepcopy((self.nets.actor, self.nets.critic, self.optimizer, self.normalizers))
+        try:
+            for module, key in zip(probe, ("actor", "critic", "optimizer", "normalizers")):
+                module.load_state_dict(checkpoint[key])
+            counters = (int(checkpoint["counters"]["update"]), int(checkpoint["counters"]["frames"]))
+            rng = {key: checkpoint["rng"][key] for key in ("torch", "env", "minibatch")}
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(
+                f"{source} does not fit this run's networks ({type(error).__name__}: {error}); "
+                "resume with the config the checkpoint was written with"
+            ) from error
         self.nets.actor.load_state_dict(checkpoint["actor"])
         self.nets.critic.load_state_dict(checkpoint["critic"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.normalizers.load_state_dict(checkpoint["normalizers"])
         self.normalizers.apply(self.observation_norm, self.reward_scaling)
-        self.state.update = int(checkpoint["counters"]["update"])
-        self.state.frames = int(checkpoint["counters"]["frames"])
+        self.state.update, self.state.frames = counters
         self.state.history = list(checkpoint["history"])
-        self._pending_rng = checkpoint["rng"]
+        self._pending_rng = rng
 
     def _restore_rng(self) -> None:
         rng = self._pending_rng

@@ -170,12 +170,21 @@ class GracefulStop:
 
 
 def run_ppo(
-    config: TrainingConfig, env: MorphogeneticEnv, run_dir: Path, resume: dict[str, object] | None, early_stop: int
+    config: TrainingConfig,
+    env: MorphogeneticEnv,
+    run_dir: Path,
+    resume: tuple[Path, dict[str, object]] | None,
+    early_stop: int,
 ) -> int:
     """Train, checkpoint, compare against static and heuristic control, plot; the exit code."""
     trainer = PPOTrainer(config, run_dir, env=env)
     if resume is not None:
-        trainer.load_weights(resume)
+        checkpoint_path, checkpoint = resume
+        try:
+            trainer.load_weights(checkpoint, source=f"checkpoint {checkpoint_path}")
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     checkpoints = CheckpointHook(trainer.state_dict, config.checkpoint_every)
     update_log = UpdateLogHook(run_dir / "updates.jsonl")
     trainer.register_hook("after_batch", update_log)
@@ -234,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run directory: {run_dir}")
     if config.controller == "ppo":
-        return run_ppo(config, env, run_dir, checkpoint, args.early_stop)
+        resume = None if checkpoint is None else (checkpoint_path, checkpoint)
+        return run_ppo(config, env, run_dir, resume, args.early_stop)
     records = run_baseline(config, env, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
     return 0

@@ -12,7 +12,7 @@ from tensordict import TensorDictBase
 from torchrl.envs import Transform, TransformedEnv
 
 from envs.morphogenetic import MorphogeneticEnv
-from esper_func.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from esper_func.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from esper_func.episodes import play_episode
 from esper_func.hooks import CheckpointHook, EarlyStopping
 from esper_func.ppo import HOOK_POINTS, PPOTrainer, TrainerState, detect_anomalies
@@ -227,19 +227,45 @@ def test_checkpoint_round_trip_holds_everything_and_loads_weights_only(tmp_path:
     assert torch.equal(clone.observation_norm.loc, trainer.observation_norm.loc)
     assert torch.equal(clone.reward_scaling.scale, trainer.reward_scaling.scale)
 
+    # A checkpoint of other networks is refused before anything of the trainer changes.
+    wider = PPOTrainer(tiny(episodes=1, policy=replace(tiny().policy, hidden=2 * tiny().policy.hidden)), tmp_path / "wider")
+    before = {name: value.clone() for name, value in wider.nets.actor.state_dict().items()}
+    with pytest.raises(CheckpointError, match="does not fit this run's networks"):
+        wider.load_weights(checkpoint, source="update_00001.pt")
+    assert all(torch.equal(value, before[name]) for name, value in wider.nets.actor.state_dict().items())
+    assert wider.state.update == 0
 
-def test_missing_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+
+def test_missing_truncated_tampered_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+    path = save_checkpoint(tmp_path, 1, {"episodes": 1}, {key: {"w": torch.arange(256.0)} for key in REQUIRED_KEYS if key != "config"})
+    assert load_checkpoint(path)["actor"]["w"].sum() == torch.arange(256.0).sum()
+    good = path.read_bytes()
+
+    tampered = tmp_path / "tampered.pt"
+    data = bytearray(good)
+    index = data.find(torch.arange(256.0)[200:201].numpy().tobytes())
+    data[index] ^= 0x01  # the payload's stored tensor: torch.load alone would not notice
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="was modified after it was written"):
+        load_checkpoint(tampered)
+
     truncated = tmp_path / "truncated.pt"
-    torch.save({"format": 1, "weights": torch.zeros(1000)}, truncated)
-    truncated.write_bytes(truncated.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or unreadable"):
         load_checkpoint(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not an esper_func checkpoint"):
         load_checkpoint(foreign)
+    older = tmp_path / "older.pt"
+    torch.save({"format": 1, "sha256": "", "payload": torch.zeros(1, dtype=torch.uint8)}, older)
+    with pytest.raises(CheckpointError, match="has format 1"):
+        load_checkpoint(older)
+    # Writes are atomic: no temp file is left behind, and latest.pt equals the newest update.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.pt", "update_00001.pt"]
+    assert latest_checkpoint(tmp_path).read_bytes() == good
 
 
 # --- hooks and diagnostics -----------------------------------------------------------------------

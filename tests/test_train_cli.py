@@ -92,6 +92,16 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     assert [row["controller"] for row in table] == ["static", "heuristic", "ppo"]
     assert table[0]["params_added_pct"] == 0.0
 
+    # A tampered latest.pt: resume names it and refuses, and every file stays as it was.
+    latest = run_dir / "checkpoints" / "latest.pt"
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    latest.write_bytes(bytes(data))
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()}
+    assert main(["--resume", str(run_dir), "--episodes", "3", "--no-progress"]) == 2
+    assert str(latest) in capsys.readouterr().err
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()} == before
+
 
 def test_resume_and_evaluate_report_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--resume", str(tmp_path)]) == 2
