@@ -1,5 +1,6 @@
-"""TorchRL environments over the functional core."""
+"""TorchRL environments over the functional core, and the transforms that go with them."""
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv, make_env
+from envs.transforms import ActionMaskCheck
 
-__all__ = ["EnvConfig", "MorphogeneticEnv", "make_env"]
+__all__ = ["ActionMaskCheck", "EnvConfig", "MorphogeneticEnv", "make_env"]

@@ -34,6 +34,7 @@ from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig
 from esper_func.features import feature_names, observe
 from esper_func.governor import Panic, take_snapshots
 from esper_func.masks import action_masks
+from esper_func.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
 from esper_func.model import build_model
 from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, total
 from esper_func.signals import SignalConfig, init_signals, update_signals
@@ -102,12 +103,19 @@ class MorphogeneticEnv(EnvBase):
         host = resolve_host(self.task, config.host_preset)
         self.config = replace(config, core=replace(config.core, host=host))
         self.model = build_model(self.config.core, device)
+        check_fits(config.n_envs, self._memory_estimate(), available_memory(device), device)
         self.steps = Steps(self.model)
         self.max_epochs = self.config.core.lifecycle.max_epochs
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         self.state: TensorDict = self._fresh_state()
         self._make_specs()
+
+    def _memory_estimate(self) -> MemoryEstimate:
+        """Worst case (every blueprint running), checked before the N envs are allocated."""
+        val_x, val_y = self.task.val_x, self.task.val_y
+        batch = max(self.config.task.batch_size, val_x.shape[1])
+        return estimate_memory(self.config.core, (batch, *val_x.shape[2:]), val_x.dtype, (batch, *val_y.shape[2:]))
 
     # -- specs -------------------------------------------------------------------------
 

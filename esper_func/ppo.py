@@ -37,6 +37,7 @@ from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from tqdm import tqdm
 
 from envs.morphogenetic import MorphogeneticEnv
+from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
 from esper_func.config import ConfigError
 from esper_func.stages import Op
@@ -125,11 +126,13 @@ class Normalizers:
 
 
 def policy_env(base: MorphogeneticEnv, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
-    """The env as the PPO policy sees it: `extra` user transforms, then normalized
-    observation, scaled reward and the LSTM state."""
+    """The env as the PPO policy sees it: `extra` user transforms (followed by a check that
+    they left every env a legal action), then normalized observation, scaled reward and
+    the LSTM state."""
     size = base.observation_spec["observation"].shape[-1]
     transforms = [
         *extra,
+        *([ActionMaskCheck()] if extra else []),
         ObservationNorm(
             loc=torch.zeros(size, device=base.device),
             scale=torch.ones(size, device=base.device),

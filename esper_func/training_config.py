@@ -246,7 +246,10 @@ def read_training_config(path: Path) -> TrainingConfig:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(f"config file {path} is not valid JSON ({error}); fix the file or regenerate it from a run's config.json") from error
-    return load_training_config(data)
+    try:
+        return load_training_config(data)
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from error
 
 
 def write_training_config(config: TrainingConfig, path: Path) -> None:

@@ -12,7 +12,8 @@ from torchrl.envs import ObservationNorm, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.utils import check_env_specs, step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv, make_env
-from esper_func.config import CoreConfig, LifecycleConfig
+from esper_func.config import ConfigError, CoreConfig, LifecycleConfig
+from esper_func.memory import check_fits, estimate_memory
 from esper_func.rewards import RewardConfig
 from esper_func.stages import Op, Stage
 from esper_func.tasks import TaskConfig
@@ -161,3 +162,18 @@ def test_make_env_names_unknown_tasks_and_presets() -> None:
         make_env(task="nonexistent")
     with pytest.raises(ValueError, match="unknown CNN host preset 'huge'"):
         make_env(preset="huge")
+
+
+def test_more_envs_than_memory_allows_is_refused_before_allocation() -> None:
+    with pytest.raises(ConfigError, match=r"n_envs=1000000 needs about .* use n_envs <= \d+"):
+        make_env(n_envs=1_000_000)  # allocating would take terabytes: the check comes first
+
+
+def test_memory_estimate_scales_with_the_batch_and_names_the_largest_count_that_fits() -> None:
+    small = estimate_memory(CoreConfig(compile=False), (16, 3, 32, 32), torch.float32, (16,))
+    large = estimate_memory(CoreConfig(compile=False), (64, 3, 32, 32), torch.float32, (64,))
+    assert large.per_env > 2 * small.per_env  # activations dominate and grow with the batch
+    available = small.total(10) + small.per_env // 2
+    check_fits(10, small, available, "cpu")
+    with pytest.raises(ConfigError, match="n_envs=11 .* use n_envs <= 10,"):
+        check_fits(11, small, available, "cpu")

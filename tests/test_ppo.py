@@ -153,6 +153,29 @@ class GoodBlueprintReward(Transform):
         return tensordict_reset
 
 
+class ForbidEverything(Transform):
+    """A broken user transform: masks out every op of one env after the first step."""
+
+    def __init__(self, env: int) -> None:
+        super().__init__()
+        self.env = env
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        op = next_tensordict["action_mask", "op"].clone()
+        op[self.env] = False
+        next_tensordict["action_mask", "op"] = op
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return tensordict_reset
+
+
+def test_a_transform_that_leaves_an_env_no_legal_action_is_an_error_naming_it(tmp_path: Path) -> None:
+    trainer = PPOTrainer(tiny(episodes=1), tmp_path, transforms=[ForbidEverything(env=2)])
+    with pytest.raises(ValueError, match=r"no legal action in envs \[2\] \(env 2: op"):
+        trainer.train()
+
+
 def test_ppo_learns_the_known_best_policy_far_better_than_random(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = tiny()

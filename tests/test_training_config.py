@@ -88,6 +88,11 @@ def test_config_json_file_is_loaded_strictly(tmp_path: Path) -> None:
         read_training_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         read_training_config(tmp_path / "absent.json")
+    data = to_dict(TrainingConfig.preset("tiny"))
+    data["env"]["core"]["governor"]["window"] = "20"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"config.json: TrainingConfig.env.core.governor.window: expected int"):
+        read_training_config(path)
 
 
 def test_cli_rejects_contradictory_flags() -> None:
