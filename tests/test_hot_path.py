@@ -19,21 +19,21 @@ from tests.test_governor import FAULT_ENV, N_ENVS, lively_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def audited_episode(bank_mode: str) -> tuple[list[HostSyncAudit], torch.Tensor]:
+def audited_episode(bank_mode: str, device: str = "cpu") -> tuple[list[HostSyncAudit], torch.Tensor]:
     """A heuristic episode (germinations, blends, fossils, one NaN fault and its rollback)
     with every env step and every policy call audited."""
     env = lively_env()
-    env = MorphogeneticEnv(replace(env.config, core=replace(env.config.core, bank_mode=bank_mode)))
-    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    env = MorphogeneticEnv(replace(env.config, core=replace(env.config.core, bank_mode=bank_mode)), device)
+    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0), device)
     audits = []
-    rolled_back = torch.zeros(N_ENVS, dtype=torch.bool)
+    rolled_back = torch.zeros(N_ENVS, dtype=torch.bool, device=device)
     td = env.reset()
     for t in range(env.max_epochs):
         if t == 9:
             state = env.state.clone()
             state["params", env.model.host_param_names[-2]][FAULT_ENV] = float("nan")
             env.state = state
-        with HostSyncAudit() as audit:
+        with HostSyncAudit(device) as audit:
             step = env.step(policy(td))
         audits.append(audit)
         rolled_back |= step["next", "metrics", "rolled_back"]
@@ -44,6 +44,15 @@ def audited_episode(bank_mode: str) -> tuple[list[HostSyncAudit], torch.Tensor]:
 def test_env_steps_in_full_bank_mode_never_synchronize(single_thread: None) -> None:
     audits, rolled_back = audited_episode("full")
     assert rolled_back[FAULT_ENV], "the episode should include a rollback"
+    for audit in audits:
+        audit.raise_if_any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_env_steps_on_cuda_never_synchronize_under_the_driver_check() -> None:
+    """The same episode with `torch.cuda.set_sync_debug_mode("error")` on: any sync raises."""
+    audits, rolled_back = audited_episode("full", "cuda")
+    assert rolled_back[FAULT_ENV]
     for audit in audits:
         audit.raise_if_any()
 
