@@ -53,8 +53,9 @@ SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
 class EnvConfig:
     """Everything one `MorphogeneticEnv` is made of.
 
-    The host is the task's default host, or `host_preset` of the same topology; the
-    host's `core.host` field is replaced by the resolved one when the env is built.
+    The host is `host` when given (checked against the task's data), else `host_preset`
+    of the task's topology, else the task's default host; `core.host` is replaced by the
+    resolved one when the env is built.
     """
 
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -62,17 +63,23 @@ class EnvConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     signals: SignalConfig = field(default_factory=SignalConfig)
     host_preset: str | None = None
+    host: HostConfig | None = None
     n_envs: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.n_envs < 1:
             raise ConfigError(f"EnvConfig.n_envs must be >= 1, got {self.n_envs}")
+        if self.host is not None and self.host_preset is not None:
+            raise ConfigError("EnvConfig sets both host and host_preset; keep one")
 
 
-def resolve_host(task: Task, preset: str | None) -> HostConfig:
-    """The task's host, or the named preset of its topology, checked against the data."""
+def resolve_host(task: Task, preset: str | None, host: HostConfig | None = None) -> HostConfig:
+    """`host`, or the named preset of the task's topology, or the task's host, checked
+    against the data."""
     default = task.host_config
+    if host is not None:
+        return _checked_host(task, host)
     if preset is None:
         return default
     if isinstance(default, CNNHostConfig):
@@ -93,6 +100,29 @@ def resolve_host(task: Task, preset: str | None) -> HostConfig:
     return host
 
 
+def _checked_host(task: Task, host: HostConfig) -> HostConfig:
+    """An explicit host must fit the task's inputs and classes exactly."""
+    default = task.host_config
+    name = task.config.name
+    if isinstance(default, CNNHostConfig):
+        if not isinstance(host, CNNHostConfig):
+            raise ConfigError(f"task {name!r} needs a CNN host (kind 'cnn'), got kind {host.kind!r}")
+        for field_name in ("in_channels", "image_size", "num_classes"):
+            if getattr(host, field_name) != getattr(default, field_name):
+                raise ConfigError(
+                    f"EnvConfig.host.{field_name}={getattr(host, field_name)} does not fit task {name!r}, which needs "
+                    f"{getattr(default, field_name)}; set host.{field_name}={getattr(default, field_name)}"
+                )
+        return host
+    if not isinstance(host, TransformerHostConfig):
+        raise ConfigError(f"task {name!r} needs a transformer host (kind 'transformer'), got kind {host.kind!r}")
+    if host.vocab_size != task.num_classes:
+        raise ConfigError(f"EnvConfig.host.vocab_size={host.vocab_size} does not fit task {name!r}; set it to {task.num_classes}")
+    if host.context < task.config.context:
+        raise ConfigError(f"EnvConfig.host.context={host.context} is shorter than task {name!r} windows ({task.config.context}); raise it")
+    return host
+
+
 class MorphogeneticEnv(EnvBase):
     """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
 
@@ -100,7 +130,7 @@ class MorphogeneticEnv(EnvBase):
         device = torch.device(device)
         super().__init__(device=device, batch_size=torch.Size([config.n_envs]))
         self.task = build_task(config.task, device)
-        host = resolve_host(self.task, config.host_preset)
+        host = resolve_host(self.task, config.host_preset, config.host)
         self.config = replace(config, core=replace(config.core, host=host))
         self.model = build_model(self.config.core, device)
         check_fits(config.n_envs, self._memory_estimate(), available_memory(device), device)

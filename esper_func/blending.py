@@ -15,10 +15,14 @@ from esper_func.initialization import ZERO, Init, Initialized
 from esper_func.stages import BlendMode
 
 
-def alpha_schedule(blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float) -> torch.Tensor:
-    """Scheduled alpha for blend modes `blend` at integer `step` of `total` (any shape)."""
+def alpha_schedule(blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float | torch.Tensor) -> torch.Tensor:
+    """Scheduled alpha for blend modes `blend` at integer `step` of `total` (any shape).
+
+    `steepness` may be a tensor (broadcast against `step`), so a sweep over it is one
+    `vmap` or one broadcast call."""
     t = (step.to(torch.float32) / total).clamp(0.0, 1.0)
-    half = t.new_full((), steepness / 2)  # filled on the device: no host-to-device copy
+    # A float is filled on the device (no host-to-device copy); a tensor is used as is.
+    half = steepness / 2 if isinstance(steepness, torch.Tensor) else t.new_full((), steepness / 2)
     low, high = torch.sigmoid(-half), torch.sigmoid(half)
     sigmoid = ((torch.sigmoid(steepness * (t - 0.5)) - low) / (high - low)).clamp(0.0, 1.0)
     # Exact endpoints regardless of rounding in the rescale.

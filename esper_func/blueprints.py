@@ -232,7 +232,46 @@ CATALOGUE: dict[Topology, tuple[type[Blueprint], ...]] = {
     "cnn": (Noop, ConvNormScale, SqueezeExcite, Depthwise, ConvLight, ConvHeavy),
     "transformer": (Noop, TokenNormScale, LoRA, SelfAttentionSeed, MLPSeed),
 }
-"""Blueprints per topology; a blueprint's index is its position here."""
+"""The default blueprints per topology; a blueprint's index is its position here, unless
+`CoreConfig.blueprints` names another list."""
+
+_REGISTRY: dict[Topology, dict[str, type[Blueprint]]] = {
+    topology: {cls.name: cls for cls in classes} for topology, classes in CATALOGUE.items()
+}
+
+
+def register_blueprint(topology: Topology, blueprint: type[Blueprint]) -> type[Blueprint]:
+    """Make `blueprint` available, under its `name`, to models whose `CoreConfig.blueprints`
+    list it. Registering the same class again is a no-op; another class under a taken
+    name is an error. Returns the class, so it also works as a decorator's body."""
+    if topology not in _REGISTRY:
+        raise ValueError(f"unknown topology {topology!r}; choose one of {sorted(_REGISTRY)}")
+    if not (isinstance(blueprint, type) and issubclass(blueprint, Blueprint)):
+        raise TypeError(f"{blueprint!r} is not a subclass of esper_func.blueprints.Blueprint")
+    name = blueprint.__dict__.get("name")
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"{blueprint.__name__} needs a class attribute `name`, a Python identifier, got {name!r}")
+    taken = _REGISTRY[topology].get(name)
+    if taken is not None and taken is not blueprint:
+        raise ValueError(f"{topology} blueprint name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pick another name")
+    _REGISTRY[topology][name] = blueprint
+    return blueprint
+
+
+def catalogue(topology: Topology, names: tuple[str, ...] = ()) -> tuple[type[Blueprint], ...]:
+    """The blueprints a model carries, in index order: `names` from the registry, or the
+    topology's default `CATALOGUE` when `names` is empty."""
+    if not names:
+        return CATALOGUE[topology]
+    if len(set(names)) != len(names):
+        raise ValueError(f"blueprint names must be unique, got {list(names)}")
+    unknown = [name for name in names if name not in _REGISTRY[topology]]
+    if unknown:
+        raise ValueError(
+            f"unknown {topology} blueprint(s) {unknown}; registered: {sorted(_REGISTRY[topology])}. "
+            "Call esper_func.blueprints.register_blueprint before building the model"
+        )
+    return tuple(_REGISTRY[topology][name] for name in names)
 
 
 def blueprint_names(topology: Topology) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
+from esper_func.blueprints import catalogue
 from esper_func.stages import SLOT_NAMES
 
 
@@ -268,6 +269,10 @@ class CoreConfig:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
+    blueprints: tuple[str, ...] = ()
+    """Blueprints every slot's bank carries, in index order (the action space and the
+    observation schema follow it); empty: the host topology's default catalogue. Custom
+    blueprints must be registered first (`blueprints.register_blueprint`)."""
     compile: bool = True
     """torch.compile the train iteration and the evaluation."""
     bank_mode: Literal["active", "full"] = "active"
@@ -275,6 +280,11 @@ class CoreConfig:
     blueprints some env uses (one graph per active set, read once per epoch)."""
 
     def __post_init__(self) -> None:
+        if self.blueprints:
+            try:
+                catalogue(self.host.kind, self.blueprints)
+            except ValueError as error:
+                raise ConfigError(f"CoreConfig.blueprints: {error}") from error
         _require(
             self.bank_mode in ("active", "full"),
             f"CoreConfig.bank_mode must be 'active' or 'full', got {self.bank_mode!r}",

@@ -53,6 +53,10 @@ class EpisodeResult:
     env_steps_per_s: float
     accuracy_curve: list[float] = field(default_factory=list)
     """Mean validation accuracy after each epoch."""
+    param_growth_curve: list[float] = field(default_factory=list)
+    """Mean live seed parameters / host parameters after each epoch."""
+    reward_components: dict[str, float] = field(default_factory=dict)
+    """Each reward component summed over the episode, mean over envs."""
     stages: list[list[list[int]]] = field(default_factory=list)
     """Seed stage per epoch, env and slot `[T][N][S]` (after each epoch)."""
 
@@ -77,6 +81,8 @@ class EpisodeResult:
             "rollbacks": self.rollbacks,
             "env_steps_per_s": self.env_steps_per_s,
             "accuracy_curve": self.accuracy_curve,
+            "param_growth_curve": self.param_growth_curve,
+            "reward_components": self.reward_components,
         }
 
 
@@ -97,7 +103,9 @@ def play_episode(
     start = time.perf_counter()
     n_envs = observation.batch_size[0]
     returns = torch.zeros(n_envs)
+    components: dict[str, torch.Tensor] = {}
     curve: list[float] = []
+    growth: list[float] = []
     stages: list[list[list[int]]] = []
     steps = tqdm(desc=f"{name} episode {episode}", disable=not progress, leave=False)
     with torch.no_grad():
@@ -114,8 +122,11 @@ def play_episode(
                 for record in rollback_events(step, episode):
                     lifecycle_log.write({"controller": name, **record})
             returns += nxt["reward"].squeeze(-1).cpu()
+            for key, value in nxt["reward_components"].items():
+                components[key] = components.get(key, 0.0) + value.cpu()
             accuracy = nxt["metrics", "val_accuracy"].mean().item()
             curve.append(accuracy)
+            growth.append((nxt["metrics", "seed_params"].float() / host_params).mean().item())
             stages.append(nxt["seeds", "stage"].tolist())
             steps.update(1)
             steps.set_postfix(acc=f"{accuracy:.1f}")
@@ -136,5 +147,7 @@ def play_episode(
         rollbacks=int(final["rollbacks"].sum()),
         env_steps_per_s=n_envs * len(curve) / elapsed,
         accuracy_curve=curve,
+        param_growth_curve=growth,
+        reward_components={key: value.mean().item() for key, value in components.items()},
         stages=stages,
     )

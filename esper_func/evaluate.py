@@ -37,7 +37,7 @@ EVAL_SEED_OFFSET = 10_000
 def baseline_controller(name: str, env: MorphogeneticEnv, seed: int) -> TensorDictModuleBase:
     if name == "heuristic":
         config = HeuristicConfig(germinate_by_epoch=max(HeuristicConfig.min_epoch_to_germinate, int(0.4 * env.max_epochs)))
-        return HeuristicPolicy(env.model.topology, env.config.n_envs, config, device=env.device)
+        return HeuristicPolicy(env.model.topology, env.config.n_envs, config, device=env.device, blueprint_names=env.model.blueprint_names)
     if name == "random":
         return RandomPolicy(torch.Generator(device=env.device).manual_seed(seed))
     if name == "static":
@@ -53,11 +53,13 @@ def compare_controllers(
     seed: int,
     greedy: bool = False,
     progress: bool = False,
+    controllers: tuple[str, ...] = ("static", "heuristic", "ppo"),
 ) -> dict[str, list[EpisodeResult]]:
-    """Play static, heuristic and the trained policy on envs with the same seed."""
+    """Play each of `controllers` (static, heuristic, random, ppo: the trained policy) on
+    envs with the same seed."""
     env_config = replace(config.env, seed=seed)
     results: dict[str, list[EpisodeResult]] = {}
-    for name in ("static", "heuristic", "ppo"):
+    for name in controllers:
         base = MorphogeneticEnv(env_config, config.device)
         if name == "ppo":
             env = policy_env(base, nets)

@@ -21,7 +21,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from esper_func.blending import BlendGate
-from esper_func.blueprints import CATALOGUE, Topology, blueprint_names
+from esper_func.blueprints import Blueprint, Topology, catalogue
 from esper_func.config import CoreConfig
 from esper_func.hosts import Host, build_host
 from esper_func.stages import BLENDED, IN_FORWARD, STRAIGHT_THROUGH, BlendMode, Stage, stage_lookup
@@ -47,9 +47,9 @@ BankPlan = tuple[SlotPlan, ...]
 
 
 class SeedBank(nn.Module):
-    def __init__(self, topology: Topology, channels: int) -> None:
+    def __init__(self, topology: Topology, classes: tuple[type[Blueprint], ...], channels: int) -> None:
         super().__init__()
-        self.blueprints = nn.ModuleDict({cls.name: cls(channels) for cls in CATALOGUE[topology]})
+        self.blueprints = nn.ModuleDict({cls.name: cls(channels) for cls in classes})
         self.gate = BlendGate(channels, spatial=topology == "cnn")
 
 
@@ -58,8 +58,9 @@ class MorphogeneticNet(nn.Module):
         super().__init__()
         self.host: Host = build_host(config.host)
         self.topology: Topology = self.host.topology
-        self.names = blueprint_names(self.topology)
-        self.banks = nn.ModuleList(SeedBank(self.topology, c) for c in config.host.slot_channels())
+        classes = catalogue(self.topology, config.blueprints)
+        self.names = tuple(cls.name for cls in classes)
+        self.banks = nn.ModuleList(SeedBank(self.topology, classes, c) for c in config.host.slot_channels())
 
     def forward(
         self,

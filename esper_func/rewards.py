@@ -73,11 +73,10 @@ import dataclasses
 import functools
 import math
 import operator
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -87,7 +86,6 @@ from esper_func.model import Model
 from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, on_device, stage_lookup
 from esper_func.state import seed_param_count
 
-Family = Literal["shaped", "sparse", "minimal", "simplified", "loss"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,9 @@ class RewardConfig:
     docstring). Reference (esper-lite DEC) values, linear probation penalty from JAN.
     """
 
-    family: Family = "shaped"
+    family: str = "shaped"
+    """A built-in family ("shaped", "sparse", "minimal", "simplified", "loss") or one added
+    with `register_reward_family`."""
     gamma: float = 0.995
     """Discount of the PBRS term; must equal the PPO gamma (validated by the run config)."""
     pbrs: bool = True
@@ -198,8 +198,11 @@ class RewardConfig:
     """Validation loss that earns the full terminal reward (task-aware)."""
 
     def __post_init__(self) -> None:
-        families = typing.get_args(Family)
-        _check(self.family in families, f"RewardConfig.family must be one of {list(families)}, got {self.family!r}")
+        _check(
+            self.family in _COMPONENTS,
+            f"RewardConfig.family must be one of {list(_COMPONENTS)}, got {self.family!r}; "
+            "add a family with esper_func.rewards.register_reward_family",
+        )
         _check(0.0 < self.gamma <= 1.0, f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -297,11 +300,6 @@ def intervention_cost_table(config: RewardConfig) -> torch.Tensor:
     return torch.tensor([0.0 if op == Op.WAIT else -costs[op] for op in Op], dtype=torch.float32)
 
 
-STAGE_POTENTIAL = stage_potential_table(RewardConfig())
-"""`P[stage]` of the default config."""
-
-INTERVENTION_COST = intervention_cost_table(RewardConfig())
-"""Reward term per op of the default config: WAIT 0, GERMINATE -0.02, CULL -0.005, FOSSILIZE -0.01."""
 
 
 # -- potential-based shaping -----------------------------------------------------------------
@@ -327,7 +325,7 @@ def pbrs_shaping(config: RewardConfig, prev_slots: TensorDict, next_slots: Tenso
 
 
 @dataclass(frozen=True)
-class _Transition:
+class Transition:
     """Tensors shared by the components; `[N]` per env, `[N, S]` per slot."""
 
     prev: TensorDict
@@ -364,7 +362,7 @@ def _transition(
     metrics: TensorDict,
     is_last: torch.Tensor,
     rollback: torch.Tensor | None,
-) -> _Transition:
+) -> Transition:
     prev, nxt = prev_state["slots"], next_state["slots"]
     n_slots = prev.batch_size[1]
     op = torch.where(executed, action["op"], int(Op.WAIT))
@@ -372,7 +370,7 @@ def _transition(
     acted = acted & (op != int(Op.WAIT)).unsqueeze(-1)
     target = on_device(_ACTION_STAGE, op.device)[op].unsqueeze(-1)
     seeded_next = stage_lookup(SEEDED, nxt["stage"])
-    return _Transition(
+    return Transition(
         prev=prev,
         next=nxt,
         op=op,
@@ -421,7 +419,7 @@ def _improvement(slots: TensorDict, accuracy: torch.Tensor) -> torch.Tensor:
     return accuracy.unsqueeze(-1) - slots["acc_at_germination"]
 
 
-def _seed_attribution(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _seed_attribution(config: RewardConfig, t: Transition) -> torch.Tensor:
     """`[N, S]` attribution of each seed that ran during the epoch."""
     measured = _measured_attribution(config, t.contribution, _improvement(t.next, t.accuracy))
     gain = (t.accuracy - t.prev_accuracy).clamp(min=0.0).unsqueeze(-1)
@@ -439,27 +437,27 @@ def _decision_measured(slots: TensorDict) -> torch.Tensor:
     return stage_lookup(BLENDED, evaluated)
 
 
-def _acted(t: _Transition, op: Op) -> torch.Tensor:
+def _acted(t: Transition, op: Op) -> torch.Tensor:
     return t.acted & (t.op == int(op)).unsqueeze(-1)
 
 
 # -- components ------------------------------------------------------------------------------
 
 
-def _attribution(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _attribution(config: RewardConfig, t: Transition) -> torch.Tensor:
     decided = _measured_attribution(config, t.prev["contribution"], _improvement(t.prev, t.prev_accuracy))
     culled = torch.where(_decision_measured(t.prev), decided, 0.0)
     return _seed_attribution(config, t).sum(-1) - _sum_where(_acted(t, Op.CULL), culled)
 
 
-def _blending_warning(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _blending_warning(config: RewardConfig, t: Transition) -> torch.Tensor:
     declining = (t.stage_run == int(Stage.BLENDING)) & (_improvement(t.next, t.accuracy) < 0)
     ramp = (config.blending_warning_slope * t.epochs_run).clamp(max=config.blending_warning_cap)
     warning = -(config.blending_warning_base + ramp)
     return _sum_where(declining, warning)
 
 
-def _probation_indecision(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _probation_indecision(config: RewardConfig, t: Transition) -> torch.Tensor:
     grace = config.probation_grace_epochs
     holding = (
         (t.stage_run == int(Stage.PROBATIONARY)) & (t.epochs_run >= grace) & (_seed_attribution(config, t) > 0)
@@ -471,28 +469,28 @@ def _probation_indecision(config: RewardConfig, t: _Transition) -> torch.Tensor:
     return _sum_where(holding, penalty)
 
 
-def _pbrs(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _pbrs(config: RewardConfig, t: Transition) -> torch.Tensor:
     if not config.pbrs:
         return torch.zeros_like(t.accuracy)
     return pbrs_shaping(config, t.prev, t.next)
 
 
-def _rent(t: _Transition, weight: float, cap: float, params: torch.Tensor) -> torch.Tensor:
+def _rent(t: Transition, weight: float, cap: float, params: torch.Tensor) -> torch.Tensor:
     """Log of the parameter growth `params` `[N, S]` brings to the host, capped."""
     growth = params.sum(-1) / t.host_params
     return -(weight * torch.log1p(growth)).clamp(max=cap)
 
 
-def _shaped_rent(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _shaped_rent(config: RewardConfig, t: Transition) -> torch.Tensor:
     return _rent(t, config.rent_weight, config.rent_cap, t.seed_params)
 
 
-def _loss_rent(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _loss_rent(config: RewardConfig, t: Transition) -> torch.Tensor:
     aged = torch.where(t.next["epochs_total"] >= config.loss_rent_min_age, t.seed_params, 0)
     return _rent(t, config.loss_rent_weight, config.loss_rent_cap, aged)
 
 
-def _cull_shaping(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _cull_shaping(config: RewardConfig, t: Transition) -> torch.Tensor:
     """`[N, S]` shaping for culling each slot's seed, from decision-time values."""
     age = t.prev["epochs_total"]
     c = t.prev["contribution"]
@@ -509,7 +507,7 @@ def _cull_shaping(config: RewardConfig, t: _Transition) -> torch.Tensor:
     return torch.where(age < config.cull_young_age, young, torch.where(_decision_measured(t.prev), judged, 0.0))
 
 
-def _fossilize_shaping(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _fossilize_shaping(config: RewardConfig, t: Transition) -> torch.Tensor:
     """`[N, S]` shaping for fossilizing each slot's seed, from decision-time values."""
     c = t.prev["contribution"]
     improvement = _improvement(t.prev, t.prev_accuracy)
@@ -526,67 +524,67 @@ def _fossilize_shaping(config: RewardConfig, t: _Transition) -> torch.Tensor:
     return torch.where(improvement < 0, declined, earned)
 
 
-def _shaped_action(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _shaped_action(config: RewardConfig, t: Transition) -> torch.Tensor:
     return _sum_where(_acted(t, Op.CULL), _cull_shaping(config, t)) + _sum_where(
         _acted(t, Op.FOSSILIZE), _fossilize_shaping(config, t)
     )
 
 
-def _minimal_action(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _minimal_action(config: RewardConfig, t: Transition) -> torch.Tensor:
     early = _acted(t, Op.CULL) & (t.prev["epochs_total"] < config.minimal_early_cull_age)
     return torch.where(early.any(-1), -config.minimal_early_cull_penalty, 0.0)
 
 
-def _intervention_cost(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _intervention_cost(config: RewardConfig, t: Transition) -> torch.Tensor:
     return on_device(intervention_cost_table(config), t.op.device)[t.op]
 
 
-def _contributing_fossils(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _contributing_fossils(config: RewardConfig, t: Transition) -> torch.Tensor:
     """`[N]` fossilized seeds that had improved accuracy enough when they were fossilized."""
     at_fossilization = t.next["acc_at_stage_start"] - t.next["acc_at_germination"]
     contributing = (t.next["stage"] == int(Stage.FOSSILIZED)) & (at_fossilization >= config.contributing_min_improvement)
     return contributing.sum(-1).to(torch.float32)
 
 
-def _final(config: RewardConfig, t: _Transition, value: torch.Tensor) -> torch.Tensor:
+def _final(config: RewardConfig, t: Transition, value: torch.Tensor) -> torch.Tensor:
     """`value` on the last step (if terminal rewards are on), 0 elsewhere."""
     if not config.terminal:
         return torch.zeros_like(value)
     return torch.where(t.is_last, value, 0.0)
 
 
-def _shaped_terminal(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _shaped_terminal(config: RewardConfig, t: Transition) -> torch.Tensor:
     value = config.terminal_acc_weight * t.accuracy + config.terminal_fossil_bonus * _contributing_fossils(config, t)
     return _final(config, t, value)
 
 
-def _simplified_terminal(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _simplified_terminal(config: RewardConfig, t: Transition) -> torch.Tensor:
     fossils = _contributing_fossils(config, t)
     value = config.simplified_terminal_acc_weight * t.accuracy + config.simplified_fossil_bonus * fossils
     return _final(config, t, value)
 
 
-def _loss_terminal(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _loss_terminal(config: RewardConfig, t: Transition) -> torch.Tensor:
     value = ((config.loss_baseline - t.val_loss) / (config.loss_baseline - config.loss_target)).clamp(0.0, 1.0)
     return _final(config, t, value)
 
 
-def _loss_progress(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _loss_progress(config: RewardConfig, t: Transition) -> torch.Tensor:
     n = ((t.val_loss - t.prev_val_loss) / config.loss_sigma).clamp(-config.loss_clip, config.loss_clip)
     n = torch.where(n > 0, config.loss_regression_scale * n, n)
     return -config.loss_progress_weight * n
 
 
-def _sparse(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _sparse(config: RewardConfig, t: Transition) -> torch.Tensor:
     base = t.accuracy / 100 - config.sparse_param_penalty * t.seed_params.sum(-1) / config.sparse_param_budget
     return torch.where(t.is_last, config.sparse_scale * base.clamp(-1.0, 1.0), 0.0)
 
 
-def _governor(config: RewardConfig, t: _Transition) -> torch.Tensor:
+def _governor(config: RewardConfig, t: Transition) -> torch.Tensor:
     return torch.where(t.rollback, -config.governor_penalty, 0.0)
 
 
-Component = Callable[[RewardConfig, _Transition], torch.Tensor]
+Component = Callable[[RewardConfig, Transition], torch.Tensor]
 
 _COMPONENTS: dict[str, dict[str, Component]] = {
     "shaped": {
@@ -618,12 +616,37 @@ _COMPONENTS: dict[str, dict[str, Component]] = {
 }
 
 FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {family: tuple(fns) for family, fns in _COMPONENTS.items()}
-"""The fixed, ordered component keys of each family."""
+"""The fixed, ordered component keys of each built-in family."""
+
+STAGE_POTENTIAL = stage_potential_table(RewardConfig())
+"""`P[stage]` of the default config."""
+
+INTERVENTION_COST = intervention_cost_table(RewardConfig())
+"""Reward term per op of the default config: WAIT 0, GERMINATE -0.02, CULL -0.005, FOSSILIZE -0.01."""
+
+
+def register_reward_family(name: str, components: dict[str, Component]) -> None:
+    """Add a reward family: ordered components `fn(config, transition) -> [N] float32`,
+    each a pure tensor function of `RewardConfig` and `Transition`. The `governor`
+    component (the rollback penalty) is appended when missing, so that the reward stays
+    exactly the sum of its components and a rollback is always penalized. Registering the
+    same components again is a no-op; built-in families cannot be replaced."""
+    _check(name.isidentifier(), f"reward family name must be an identifier, got {name!r}")
+    _check(name not in FAMILY_COMPONENTS, f"{name!r} is a built-in reward family; pick another name")
+    _check(bool(components) and all(callable(fn) for fn in components.values()), "components must be a non-empty dict of callables")
+    _check(all(key.isidentifier() for key in components), f"component names must be identifiers, got {list(components)}")
+    family = {**components}
+    family.setdefault("governor", _governor)
+    _check(
+        name not in _COMPONENTS or _COMPONENTS[name] == family,
+        f"reward family {name!r} is already registered with other components; pick another name",
+    )
+    _COMPONENTS[name] = family
 
 
 def component_names(config: RewardConfig) -> tuple[str, ...]:
     """The keys `compute_reward` returns for this config (for specs, without a probe)."""
-    return FAMILY_COMPONENTS[config.family]
+    return tuple(_COMPONENTS[config.family])
 
 
 def compute_reward(

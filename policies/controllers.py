@@ -14,7 +14,8 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from esper_func.blueprints import Topology, blueprint_index
+from esper_func.blueprints import Topology, catalogue
+from esper_func.masks import EXCLUDED_BLUEPRINTS
 from esper_func.config import ConfigError
 from esper_func.stages import LIVE, BlendMode, Op, Stage, stage_lookup
 
@@ -111,7 +112,8 @@ class HeuristicPolicy(TensorDictModuleBase):
     With no live seed: germinate in the first empty slot once the host has stabilized, after
     `min_epoch_to_germinate`, on a plateau of `plateau_epochs_to_germinate` epochs, or in
     any case from `germinate_by_epoch` on; the
-    blueprint rotates through `ROTATION`, skipping blueprints whose penalty (+2 per cull,
+    blueprint rotates through `ROTATION` (those the model carries, then any other blueprint
+    of `blueprint_names` the masks offer), skipping blueprints whose penalty (+2 per cull,
     halved each epoch) is at least 3. With a live seed (the first in canonical order):
     cull it in TRAINING/BLENDING after 5 epochs in stage if accuracy fell more than 2 pp
     since the stage began; in PROBATIONARY fossilize when the gate allows it, cull when the
@@ -131,10 +133,23 @@ class HeuristicPolicy(TensorDictModuleBase):
     ]
     out_keys = ACTION_KEYS
 
-    def __init__(self, topology: Topology, n_envs: int, config: HeuristicConfig = HeuristicConfig(), device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        n_envs: int,
+        config: HeuristicConfig = HeuristicConfig(),
+        device: torch.device | str = "cpu",
+        blueprint_names: tuple[str, ...] = (),
+    ) -> None:
+        """`blueprint_names`: the model's blueprints in index order (`model.blueprint_names`);
+        empty means the topology's default catalogue."""
         super().__init__()
         self.config = config
-        rotation = [blueprint_index(topology, name) for name in ROTATION[topology]]
+        names = blueprint_names or tuple(cls.name for cls in catalogue(topology))
+        extra = [name for name in names if name not in ROTATION[topology] and name not in EXCLUDED_BLUEPRINTS]
+        rotation = [names.index(name) for name in ROTATION[topology] if name in names] + [names.index(name) for name in extra]
+        if not rotation:
+            raise ValueError(f"no blueprint to germinate among {list(names)}")
         self.register_buffer("rotation", torch.tensor(rotation, dtype=torch.int64, device=device))
         self.register_buffer("next_pick", torch.zeros(n_envs, dtype=torch.int64, device=device))
         self.register_buffer("penalty", torch.zeros(n_envs, len(rotation), device=device))

@@ -12,7 +12,7 @@ from torchrl.envs import ObservationNorm, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.utils import check_env_specs, step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv, make_env
-from esper_func.config import ConfigError, CoreConfig, LifecycleConfig
+from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
 from esper_func.memory import check_fits, estimate_memory
 from esper_func.rewards import RewardConfig
 from esper_func.stages import Op, Stage
@@ -177,3 +177,14 @@ def test_memory_estimate_scales_with_the_batch_and_names_the_largest_count_that_
     check_fits(10, small, available, "cpu")
     with pytest.raises(ConfigError, match="n_envs=11 .* use n_envs <= 10,"):
         check_fits(11, small, available, "cpu")
+
+
+def test_an_explicit_host_is_checked_against_the_task() -> None:
+    task = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=1, val_batches=1)
+    deeper = CNNHostConfig(n_blocks=4, base_channels=4, slot_after=(1, 2, 4))
+    env = MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=deeper, n_envs=2))
+    assert env.config.core.host == deeper
+    with pytest.raises(ConfigError, match=r"EnvConfig.host.image_size=8 does not fit task 'synthetic', which needs 32"):
+        MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=CNNHostConfig.preset("tiny"), n_envs=2))
+    with pytest.raises(ConfigError, match="both host and host_preset"):
+        EnvConfig(task=task, host=deeper, host_preset="cifar")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_func.blueprints import CATALOGUE, blueprint_index, blueprint_names, param_count
+from esper_func.blueprints import CATALOGUE, Blueprint, blueprint_index, blueprint_names, param_count, register_blueprint
 from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
 from esper_func.hosts import build_host
-from esper_func.initialization import draw_parameters
+from esper_func.initialization import ZERO, draw_parameters
 from esper_func.model import build_model
 from esper_func.state import init_state
+from policies import HeuristicPolicy
 
 
 def test_cifar_host_matches_the_reference_size() -> None:
@@ -103,3 +104,54 @@ def test_state_has_one_stacked_copy_per_env_and_distinct_draws() -> None:
     assert not torch.equal(weight[0], weight[1])
     assert state["slots"].batch_size == torch.Size([3, 3])
     assert state["buffers", "host.segments.0.0.1.running_var"].eq(1).all()
+
+
+# --- extension points -----------------------------------------------------------------------
+
+
+class _Scale(Blueprint):
+    name = "test_scale"
+    description = "x * (1 + w)"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.w = torch.nn.Parameter(torch.zeros(channels))
+
+    def init_overrides(self) -> dict:
+        return {"w": ZERO}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.w).view(1, -1, 1, 1)
+
+
+def test_registered_blueprints_join_only_the_models_that_list_them() -> None:
+    register_blueprint("cnn", _Scale)
+    register_blueprint("cnn", _Scale)  # the same class again: a no-op
+    default = build_model(CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False))
+    custom = build_model(CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False, blueprints=("noop", "test_scale", "norm")))
+    assert "test_scale" not in default.blueprint_names
+    assert custom.blueprint_names == ("noop", "test_scale", "norm")
+    assert custom.blueprint_param_count[0].tolist() == [0, CNNHostConfig.preset("tiny").slot_channels()[0], default.blueprint_param_count[0, 1].item()]
+    heuristic = HeuristicPolicy("cnn", 2, blueprint_names=custom.blueprint_names)
+    assert heuristic.rotation.tolist() == [2, 1]  # built-in order first (norm), then the new one
+
+
+def test_blueprint_registration_and_selection_errors_name_the_problem() -> None:
+    class Unnamed(Blueprint):
+        pass
+
+    class Impostor(_Scale):
+        name = "conv_light"
+
+    with pytest.raises(TypeError, match="not a subclass"):
+        register_blueprint("cnn", torch.nn.Linear)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs a class attribute `name`"):
+        register_blueprint("cnn", Unnamed)
+    with pytest.raises(ValueError, match="'conv_light' is taken"):
+        register_blueprint("cnn", Impostor)
+    with pytest.raises(ValueError, match="unknown topology"):
+        register_blueprint("rnn", _Scale)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"CoreConfig.blueprints: unknown cnn blueprint\(s\) \['nope'\].*register_blueprint"):
+        CoreConfig(blueprints=("noop", "nope"))
+    with pytest.raises(ConfigError, match="unique"):
+        CoreConfig(blueprints=("norm", "norm"))

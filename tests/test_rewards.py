@@ -25,11 +25,13 @@ from esper_func.rewards import (
     INTERVENTION_COST,
     STAGE_POTENTIAL,
     RewardConfig,
+    Transition,
     component_names,
     compute_reward,
     intervention_cost_table,
     pbrs_shaping,
     potential,
+    register_reward_family,
     total,
 )
 from esper_func.stages import BlendMode, Op, Stage
@@ -550,3 +552,18 @@ def test_pbrs_telescopes_over_an_episode(episode, gamma, weight, family):
     last = phi_by_hand(*episode[-1], progress)
     expected = [weight * (gamma**horizon * b - a) for a, b in zip(first, last)]
     assert discounted.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_registered_reward_families_get_the_governor_term_and_are_strict() -> None:
+    def gain(config: RewardConfig, t: Transition) -> torch.Tensor:
+        return (t.accuracy - t.prev_accuracy) / 100
+
+    register_reward_family("test_gain", {"gain": gain})
+    register_reward_family("test_gain", {"gain": gain})  # the same family again: a no-op
+    assert component_names(RewardConfig(family="test_gain")) == ("gain", "governor")
+    with pytest.raises(ValueError, match="built-in reward family"):
+        register_reward_family("shaped", {"gain": gain})
+    with pytest.raises(ValueError, match="already registered with other components"):
+        register_reward_family("test_gain", {"other": gain})
+    with pytest.raises(ValueError, match="must be one of .*register_reward_family"):
+        RewardConfig(family="unregistered")
