@@ -107,8 +107,12 @@ class RewardConfig:
     """The ratio penalty `q` of attribution (JAN's disable_anti_gaming turns it off)."""
 
     attribution_weight: float = 1.0
-    proxy_weight: float = 0.3
-    """Attribution per pp of accuracy gain for a seed whose contribution is not measured."""
+    proxy_weight: float = 0.0
+    """Attribution per pp of host accuracy gain for a seed in TRAINING, whose contribution is
+    not measured. The reference paid 0.3; here 0: a TRAINING seed's output is the host's
+    own (gradient isolation), its contribution is exactly 0, so it cannot have caused the
+    gain, and paying it taught PPO to keep many seeds in TRAINING and cull them before they
+    are measured (45 germinated, 0 fossilized in the issue-4 default run)."""
     discount_steepness: float = 10.0
     ratio_penalty_min_contribution: float = 1.0
     ratio_penalty_min_discount: float = 0.5

@@ -221,8 +221,19 @@ def test_attribution_of_measured_seeds():
     assert values(no_gaming, "attribution") == pytest.approx([2.0, 3.0, -1.5, 0.5, math.sqrt(30.0), 0.0], rel=1e-5)
 
 
+def test_training_seeds_earn_no_attribution_by_default():
+    """A TRAINING seed cannot change the host's output, so by default it earns nothing."""
+    prev, nxt = states(1, acc=52.0)
+    seed(prev, 0, 1, Stage.TRAINING, 1, alpha=0.0)
+    seed(nxt, 0, 1, Stage.TRAINING, 2, alpha=0.0)
+    got = reward(prev, nxt, epoch_metrics([60.0], [[0.0, 0.0, 0.0]]))
+    assert RewardConfig().proxy_weight == 0.0
+    assert values(got, "attribution") == [0.0]
+
+
 def test_attribution_covers_every_seed_that_ran():
-    """TRAINING seeds earn the proxy 0.3 * max(delta acc, 0); fossilized and germinated ones nothing."""
+    """With the reference's proxy (0.3), TRAINING seeds earn 0.3 * max(delta acc, 0);
+    fossilized and germinated ones nothing."""
     prev, nxt = states(2, acc=52.0)
     for env in range(2):
         seed(prev, env, 0, Stage.BLENDING, 1, alpha=0.4)
@@ -231,14 +242,15 @@ def test_attribution_covers_every_seed_that_ran():
         seed(nxt, env, 1, Stage.TRAINING, 2, alpha=0.0)
         seed(prev, env, 2, Stage.FOSSILIZED, 4)
         seed(nxt, env, 2, Stage.FOSSILIZED, 5)
-    got = reward(prev, nxt, epoch_metrics([54.0, 51.0], [[1.0, 7.0, 9.0]] * 2))
+    reference = RewardConfig(proxy_weight=0.3)
+    got = reward(prev, nxt, epoch_metrics([54.0, 51.0], [[1.0, 7.0, 9.0]] * 2), config=reference)
     # env 0: BLENDING c=1 < T=4 -> 1, plus TRAINING proxy 0.3 * (54 - 52); the fossil's c=9 is ignored.
     # env 1: BLENDING c=1 >= T=1 -> sqrt(1); accuracy fell: no proxy.
     assert values(got, "attribution") == pytest.approx([1.0 + 0.6, 1.0])
 
     prev, nxt = states(1, acc=52.0)
     seed(nxt, 0, 0, Stage.TRAINING, 0, epochs_total=1, acc_at_germination=52.0, alpha=0.0)
-    got = reward(prev, nxt, epoch_metrics([60.0]), actions([Op.GERMINATE], [0]))
+    got = reward(prev, nxt, epoch_metrics([60.0]), actions([Op.GERMINATE], [0]), config=reference)
     assert values(got, "attribution") == [0.0]  # the seed was GERMINATED during the epoch: it did not run
 
 
