@@ -35,7 +35,7 @@ from esper_func.features import feature_names, observe
 from esper_func.governor import Panic, take_snapshots
 from esper_func.masks import action_masks
 from esper_func.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
-from esper_func.model import build_model
+from esper_func.model import Model, build_model
 from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, total
 from esper_func.signals import SignalConfig, init_signals, update_signals
 from esper_func.stages import BlendMode, Op, stage_lookup
@@ -123,6 +123,71 @@ def _checked_host(task: Task, host: HostConfig) -> HostConfig:
     return host
 
 
+def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device) -> tuple[Composite, Composite, Composite, Composite]:
+    """Action, observation, reward and done specs of `n` envs of `model` on `device`."""
+    s = model.n_slots
+    n_blueprints = len(model.blueprint_names)
+    heads = {"op": len(Op), "slot": s, "blueprint": n_blueprints, "blend": len(BlendMode)}
+    action = Composite(
+        action=Composite(
+            {head: Categorical(size, shape=(n,), dtype=torch.int64, device=device) for head, size in heads.items()},
+            shape=(n,),
+        ),
+        shape=(n,),
+    )
+    per_slot = (n, s)
+    mask_shapes = {"op": (n, len(Op)), "slot": (n, len(Op), s), "blueprint": (n, n_blueprints), "blend": (n, len(BlendMode))}
+    observation = Composite(
+        observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(model))), dtype=torch.float32, device=device),
+        action_mask=Composite(
+            {head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=device) for head, shape in mask_shapes.items()},
+            shape=(n,),
+        ),
+        seeds=Composite(
+            {
+                "stage": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
+                "alpha": Bounded(0.0, 1.0, shape=per_slot, dtype=torch.float32, device=device),
+                "blueprint": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
+                "epochs_in_stage": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
+                "contribution": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
+                "improvement": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
+            },
+            shape=(n,),
+        ),
+        metrics=Composite(
+            {
+                **{key: Unbounded(shape=(n,), dtype=torch.float32, device=device) for key in METRIC_KEYS},
+                "epoch": Unbounded(shape=(n,), dtype=torch.int64, device=device),
+                "action_executed": Categorical(2, shape=(n,), dtype=torch.bool, device=device),
+                "illegal_actions": Unbounded(shape=(n,), dtype=torch.int64, device=device),
+                "seed_params": Unbounded(shape=(n,), dtype=torch.int64, device=device),
+                "rolled_back": Categorical(2, shape=(n,), dtype=torch.bool, device=device),
+                "panic": Categorical(len(Panic), shape=(n,), dtype=torch.int64, device=device),
+                "rollbacks": Unbounded(shape=(n,), dtype=torch.int64, device=device),
+            },
+            shape=(n,),
+        ),
+        signals=Composite(
+            {
+                "stabilized": Categorical(2, shape=(n,), dtype=torch.bool, device=device),
+                "plateau_epochs": Unbounded(shape=(n,), dtype=torch.int64, device=device),
+            },
+            shape=(n,),
+        ),
+        reward_components=Composite(
+            {name: Unbounded(shape=(n,), dtype=torch.float32, device=device) for name in component_names(rewards)},
+            shape=(n,),
+        ),
+        shape=(n,),
+    )
+    reward = Composite(reward=Unbounded(shape=(n, 1), dtype=torch.float32, device=device), shape=(n,))
+    done = Composite(
+        {key: Categorical(2, shape=(n, 1), dtype=torch.bool, device=device) for key in ("done", "terminated", "truncated")},
+        shape=(n,),
+    )
+    return action, observation, reward, done
+
+
 class MorphogeneticEnv(EnvBase):
     """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
 
@@ -150,65 +215,8 @@ class MorphogeneticEnv(EnvBase):
     # -- specs -------------------------------------------------------------------------
 
     def _make_specs(self) -> None:
-        n, s = self.config.n_envs, self.model.n_slots
-        n_blueprints = len(self.model.blueprint_names)
-        heads = {"op": len(Op), "slot": s, "blueprint": n_blueprints, "blend": len(BlendMode)}
-        self.full_action_spec = Composite(
-            action=Composite(
-                {head: Categorical(size, shape=(n,), dtype=torch.int64, device=self.device) for head, size in heads.items()},
-                shape=(n,),
-            ),
-            shape=(n,),
-        )
-        per_slot = (n, s)
-        mask_shapes = {"op": (n, len(Op)), "slot": (n, len(Op), s), "blueprint": (n, n_blueprints), "blend": (n, len(BlendMode))}
-        self.full_observation_spec = Composite(
-            observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(self.model))), dtype=torch.float32, device=self.device),
-            action_mask=Composite(
-                {head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=self.device) for head, shape in mask_shapes.items()},
-                shape=(n,),
-            ),
-            seeds=Composite(
-                {
-                    "stage": Unbounded(shape=per_slot, dtype=torch.int64, device=self.device),
-                    "alpha": Bounded(0.0, 1.0, shape=per_slot, dtype=torch.float32, device=self.device),
-                    "blueprint": Unbounded(shape=per_slot, dtype=torch.int64, device=self.device),
-                    "epochs_in_stage": Unbounded(shape=per_slot, dtype=torch.int64, device=self.device),
-                    "contribution": Unbounded(shape=per_slot, dtype=torch.float32, device=self.device),
-                    "improvement": Unbounded(shape=per_slot, dtype=torch.float32, device=self.device),
-                },
-                shape=(n,),
-            ),
-            metrics=Composite(
-                {
-                    **{key: Unbounded(shape=(n,), dtype=torch.float32, device=self.device) for key in METRIC_KEYS},
-                    "epoch": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
-                    "action_executed": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
-                    "illegal_actions": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
-                    "seed_params": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
-                    "rolled_back": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
-                    "panic": Categorical(len(Panic), shape=(n,), dtype=torch.int64, device=self.device),
-                    "rollbacks": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
-                },
-                shape=(n,),
-            ),
-            signals=Composite(
-                {
-                    "stabilized": Categorical(2, shape=(n,), dtype=torch.bool, device=self.device),
-                    "plateau_epochs": Unbounded(shape=(n,), dtype=torch.int64, device=self.device),
-                },
-                shape=(n,),
-            ),
-            reward_components=Composite(
-                {name: Unbounded(shape=(n,), dtype=torch.float32, device=self.device) for name in component_names(self.config.rewards)},
-                shape=(n,),
-            ),
-            shape=(n,),
-        )
-        self.full_reward_spec = Composite(reward=Unbounded(shape=(n, 1), dtype=torch.float32, device=self.device), shape=(n,))
-        self.full_done_spec = Composite(
-            {key: Categorical(2, shape=(n, 1), dtype=torch.bool, device=self.device) for key in ("done", "terminated", "truncated")},
-            shape=(n,),
+        self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
+            self.model, self.config.rewards, self.config.n_envs, self.device
         )
 
     # -- state -------------------------------------------------------------------------
@@ -310,6 +318,13 @@ class MorphogeneticEnv(EnvBase):
 
     def _set_seed(self, seed: int | None) -> None:
         self.generator.manual_seed(0 if seed is None else seed)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The env's generator state (batches, germination draws), for checkpoints."""
+        return {"env": self.generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["env"])
 
 
 def make_env(

@@ -20,6 +20,7 @@ import torch
 from tensordict.nn import InteractionType, TensorDictModuleBase, set_interaction_type
 
 from envs.morphogenetic import MorphogeneticEnv
+from envs.sharded import ShardedEnv, build_env
 from esper_func.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.config import ConfigError
 from esper_func.episodes import EpisodeResult, play_episode
@@ -34,7 +35,7 @@ EVAL_SEED_OFFSET = 10_000
 """Evaluation envs use `env.seed + EVAL_SEED_OFFSET`: fresh, never seen in training."""
 
 
-def baseline_controller(name: str, env: MorphogeneticEnv, seed: int) -> TensorDictModuleBase:
+def baseline_controller(name: str, env: MorphogeneticEnv | ShardedEnv, seed: int) -> TensorDictModuleBase:
     if name == "heuristic":
         config = HeuristicConfig(germinate_by_epoch=max(HeuristicConfig.min_epoch_to_germinate, int(0.4 * env.max_epochs)))
         return HeuristicPolicy(env.model.topology, env.config.n_envs, config, device=env.device, blueprint_names=env.model.blueprint_names)
@@ -60,7 +61,7 @@ def compare_controllers(
     env_config = replace(config.env, seed=seed)
     results: dict[str, list[EpisodeResult]] = {}
     for name in controllers:
-        base = MorphogeneticEnv(env_config, config.device)
+        base = build_env(env_config, config.device, config.devices)
         if name == "ppo":
             env = policy_env(base, nets)
             normalizers = Normalizers(base.observation_spec["observation"].shape[-1], config.ppo.gamma, base.device)

@@ -37,6 +37,7 @@ from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from tqdm import tqdm
 
 from envs.morphogenetic import MorphogeneticEnv
+from envs.sharded import ShardedEnv, build_env
 from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
 from esper_func.config import ConfigError
@@ -125,7 +126,7 @@ class Normalizers:
         self.returns.load_state_dict(state["returns"])
 
 
-def policy_env(base: MorphogeneticEnv, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
+def policy_env(base: MorphogeneticEnv | ShardedEnv, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
     """The env as the PPO policy sees it: `extra` user transforms (followed by a check that
     they left every env a legal action), then normalized observation, scaled reward and
     the LSTM state."""
@@ -192,7 +193,7 @@ class PPOTrainer:
     """Builds env, policy, loss and optimizer from a `TrainingConfig` and runs the loop."""
 
     def __init__(
-        self, config: TrainingConfig, run_dir: Path, transforms: Sequence[Transform] = (), env: MorphogeneticEnv | None = None
+        self, config: TrainingConfig, run_dir: Path, transforms: Sequence[Transform] = (), env: MorphogeneticEnv | ShardedEnv | None = None
     ) -> None:
         """`transforms` (TorchRL) go between the env and the normalizers: a custom reward term
         added there is scaled and learned like the env's own. `env`: an env already built
@@ -200,7 +201,7 @@ class PPOTrainer:
         self.config = config
         self.device = torch.device(config.device)
         torch.manual_seed(config.env.seed)
-        self.base_env = MorphogeneticEnv(config.env, self.device) if env is None else env
+        self.base_env = build_env(config.env, self.device, config.devices) if env is None else env
         observation_size = self.base_env.observation_spec["observation"].shape[-1]
         model = self.base_env.model
         self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
@@ -251,7 +252,7 @@ class PPOTrainer:
             "history": self.state.history,
             "rng": {
                 "torch": torch.get_rng_state(),
-                "env": self.base_env.generator.get_state(),
+                "env": self.base_env.rng_state(),
                 "minibatch": self.minibatch_generator.get_state(),
             },
         }
@@ -285,7 +286,7 @@ class PPOTrainer:
         if rng is None:
             return
         torch.set_rng_state(rng["torch"])
-        self.base_env.generator.set_state(rng["env"])
+        self.base_env.set_rng_state(rng["env"])
         self.minibatch_generator.set_state(rng["minibatch"])
         self._pending_rng = None
 

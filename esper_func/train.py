@@ -22,6 +22,7 @@ from types import FrameType
 
 
 from envs.morphogenetic import MorphogeneticEnv
+from envs.sharded import ShardedEnv, build_env
 from esper_func.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.config import ConfigError
 from esper_func.episodes import play_episode
@@ -131,7 +132,7 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
     return replace(base, **fields, telemetry=telemetry)
 
 
-def run_baseline(config: TrainingConfig, env: MorphogeneticEnv, run_dir: Path) -> list[dict[str, object]]:
+def run_baseline(config: TrainingConfig, env: MorphogeneticEnv | ShardedEnv, run_dir: Path) -> list[dict[str, object]]:
     """Play `config.episodes` episodes with a rule-based controller."""
     controller = baseline_controller(config.controller, env, config.env.seed)
     records = []
@@ -171,7 +172,7 @@ class GracefulStop:
 
 def run_ppo(
     config: TrainingConfig,
-    env: MorphogeneticEnv,
+    env: MorphogeneticEnv | ShardedEnv,
     run_dir: Path,
     resume: tuple[Path, dict[str, object]] | None,
     early_stop: int,
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = None
             config = resolve_config(args)
         # Data and host are checked before anything is written.
-        env = MorphogeneticEnv(config.env, config.device)
+        env = build_env(config.env, config.device, config.devices)
         if checkpoint is None:
             run_dir = create_run_dir(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.run_name}")
             write_training_config(config, run_dir / "config.json")

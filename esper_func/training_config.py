@@ -118,6 +118,21 @@ class TelemetryConfig:
         _require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
 
 
+def _check_device(field_name: str, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"TrainingConfig.{field_name}: {name!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'") from error
+    _require(
+        device.type != "cuda" or torch.cuda.is_available(),
+        f"TrainingConfig.{field_name}: {name!r} but CUDA is not available on this machine; use cpu",
+    )
+    _require(
+        device.type != "cuda" or device.index is None or device.index < torch.cuda.device_count(),
+        f"TrainingConfig.{field_name}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+    )
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """A whole run. `env.seed` seeds everything (env, policy init, sampling, minibatches)."""
@@ -131,7 +146,8 @@ class TrainingConfig:
     """Episode batches: each rollout plays one whole episode in every env, then PPO updates once."""
     device: str = "cpu"
     devices: tuple[str, ...] = ()
-    """Several devices to shard the envs over (not available yet: must be empty or `[device]`)."""
+    """Devices to shard the envs over (`envs.ShardedEnv`); the first is `device`, where the
+    policy runs and the shards' outputs are gathered. Empty: `device` alone."""
     checkpoint_every: int = 1
     """Write a checkpoint every this many updates (and always at the end); 0: only at the end."""
     compare_episodes: int = 1
@@ -157,18 +173,16 @@ class TrainingConfig:
             self.ppo.minibatches <= transitions,
             f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer minibatches",
         )
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as error:
-            raise ConfigError(f"TrainingConfig.device: {self.device!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'") from error
+        for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
+            _check_device(field_name, name)
         _require(
-            device.type != "cuda" or torch.cuda.is_available(),
-            f"TrainingConfig.device={self.device!r} but CUDA is not available on this machine; use --device cpu",
+            not self.devices or self.devices[0] == self.device,
+            f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy runs); "
+            "reorder them or set device to the first",
         )
         _require(
-            self.devices in ((), (self.device,)),
-            f"TrainingConfig.devices={list(self.devices)}: sharding envs over several devices is not available yet; "
-            f"use a single --device (or --devices {self.device})",
+            len(self.devices) <= self.env.n_envs,
+            f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
         )
 
     @classmethod

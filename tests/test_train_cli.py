@@ -103,6 +103,16 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()} == before
 
 
+def test_ppo_cli_trains_with_envs_sharded_over_repeated_cpu_devices(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sharded"
+    args = ["ppo", "--preset", "tiny", "--n-envs", "3", "--episodes", "1", "--devices", "cpu", "cpu", "--no-progress"]
+    assert main([*args, "--run-dir", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["devices"] == ["cpu", "cpu"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(record["val_accuracy"]) == 3 for record in records)
+
+
 def test_resume_and_evaluate_report_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--resume", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -48,8 +48,11 @@ def test_cross_field_rules_name_the_fix() -> None:
     config = TrainingConfig.preset("tiny")
     with pytest.raises(ConfigError, match="minibatches=8 exceeds env.n_envs=4"):
         replace(config, policy=replace(config.policy, lstm=True), ppo=replace(config.ppo, minibatches=8))
-    with pytest.raises(ConfigError, match="sharding envs over several devices is not available yet"):
-        replace(config, devices=("cpu", "cpu"))
+    assert replace(config, devices=("cpu", "cpu")).devices == ("cpu", "cpu")
+    with pytest.raises(ConfigError, match=r"must start with device='cpu'"):
+        replace(config, devices=("meta", "cpu"))
+    with pytest.raises(ConfigError, match="5 devices for env.n_envs=4"):
+        replace(config, devices=("cpu",) * 5)
     with pytest.raises(ConfigError, match="is not a device"):
         replace(config, device="gpu7")
     with pytest.raises(ConfigError, match="PPOConfig.epochs must be >= 1"):

@@ -1,0 +1,119 @@
+"""`ShardedEnv`: N environments split over several devices, seen as one `[N]` batch.
+
+Shard k is a `MorphogeneticEnv` of `sizes[k]` envs on `devices[k]`, seeded `seed + k`, so
+the sharded batch is exactly the concatenation of K independent env batches (each shard
+draws its own batches and seeds). Outputs are gathered on the first device.
+
+On CUDA each shard steps on its own stream, entered outside the shard's (compiled) step:
+the host enqueues shard 0's work, then shard 1's, without waiting, so devices run
+concurrently; each result is copied to the first device on its shard's stream, and the
+first device's current stream waits for those streams (an event wait on the device, not
+a host synchronization). On CPU the shards simply run one after the other, which is what
+the tests use to check the splitting and gathering (`devices=("cpu", "cpu")`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.envs import EnvBase
+
+from envs.morphogenetic import EnvConfig, MorphogeneticEnv, make_specs
+from esper_func.config import ConfigError
+
+
+def shard_sizes(n_envs: int, n_shards: int) -> tuple[int, ...]:
+    """As even as possible, the first shards taking the remainder."""
+    if n_envs < n_shards:
+        raise ConfigError(f"n_envs={n_envs} cannot be sharded over {n_shards} devices; use n_envs >= {n_shards} or fewer devices")
+    base, extra = divmod(n_envs, n_shards)
+    return tuple(base + (k < extra) for k in range(n_shards))
+
+
+class ShardedEnv(EnvBase):
+    """`config.n_envs` envs over `devices` (`batch_size=[N]`, outputs on `devices[0]`)."""
+
+    def __init__(self, config: EnvConfig, devices: Sequence[torch.device | str]) -> None:
+        devices = [torch.device(d) for d in devices]
+        if len(devices) < 2:
+            raise ConfigError(f"ShardedEnv needs at least 2 devices, got {devices}; use MorphogeneticEnv for one")
+        self.sizes = shard_sizes(config.n_envs, len(devices))
+        super().__init__(device=devices[0], batch_size=torch.Size([config.n_envs]))
+        self.shards = [
+            MorphogeneticEnv(replace(config, n_envs=size, seed=config.seed + k), device) for k, (size, device) in enumerate(zip(self.sizes, devices))
+        ]
+        first = self.shards[0]
+        self.config = replace(first.config, n_envs=config.n_envs, seed=config.seed)
+        self.model = first.model
+        self.max_epochs = first.max_epochs
+        self.streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for device in devices]
+        self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
+            self.model, self.config.rewards, config.n_envs, self.device
+        )
+
+    # -- RNG (checkpointed by the trainer) ----------------------------------------------------
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        return {f"shard{k}": shard.generator.get_state() for k, shard in enumerate(self.shards)}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        for k, shard in enumerate(self.shards):
+            shard.generator.set_state(state[f"shard{k}"])
+
+    # -- split and gather -----------------------------------------------------------------------
+
+    def _on_stream(self, k: int) -> contextlib.AbstractContextManager[object]:
+        stream = self.streams[k]
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _parts(self, tensordict: TensorDictBase) -> Iterator[tuple[int, MorphogeneticEnv, TensorDictBase]]:
+        for k, (shard, part) in enumerate(zip(self.shards, tensordict.split(list(self.sizes), dim=0))):
+            yield k, shard, part.to(shard.device, non_blocking=True)
+
+    def _gather(self, outputs: list[TensorDictBase]) -> TensorDictBase:
+        gathered = []
+        for k, out in enumerate(outputs):
+            with self._on_stream(k):
+                gathered.append(out.to(self.device, non_blocking=True))
+            stream = self.streams[k]
+            if stream is not None and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+        return torch.cat(gathered, dim=0)
+
+    # -- EnvBase ----------------------------------------------------------------------------------
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        action = TensorDict({"action": tensordict["action"]}, batch_size=self.batch_size)
+        outputs = []
+        for k, shard, part in self._parts(action):
+            with self._on_stream(k):
+                outputs.append(shard._step(part))
+        return self._gather(outputs)
+
+    def _reset(self, tensordict: TensorDictBase | None, **kwargs: object) -> TensorDictBase:
+        outputs = []
+        if tensordict is not None and "_reset" in tensordict.keys():
+            flags = TensorDict({"_reset": tensordict["_reset"]}, batch_size=self.batch_size)
+            for k, shard, part in self._parts(flags):
+                with self._on_stream(k):
+                    outputs.append(shard._reset(part))
+        else:
+            for k, shard in enumerate(self.shards):
+                with self._on_stream(k):
+                    outputs.append(shard._reset(None))
+        return self._gather(outputs)
+
+    def _set_seed(self, seed: int | None) -> None:
+        for k, shard in enumerate(self.shards):
+            shard._set_seed(None if seed is None else seed + k)
+
+
+def build_env(config: EnvConfig, device: torch.device | str, devices: Sequence[str] = ()) -> MorphogeneticEnv | ShardedEnv:
+    """One env batch on `device`, or sharded over `devices` when they name more than one."""
+    if len(devices) > 1:
+        return ShardedEnv(config, devices)
+    return MorphogeneticEnv(config, device)

@@ -1,0 +1,76 @@
+"""Sharding envs over devices: the splitting and gathering, checked on repeated CPU devices."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from envs import EnvConfig, MorphogeneticEnv, ShardedEnv, build_env
+from esper_func.config import ConfigError, CoreConfig, LifecycleConfig
+from esper_func.tasks import TaskConfig
+from policies import RandomPolicy
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TASK = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=1, val_batches=1)
+CONFIG = EnvConfig(task=TASK, core=CoreConfig(compile=False, lifecycle=LifecycleConfig(max_epochs=4)), n_envs=5, seed=7)
+
+
+def assert_equal(a: TensorDict, b: TensorDict) -> None:
+    assert set(a.keys(True, True)) == set(b.keys(True, True))
+    for key in a.keys(True, True):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_sharded_batch_is_the_concatenation_of_independent_env_batches() -> None:
+    sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
+    assert sharded.sizes == (3, 2) and sharded.batch_size == (5,)
+    sharded.check_env_specs()
+    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3, seed=7)), MorphogeneticEnv(replace(CONFIG, n_envs=2, seed=8))]
+    sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
+
+    observation = sharded.reset()
+    assert_equal(observation, torch.cat([env.reset() for env in separate]))
+    policy = RandomPolicy(torch.Generator().manual_seed(0))
+    for _ in range(3):
+        observation = policy(observation)
+        step = sharded.step(observation)
+        parts = observation.split([3, 2])
+        expected = torch.cat([env.step(part.clone()) for env, part in zip(separate, parts)])
+        assert_equal(step, expected)
+        observation = step["next"].exclude("reward", "done", "terminated", "truncated")
+
+    # A partial reset resets exactly the flagged envs, in whichever shard they live.
+    observation["_reset"] = torch.tensor([False, True, False, False, True]).unsqueeze(-1)
+    reset = sharded.reset(observation)
+    assert (reset["metrics", "epoch"] == torch.tensor([3, 0, 3, 3, 0])).all()
+
+
+def test_rng_state_round_trips_through_every_shard() -> None:
+    env = ShardedEnv(CONFIG, ["cpu", "cpu", "cpu"])
+    state = env.rng_state()
+    first = env.rollout(2, RandomPolicy(torch.Generator().manual_seed(1)))
+    env.set_rng_state(state)
+    again = env.rollout(2, RandomPolicy(torch.Generator().manual_seed(1)))
+    assert torch.equal(first["next", "metrics", "val_loss"], again["next", "metrics", "val_loss"])
+
+
+def test_sharding_errors_and_the_single_device_case() -> None:
+    with pytest.raises(ConfigError, match="n_envs=5 cannot be sharded over 6 devices"):
+        ShardedEnv(CONFIG, ["cpu"] * 6)
+    assert isinstance(build_env(CONFIG, "cpu", ("cpu",)), MorphogeneticEnv)
+    assert isinstance(build_env(CONFIG, "cpu", ("cpu", "cpu")), ShardedEnv)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpu_shards_match_their_separate_envs() -> None:
+    sharded = ShardedEnv(CONFIG, ["cuda:0", "cuda:1"])
+    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3, seed=7), "cuda:0"), MorphogeneticEnv(replace(CONFIG, n_envs=2, seed=8), "cuda:1")]
+    observation = sharded.reset()
+    expected = torch.cat([env.reset().to("cuda:0") for env in separate])
+    assert torch.equal(observation["observation"], expected["observation"])
+    step = sharded.step(RandomPolicy(torch.Generator(device="cuda:0").manual_seed(0))(observation))
+    assert step["next", "observation"].device == torch.device("cuda:0")
