@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
+from torch.profiler import record_function
 from torchrl.envs import EnvBase
 
 from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
@@ -298,17 +299,20 @@ class MorphogeneticEnv(EnvBase):
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = TensorDict({head: tensordict["action", head] for head in ("op", "slot", "blueprint", "blend")}, batch_size=self.batch_size)
         prev = self.state
-        batches = self.task.sample_batches(self.generator)
+        with record_function("esper.sample_batches"):
+            batches = self.task.sample_batches(self.generator)
         state, metrics = env_step(self.steps, prev, action, batches, self.generator)
         executed = metrics["executed"]
         is_last = state["epoch"] >= self.max_epochs
-        components = compute_reward(
-            self.config.rewards, self.model, prev, state, action, executed, metrics, is_last, metrics["rolled_back"]
-        )
-        state["signals"] = update_signals(self.config.signals, prev["signals"], metrics)
-        state["illegal_actions"] = prev["illegal_actions"] + (~executed).long()
-        self.state = state
-        out = self._observation(state, executed, metrics["panic"], components)
+        with record_function("esper.reward"):
+            components = compute_reward(
+                self.config.rewards, self.model, prev, state, action, executed, metrics, is_last, metrics["rolled_back"]
+            )
+        with record_function("esper.observation"):
+            state["signals"] = update_signals(self.config.signals, prev["signals"], metrics)
+            state["illegal_actions"] = prev["illegal_actions"] + (~executed).long()
+            self.state = state
+            out = self._observation(state, executed, metrics["panic"], components)
         out["reward"] = total(components).unsqueeze(-1)
         done = is_last.unsqueeze(-1)
         out["done"] = done

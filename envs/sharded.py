@@ -9,7 +9,9 @@ the host enqueues shard 0's work, then shard 1's, without waiting, so devices ru
 concurrently; each result is copied to the first device on its shard's stream, and the
 first device's current stream waits for those streams (an event wait on the device, not
 a host synchronization). On CPU the shards simply run one after the other, which is what
-the tests use to check the splitting and gathering (`devices=("cpu", "cpu")`).
+the tests use to check the splitting and gathering (`devices=("cpu", "cpu")`). The CUDA
+path has not run on two GPUs yet (none was available); `tests/test_sharded.py` has the
+test that will.
 """
 
 from __future__ import annotations
@@ -66,46 +68,54 @@ class ShardedEnv(EnvBase):
 
     # -- split and gather -----------------------------------------------------------------------
 
-    def _on_stream(self, k: int) -> contextlib.AbstractContextManager[object]:
+    @contextlib.contextmanager
+    def _on_stream(self, k: int) -> Iterator[None]:
+        """Shard k's stream as the current stream of its device, after the first device's
+        current stream (which produced the inputs), so inputs are ready and allocations made
+        here belong to the shard's stream."""
         stream = self.streams[k]
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-    def _parts(self, tensordict: TensorDictBase) -> Iterator[tuple[int, MorphogeneticEnv, TensorDictBase]]:
-        for k, (shard, part) in enumerate(zip(self.shards, tensordict.split(list(self.sizes), dim=0))):
-            yield k, shard, part.to(shard.device, non_blocking=True)
+        if stream is None:
+            yield
+            return
+        if self.device.type == "cuda":
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            yield
 
     def _gather(self, outputs: list[TensorDictBase]) -> TensorDictBase:
+        """Copy each shard's output to the first device on the shard's stream; the first
+        device's stream then waits for every shard stream (device-side, no host sync)."""
         gathered = []
         for k, out in enumerate(outputs):
             with self._on_stream(k):
                 gathered.append(out.to(self.device, non_blocking=True))
-            stream = self.streams[k]
-            if stream is not None and self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            for k, stream in enumerate(self.streams):
+                if stream is not None:
+                    current.wait_stream(stream)
+                    if self.shards[k].device == self.device:
+                        gathered[k].record_stream(current)  # used on this stream from now on
         return torch.cat(gathered, dim=0)
+
+    def _run(self, tensordict: TensorDictBase | None, method: str) -> TensorDictBase:
+        parts = [None] * len(self.shards) if tensordict is None else tensordict.split(list(self.sizes), dim=0)
+        outputs = []
+        for k, (shard, part) in enumerate(zip(self.shards, parts)):
+            with self._on_stream(k):
+                local = None if part is None else part.to(shard.device, non_blocking=True)
+                outputs.append(getattr(shard, method)(local))
+        return self._gather(outputs)
 
     # -- EnvBase ----------------------------------------------------------------------------------
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = TensorDict({"action": tensordict["action"]}, batch_size=self.batch_size)
-        outputs = []
-        for k, shard, part in self._parts(action):
-            with self._on_stream(k):
-                outputs.append(shard._step(part))
-        return self._gather(outputs)
+        return self._run(TensorDict({"action": tensordict["action"]}, batch_size=self.batch_size), "_step")
 
     def _reset(self, tensordict: TensorDictBase | None, **kwargs: object) -> TensorDictBase:
-        outputs = []
         if tensordict is not None and "_reset" in tensordict.keys():
-            flags = TensorDict({"_reset": tensordict["_reset"]}, batch_size=self.batch_size)
-            for k, shard, part in self._parts(flags):
-                with self._on_stream(k):
-                    outputs.append(shard._reset(part))
-        else:
-            for k, shard in enumerate(self.shards):
-                with self._on_stream(k):
-                    outputs.append(shard._reset(None))
-        return self._gather(outputs)
+            return self._run(TensorDict({"_reset": tensordict["_reset"]}, batch_size=self.batch_size), "_reset")
+        return self._run(None, "_reset")
 
     def _set_seed(self, seed: int | None) -> None:
         for k, shard in enumerate(self.shards):

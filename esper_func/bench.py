@@ -10,6 +10,11 @@ Variants, all on the same synthetic data (generated on the device once):
 - `vmap_eager`: `training.train_epoch` with `CoreConfig(compile=False)`.
 - `vmap_compiled`: `training.train_epoch` with `CoreConfig(compile=True)`.
 
+`--sweep-n 1 2 4 8 16` repeats that comparison at each env count. `--profile-step` then
+profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy),
+an eager heuristic with the active bank plan, and the same with the full bank (every
+blueprint computed at every slot), each part's time per step and the controller's share.
+
 Scenarios train the same architecture on both sides: `host` (every slot DORMANT; the
 baseline is the bare host) and `seeded` (one `conv_light` seed in TRAINING at the `mid`
 slot; the baseline adds that blueprint with the straight-through forward and its own SGD).
@@ -45,6 +50,7 @@ from esper_func.hosts import Host, build_host
 from esper_func.model import Model, bank_plan, build_model
 from esper_func.stages import Stage
 from esper_func.state import init_state
+from esper_func.step_profile import StepProfile, format_profiles, profile_env_steps
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
@@ -73,12 +79,17 @@ class Settings:
     threads: int | None = None
     seed: int = 0
     json_path: Path | None = None
+    sweep_n: tuple[int, ...] = ()
+    """Env counts to run the train comparison at (empty: `n_envs` only)."""
+    profile_step: bool = False
+    profile_steps: int = 4
 
 
 @dataclass(frozen=True)
 class VariantResult:
     """Timings and throughput of one variant in one scenario (times are per epoch of all N envs)."""
 
+    n_envs: int
     scenario: str
     variant: str
     compile_mode: str
@@ -312,6 +323,7 @@ def bench_variant(settings: Settings, scenario: str, variant: str, x: torch.Tens
     median = statistics.median(times_s)
     n, iters = settings.n_envs, settings.iters
     return VariantResult(
+        n_envs=n,
         scenario=scenario,
         variant=variant,
         compile_mode=COMPILE_MODE if variant == "vmap_compiled" else "eager",
@@ -328,9 +340,9 @@ def bench_variant(settings: Settings, scenario: str, variant: str, x: torch.Tens
 
 def with_speedups(results: list[VariantResult]) -> list[VariantResult]:
     """Each result with its speedup over the baseline of its scenario (None without a baseline)."""
-    baselines = {r.scenario: r.median_s for r in results if r.variant == "baseline"}
+    baselines = {(r.n_envs, r.scenario): r.median_s for r in results if r.variant == "baseline"}
     return [
-        replace(r, speedup_vs_baseline=baselines[r.scenario] / r.median_s if r.scenario in baselines else None)
+        replace(r, speedup_vs_baseline=baselines[r.n_envs, r.scenario] / r.median_s if (r.n_envs, r.scenario) in baselines else None)
         for r in results
     ]
 
@@ -366,12 +378,12 @@ def device_name(device: torch.device) -> str:
 
 
 def format_table(results: Sequence[VariantResult]) -> str:
-    header = f"{'scenario':<8} {'variant':<14} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} {'iters/s':>8} {'env-iters/s':>11} {'vs baseline':>11}"
+    header = f"{'N':>4} {'scenario':<8} {'variant':<14} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} {'iters/s':>8} {'env-iters/s':>11} {'vs baseline':>11}"
     rows = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline is not None else "-"
         rows.append(
-            f"{r.scenario:<8} {r.variant:<14} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
+            f"{r.n_envs:>4} {r.scenario:<8} {r.variant:<14} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
             f"{r.samples_per_s:>10,.0f} {r.iterations_per_s:>8.2f} {r.env_iterations_per_s:>11.1f} {speedup:>11}"
         )
     return "\n".join(rows)
@@ -388,6 +400,7 @@ def report(
     checks: Sequence[ParamCheck],
     argv: Sequence[str],
     load_at_start: list[float] | None,
+    profiles: Sequence[StepProfile] = (),
 ) -> dict:
     """Everything the run measured, with the conditions it ran under, as plain JSON."""
     return {
@@ -411,6 +424,7 @@ def report(
         "unit": "env step = one host epoch of one env = `iters` training iterations of `batch` samples",
         "param_checks": [asdict(c) for c in checks],
         "results": [asdict(r) for r in results],
+        "step_profiles": [asdict(p) for p in profiles],
     }
 
 
@@ -447,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="drop the vmap_compiled variant")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
+    parser.add_argument("--sweep-n", type=positive_int, nargs="+", help="run the comparison at each of these env counts")
+    parser.add_argument("--profile-step", action="store_true", help="also profile whole env steps (parts and controller share)")
     return parser
 
 
@@ -482,6 +498,9 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         threads=args.threads,
         seed=args.seed,
         json_path=args.json,
+        sweep_n=tuple(dict.fromkeys(args.sweep_n or ())),
+        profile_step=args.profile_step,
+        profile_steps=args.repeats if args.repeats is not None else defaults["repeats"] + 1,
     )
 
 
@@ -497,16 +516,33 @@ def main(argv: list[str] | None = None) -> int:
         f"iters={settings.iters} repeats={settings.repeats} warmup={settings.warmup} host={settings.host_preset} "
         f"torch={torch.__version__} threads={torch.get_num_threads()}"
     )
-    results, checks = run_benchmark(settings)
+    results, checks = [], []
+    for n_envs in settings.sweep_n or (settings.n_envs,):
+        sweep_results, sweep_checks = run_benchmark(replace(settings, n_envs=n_envs))
+        results += sweep_results
+        checks += sweep_checks
+    profiles = []
+    if settings.profile_step:
+        for label, policy, bank_mode in (("host only (static)", "static", "active"), ("heuristic, active bank", "heuristic", "active"), ("heuristic, full bank", "heuristic", "full")):
+            print(f"[bench] profiling env steps: {label} ...")
+            profiles.append(
+                profile_env_steps(
+                    label, settings.device, settings.n_envs, settings.batch, settings.iters, settings.profile_steps,
+                    max(1, settings.warmup), policy, bank_mode, compile=settings.device.type == "cuda",
+                )
+            )
     for check in checks:
         print(
             f"[bench] {check.scenario}: trained params per env baseline={check.baseline_params_per_env} "
             f"vmapped={check.vmapped_params_per_env}; max |param diff| after {check.check_iters} iters = {check.max_abs_param_diff:.2e}"
         )
     print(format_table(results))
+    if profiles:
+        print(f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch {settings.batch}, {settings.iters} iterations):")
+        print(format_profiles(profiles))
     if settings.json_path is not None:
         settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-        settings.json_path.write_text(json.dumps(report(settings, results, checks, argv, load_at_start), indent=2) + "\n")
+        settings.json_path.write_text(json.dumps(report(settings, results, checks, argv, load_at_start, profiles), indent=2) + "\n")
         print(f"[bench] wrote {settings.json_path}")
     return 0
 

@@ -79,3 +79,23 @@ def test_bad_flags_are_clear_errors(flags: list[str], message: str, capsys: pyte
         bench.main(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, restore_threads: None) -> None:
+    path = tmp_path / "bench.json"
+    assert bench.main([*TINY, "--threads", "1", "--scenarios", "host", "--sweep-n", "1", "3", "--profile-step", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    by_n = {(r["n_envs"], r["variant"]): r for r in report["results"]}
+    assert set(by_n) == {(n, v) for n in (1, 3) for v in ("baseline", "vmap_eager")}
+    assert by_n[3, "vmap_eager"]["env_steps_per_s"] == pytest.approx(3 / by_n[3, "vmap_eager"]["median_s"])
+
+    profiles = {p["label"]: p for p in report["step_profiles"]}
+    assert set(profiles) == {"host only (static)", "heuristic, active bank", "heuristic, full bank"}
+    for profile in profiles.values():
+        parts = profile["parts_ms"]
+        assert {"policy", "sample_batches", "apply_action", "train_epoch", "evaluate", "governor", "tick", "reward", "observation"} <= set(parts)
+        assert all(value > 0 for value in parts.values())
+        assert sum(parts.values()) <= profile["step_ms"] * 1.05  # the parts lie inside the step
+        assert 0 < profile["controller_share"] < 1
+    assert profiles["host only (static)"]["live_seeds_per_env"] == 0
+    assert profiles["heuristic, active bank"]["live_seeds_per_env"] > 0

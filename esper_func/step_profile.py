@@ -1,0 +1,141 @@
+"""Where an env step's time goes: a `torch.profiler` run over whole env steps.
+
+The core and the env label their parts with `record_function("esper.<part>")`
+(`esper_func/step.py`, `envs/morphogenetic.py`); this module adds `esper.policy` around
+the controller's forward, profiles `steps` env steps after `warmup` untimed ones, and
+reports each part's time per step and its share of the step's wall time. The
+**controller's share** is policy + apply_action + tick + reward + observation (features,
+masks, signals): the work a morphogenetic step adds around host training and evaluation.
+On CUDA the parts are device times (`device_time_total`), on CPU wall times of the range.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from torchrl.envs.utils import step_mdp
+
+from envs import EnvConfig, MorphogeneticEnv
+from esper_func.config import CoreConfig, LifecycleConfig
+from esper_func.rewards import RewardConfig
+from esper_func.stages import IN_FORWARD, stage_lookup
+from esper_func.tasks import TaskConfig
+from policies import HeuristicConfig, HeuristicPolicy, StaticPolicy
+
+PARTS: tuple[str, ...] = (
+    "policy",
+    "sample_batches",
+    "apply_action",
+    "train_epoch",
+    "evaluate",
+    "governor",
+    "tick",
+    "reward",
+    "observation",
+)
+CONTROLLER_PARTS: tuple[str, ...] = ("policy", "apply_action", "tick", "reward", "observation")
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Per-step times of one configuration (milliseconds, mean over the profiled steps)."""
+
+    label: str
+    policy: str
+    bank_mode: str
+    n_envs: int
+    batch: int
+    iters: int
+    steps: int
+    step_ms: float
+    """Median wall time of one env step of all N envs, policy included."""
+    parts_ms: dict[str, float] = field(default_factory=dict)
+    controller_share: float = 0.0
+    live_seeds_per_env: float = 0.0
+    """Mean number of seeds in the forward pass per env over the profiled steps."""
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_env_steps(
+    label: str,
+    device: torch.device,
+    n_envs: int,
+    batch: int,
+    iters: int,
+    steps: int,
+    warmup: int,
+    policy_name: str,
+    bank_mode: str,
+    compile: bool,
+) -> StepProfile:
+    """Profile `steps` env steps of the synthetic task under `policy_name` (`static`: the
+    host alone; `heuristic`: an eager heuristic that germinates at once)."""
+    task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters)
+    lifecycle = LifecycleConfig(max_epochs=warmup + steps + 1)
+    core = CoreConfig(compile=compile, bank_mode=bank_mode, lifecycle=lifecycle)  # type: ignore[arg-type]
+    env = MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs), device)
+    if policy_name == "static":
+        policy: torch.nn.Module = StaticPolicy()
+    else:
+        eager = HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0)
+        policy = HeuristicPolicy(env.model.topology, n_envs, eager, device, env.model.blueprint_names)
+    td = env.reset()
+
+    def one_step(td):  # type: ignore[no-untyped-def]
+        with record_function("esper.policy"):
+            td = policy(td)
+        return env.step(td)
+
+    for _ in range(warmup):
+        td = step_mdp(one_step(td))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    wall, live = [], []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            _synchronize(device)
+            start = time.perf_counter()
+            out = one_step(td)
+            _synchronize(device)
+            wall.append(time.perf_counter() - start)
+            live.append(float(stage_lookup(IN_FORWARD, out["next", "seeds", "stage"]).sum()) / n_envs)
+            td = step_mdp(out)
+    totals = {event.key.removeprefix("esper."): event for event in prof.key_averages() if event.key.startswith("esper.")}
+    use_device = device.type == "cuda"
+    parts = {
+        part: (totals[part].device_time_total if use_device else totals[part].cpu_time_total) / steps / 1000.0
+        for part in PARTS
+        if part in totals
+    }
+    step_ms = 1000.0 * statistics.median(wall)
+    controller = sum(parts.get(part, 0.0) for part in CONTROLLER_PARTS)
+    return StepProfile(
+        label=label,
+        policy=policy_name,
+        bank_mode=bank_mode,
+        n_envs=n_envs,
+        batch=batch,
+        iters=iters,
+        steps=steps,
+        step_ms=step_ms,
+        parts_ms=parts,
+        controller_share=controller / step_ms,
+        live_seeds_per_env=statistics.fmean(live),
+    )
+
+
+def format_profiles(profiles: list[StepProfile]) -> str:
+    """One row per configuration: the step, each part (ms per step), and the controller's share."""
+    header = f"{'configuration':<26} {'step ms':>8} " + " ".join(f"{part[:11]:>11}" for part in PARTS) + f" {'controller':>10}"
+    rows = [header, "-" * len(header)]
+    for p in profiles:
+        cells = " ".join(f"{p.parts_ms.get(part, 0.0):>11.1f}" for part in PARTS)
+        rows.append(f"{p.label:<26} {p.step_ms:>8.1f} {cells} {100 * p.controller_share:>9.1f}%")
+    return "\n".join(rows)
