@@ -78,7 +78,9 @@ def profile_env_steps(
 ) -> StepProfile:
     """Profile `steps` env steps of the synthetic task under `policy_name` (`static`: the
     host alone; `heuristic`: an eager heuristic that germinates at once)."""
-    task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters)
+    preset = TaskConfig.preset("synthetic")
+    val_batches = max(1, min(preset.val_batches, preset.n_val // batch))  # the fixed validation set holds n_val images
+    task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters, val_batches=val_batches)
     lifecycle = LifecycleConfig(max_epochs=warmup + steps + 1)
     core = CoreConfig(compile=compile, bank_mode=bank_mode, lifecycle=lifecycle)  # type: ignore[arg-type]
     env = MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs), device)
