@@ -10,7 +10,8 @@ Variants, all on the same synthetic data (generated on the device once):
 - `vmap_eager`: `training.train_epoch` with `CoreConfig(compile=False)`.
 - `vmap_compiled`: `training.train_epoch` with `CoreConfig(compile=True)`.
 
-`--sweep-n 1 2 4 8 16` repeats that comparison at each env count. `--profile-step` then
+`--sweep-n 1 2 4 8 16` repeats that comparison at each env count. `--collector` measures
+TorchRL's collector overhead over stepping the env by hand. `--profile-step` then
 profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy),
 an eager heuristic with the active bank plan, and the same with the full bank (every
 blueprint computed at every slot), each part's time per step and the controller's share.
@@ -50,7 +51,7 @@ from esper_func.hosts import Host, build_host
 from esper_func.model import Model, bank_plan, build_model
 from esper_func.stages import Stage
 from esper_func.state import init_state
-from esper_func.step_profile import StepProfile, format_profiles, profile_env_steps
+from esper_func.step_profile import CollectorOverhead, StepProfile, collector_overhead, format_profiles, profile_env_steps
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
@@ -83,6 +84,7 @@ class Settings:
     """Env counts to run the train comparison at (empty: `n_envs` only)."""
     profile_step: bool = False
     profile_steps: int = 4
+    collector: bool = False
 
 
 @dataclass(frozen=True)
@@ -401,6 +403,7 @@ def report(
     argv: Sequence[str],
     load_at_start: list[float] | None,
     profiles: Sequence[StepProfile] = (),
+    collector: CollectorOverhead | None = None,
 ) -> dict:
     """Everything the run measured, with the conditions it ran under, as plain JSON."""
     return {
@@ -425,6 +428,7 @@ def report(
         "param_checks": [asdict(c) for c in checks],
         "results": [asdict(r) for r in results],
         "step_profiles": [asdict(p) for p in profiles],
+        "collector_overhead": asdict(collector) if collector is not None else None,
     }
 
 
@@ -463,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
     parser.add_argument("--sweep-n", type=positive_int, nargs="+", help="run the comparison at each of these env counts")
     parser.add_argument("--profile-step", action="store_true", help="also profile whole env steps (parts and controller share)")
+    parser.add_argument("--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand")
     return parser
 
 
@@ -500,6 +505,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         json_path=args.json,
         sweep_n=tuple(dict.fromkeys(args.sweep_n or ())),
         profile_step=args.profile_step,
+        collector=args.collector,
         profile_steps=args.repeats if args.repeats is not None else defaults["repeats"] + 1,
     )
 
@@ -531,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
                     max(1, settings.warmup), policy, bank_mode, compile=settings.device.type == "cuda",
                 )
             )
+    overhead = None
+    if settings.collector:
+        print("[bench] collector overhead ...")
+        overhead = collector_overhead(
+            settings.device, settings.n_envs, settings.batch, settings.iters, settings.profile_steps, settings.repeats,
+            compile=settings.device.type == "cuda",
+        )
     for check in checks:
         print(
             f"[bench] {check.scenario}: trained params per env baseline={check.baseline_params_per_env} "
@@ -540,9 +553,14 @@ def main(argv: list[str] | None = None) -> int:
     if profiles:
         print(f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch {settings.batch}, {settings.iters} iterations):")
         print(format_profiles(profiles))
+    if overhead is not None:
+        print(
+            f"[bench] {overhead.steps} steps of {overhead.n_envs} envs: by hand {overhead.by_hand_s:.3f} s, through a Collector "
+            f"{overhead.collector_s:.3f} s: collector overhead {100 * overhead.overhead_fraction:.1f}% of its wall time"
+        )
     if settings.json_path is not None:
         settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-        settings.json_path.write_text(json.dumps(report(settings, results, checks, argv, load_at_start, profiles), indent=2) + "\n")
+        settings.json_path.write_text(json.dumps(report(settings, results, checks, argv, load_at_start, profiles, overhead), indent=2) + "\n")
         print(f"[bench] wrote {settings.json_path}")
     return 0
 

@@ -63,13 +63,14 @@ def _where_env(take: torch.Tensor, new: TensorDict, old: TensorDict) -> TensorDi
 
 
 def _snapshot_of(state: TensorDict) -> TensorDict:
+    """The parts of `state` a snapshot keeps, as views (callers copy or `where` them)."""
     n_envs = state.batch_size[0]
     return TensorDict(
         {
-            "params": state["params"].clone(),
-            "buffers": state["buffers"].clone(),
-            "momentum": state["momentum"].clone(),
-            "metrics": state["metrics"].clone(),
+            "params": state["params"],
+            "buffers": state["buffers"],
+            "momentum": state["momentum"],
+            "metrics": state["metrics"],
             "fossilized": state["slots", "stage"] == int(Stage.FOSSILIZED),
         },
         batch_size=[n_envs],
@@ -88,7 +89,7 @@ def init_governor(config: GovernorConfig, state: TensorDict) -> TensorDict:
             "spike_streak": zeros.clone(),
             "rollbacks": zeros.clone(),
             "snapshot_epoch": state["epoch"].clone(),
-            "snapshot": _snapshot_of(state),
+            "snapshot": _snapshot_of(state).clone(),
         },
         batch_size=[n_envs],
     )
@@ -97,6 +98,7 @@ def init_governor(config: GovernorConfig, state: TensorDict) -> TensorDict:
 def take_snapshots(state: TensorDict, take: torch.Tensor) -> TensorDict:
     """The state with a fresh snapshot for the envs where `take [N]`; others keep theirs."""
     governor = state["governor"].clone(recurse=False)
+    # `where` writes new tensors: the snapshot never aliases the live state.
     governor["snapshot"] = _where_env(take, _snapshot_of(state), governor["snapshot"])
     governor["snapshot_epoch"] = torch.where(take, state["epoch"], governor["snapshot_epoch"])
     new_state = state.clone(recurse=False)

@@ -1,4 +1,5 @@
-"""Where an env step's time goes: a `torch.profiler` run over whole env steps.
+"""Where an env step's time goes: a `torch.profiler` run over whole env steps, and what
+TorchRL's collector adds on top of stepping the env by hand.
 
 The core and the env label their parts with `record_function("esper.<part>")`
 (`esper_func/step.py`, `envs/morphogenetic.py`); this module adds `esper.policy` around
@@ -7,6 +8,10 @@ reports each part's time per step and its share of the step's wall time. The
 **controller's share** is policy + apply_action + tick + reward + observation (features,
 masks, signals): the work a morphogenetic step adds around host training and evaluation.
 On CUDA the parts are device times (`device_time_total`), on CPU wall times of the range.
+
+`collector_overhead` plays the same number of env steps twice, by hand (policy, `env.step`,
+`step_mdp`) and through a TorchRL `Collector` (as the PPO trainer does), and reports the
+collector's extra wall time as a fraction of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torchrl.collectors import Collector
 from torchrl.envs.utils import step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv
@@ -24,7 +30,7 @@ from esper_func.config import CoreConfig, LifecycleConfig
 from esper_func.rewards import RewardConfig
 from esper_func.stages import IN_FORWARD, stage_lookup
 from esper_func.tasks import TaskConfig
-from policies import HeuristicConfig, HeuristicPolicy, StaticPolicy
+from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 PARTS: tuple[str, ...] = (
     "policy",
@@ -64,6 +70,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synthetic_env(device: torch.device, n_envs: int, batch: int, iters: int, max_epochs: int, bank_mode: str, compile: bool) -> MorphogeneticEnv:
+    """The synthetic task at a given per-epoch budget (validation batches fit its validation set)."""
+    preset = TaskConfig.preset("synthetic")
+    val_batches = max(1, min(preset.val_batches, preset.n_val // batch))
+    task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters, val_batches=val_batches)
+    core = CoreConfig(compile=compile, bank_mode=bank_mode, lifecycle=LifecycleConfig(max_epochs=max_epochs))  # type: ignore[arg-type]
+    return MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs), device)
+
+
 def profile_env_steps(
     label: str,
     device: torch.device,
@@ -78,12 +93,7 @@ def profile_env_steps(
 ) -> StepProfile:
     """Profile `steps` env steps of the synthetic task under `policy_name` (`static`: the
     host alone; `heuristic`: an eager heuristic that germinates at once)."""
-    preset = TaskConfig.preset("synthetic")
-    val_batches = max(1, min(preset.val_batches, preset.n_val // batch))  # the fixed validation set holds n_val images
-    task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters, val_batches=val_batches)
-    lifecycle = LifecycleConfig(max_epochs=warmup + steps + 1)
-    core = CoreConfig(compile=compile, bank_mode=bank_mode, lifecycle=lifecycle)  # type: ignore[arg-type]
-    env = MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs), device)
+    env = synthetic_env(device, n_envs, batch, iters, warmup + steps + 1, bank_mode, compile)
     if policy_name == "static":
         policy: torch.nn.Module = StaticPolicy()
     else:
@@ -141,3 +151,48 @@ def format_profiles(profiles: list[StepProfile]) -> str:
         cells = " ".join(f"{p.parts_ms.get(part, 0.0):>11.1f}" for part in PARTS)
         rows.append(f"{p.label:<26} {p.step_ms:>8.1f} {cells} {100 * p.controller_share:>9.1f}%")
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class CollectorOverhead:
+    """Seconds for one episode of every env (median of repeats), by hand and through a Collector."""
+
+    n_envs: int
+    steps: int
+    by_hand_s: float
+    collector_s: float
+    overhead_fraction: float
+    """(collector - by hand) / collector: the share of a collected batch spent outside env and policy."""
+
+
+def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int, steps: int, repeats: int, compile: bool) -> CollectorOverhead:
+    """One episode of `steps` env steps under a random policy, by hand and collected."""
+    env = synthetic_env(device, n_envs, batch, iters, steps, "active", compile)
+    policy = RandomPolicy(torch.Generator(device=device).manual_seed(0))
+
+    def by_hand() -> None:
+        td = env.reset()
+        for _ in range(steps):
+            td = step_mdp(env.step(policy(td)))
+
+    def collected() -> None:
+        collector = Collector(
+            env, policy, frames_per_batch=n_envs * steps, total_frames=n_envs * steps, reset_at_each_iter=True, device=device
+        )
+        for _batch in collector:
+            pass
+        collector.shutdown()
+
+    def timed(run) -> float:  # type: ignore[no-untyped-def]
+        _synchronize(device)
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    by_hand()  # warm-up: caches, compiled graphs
+    # Interleaved, so that drift in the machine's speed affects both sides alike.
+    pairs = [(timed(by_hand), timed(collected)) for _ in range(repeats)]
+    hand_s = statistics.median(hand for hand, _ in pairs)
+    collector_s = statistics.median(collected_s for _, collected_s in pairs)
+    return CollectorOverhead(n_envs, steps, hand_s, collector_s, (collector_s - hand_s) / collector_s)

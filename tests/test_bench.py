@@ -99,3 +99,12 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
         assert 0 < profile["controller_share"] < 1
     assert profiles["host only (static)"]["live_seeds_per_env"] == 0
     assert profiles["heuristic, active bank"]["live_seeds_per_env"] > 0
+
+
+def test_collector_overhead_is_reported(tmp_path: Path, restore_threads: None) -> None:
+    path = tmp_path / "bench.json"
+    assert bench.main([*TINY, "--threads", "1", "--scenarios", "host", "--variants", "vmap_eager", "--collector", "--json", str(path)]) == 0
+    overhead = json.loads(path.read_text())["collector_overhead"]
+    assert overhead["n_envs"] == 2 and overhead["steps"] >= 1
+    assert overhead["by_hand_s"] > 0 and overhead["collector_s"] > 0
+    assert overhead["overhead_fraction"] == pytest.approx((overhead["collector_s"] - overhead["by_hand_s"]) / overhead["collector_s"])
