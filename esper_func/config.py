@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
 from esper_func.blueprints import catalogue
@@ -21,9 +22,18 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless `condition`: the one way configs reject a value."""
     if not condition:
         raise ConfigError(message)
+
+
+def require_fields(config: object, names: tuple[str, ...], valid: Callable[[Any], bool], requirement: str) -> None:
+    """Raise `ConfigError` "<Class>.<name> must be <requirement>, got <value>" for the first
+    of the fields `names` of `config` whose value fails `valid`."""
+    for name in names:
+        value = getattr(config, name)
+        require(valid(value), f"{type(config).__name__}.{name} must be {requirement}, got {value}")
 
 
 def spread_positions(depth: int, n_slots: int = len(SLOT_NAMES)) -> tuple[int, ...]:
@@ -48,13 +58,11 @@ class CNNHostConfig:
     slot_after: tuple[int, ...] = (1, 2, 3)
 
     def __post_init__(self) -> None:
-        _require(self.kind == "cnn", f"CNNHostConfig.kind must be 'cnn', got {self.kind!r}")
-        for name in ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels"):
-            value = getattr(self, name)
-            _require(value >= 1, f"CNNHostConfig.{name} must be >= 1, got {value}")
-        _require(self.num_classes >= 2, f"CNNHostConfig.num_classes must be >= 2, got {self.num_classes}")
+        require(self.kind == "cnn", f"CNNHostConfig.kind must be 'cnn', got {self.kind!r}")
+        require_fields(self, ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels"), lambda value: value >= 1, ">= 1")
+        require(self.num_classes >= 2, f"CNNHostConfig.num_classes must be >= 2, got {self.num_classes}")
         min_size = 2**self.n_blocks
-        _require(
+        require(
             self.image_size % min_size == 0,
             f"CNNHostConfig.image_size={self.image_size} must be divisible by 2**n_blocks={min_size} "
             f"(each of the {self.n_blocks} blocks halves it); use a multiple of {min_size} or fewer blocks",
@@ -75,7 +83,7 @@ class CNNHostConfig:
             "cifar_deep": cls(n_blocks=5, slot_after=spread_positions(5)),
             "tiny": cls(image_size=8, base_channels=4),
         }
-        _require(name in presets, f"unknown CNN host preset {name!r}; choose one of {sorted(presets)}")
+        require(name in presets, f"unknown CNN host preset {name!r}; choose one of {sorted(presets)}")
         return presets[name]
 
 
@@ -92,13 +100,11 @@ class TransformerHostConfig:
     slot_after: tuple[int, ...] = (2, 4, 6)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.kind == "transformer", f"TransformerHostConfig.kind must be 'transformer', got {self.kind!r}"
         )
-        for name in ("vocab_size", "dim", "n_heads", "n_layers", "context"):
-            value = getattr(self, name)
-            _require(value >= 1, f"TransformerHostConfig.{name} must be >= 1, got {value}")
-        _require(
+        require_fields(self, ("vocab_size", "dim", "n_heads", "n_layers", "context"), lambda value: value >= 1, ">= 1")
+        require(
             self.dim % self.n_heads == 0,
             f"TransformerHostConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
             f"pick a dim that is a multiple of {self.n_heads}",
@@ -114,7 +120,7 @@ class TransformerHostConfig:
             "tinystories": cls(),
             "tiny": cls(dim=32, n_heads=2, n_layers=3, context=16, slot_after=(1, 2, 3)),
         }
-        _require(name in presets, f"unknown transformer host preset {name!r}; choose one of {sorted(presets)}")
+        require(name in presets, f"unknown transformer host preset {name!r}; choose one of {sorted(presets)}")
         return presets[name]
 
 
@@ -122,15 +128,15 @@ HostConfig = Union[CNNHostConfig, TransformerHostConfig]
 
 
 def _check_slot_positions(owner: str, positions: tuple[int, ...], depth: int, depth_name: str) -> None:
-    _require(
+    require(
         len(positions) == len(SLOT_NAMES),
         f"{owner}.slot_after needs one position per slot {SLOT_NAMES}, got {positions}",
     )
-    _require(
+    require(
         all(1 <= p <= depth for p in positions),
         f"{owner}.slot_after={positions} must lie in 1..{depth_name}={depth}",
     )
-    _require(
+    require(
         all(a < b for a, b in zip(positions, positions[1:])),
         f"{owner}.slot_after={positions} must be strictly increasing (canonical order early, mid, late)",
     )
@@ -159,25 +165,18 @@ class LifecycleConfig:
     min_cull_age: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"):
-            value = getattr(self, name)
-            _require(value >= 1, f"LifecycleConfig.{name} must be >= 1, got {value}")
-        for name in ("embargo_epochs", "reset_epochs"):
-            value = getattr(self, name)
-            _require(
-                value >= 1,
-                f"LifecycleConfig.{name} must be >= 1 (each cooldown stage is observed for at least one epoch), got {value}",
-            )
-        _require(self.min_cull_age >= 0, f"LifecycleConfig.min_cull_age must be >= 0, got {self.min_cull_age}")
-        _require(
+        require_fields(self, ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"), lambda value: value >= 1, ">= 1")
+        require_fields(
+            self, ("embargo_epochs", "reset_epochs"), lambda value: value >= 1, ">= 1 (each cooldown stage is observed for at least one epoch)"
+        )
+        require(self.min_cull_age >= 0, f"LifecycleConfig.min_cull_age must be >= 0, got {self.min_cull_age}")
+        require(
             0.0 <= self.grad_ratio_ema_decay < 1.0,
             f"LifecycleConfig.grad_ratio_ema_decay must be in [0, 1), got {self.grad_ratio_ema_decay}",
         )
-        _require(self.sigmoid_steepness > 0, "LifecycleConfig.sigmoid_steepness must be > 0")
-        _require(self.grad_ratio_threshold >= 0, "LifecycleConfig.grad_ratio_threshold must be >= 0")
-        for name in ("train_dwell_fraction", "probation_timeout_fraction"):
-            value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"LifecycleConfig.{name} must be in [0, 1], got {value}")
+        require(self.sigmoid_steepness > 0, "LifecycleConfig.sigmoid_steepness must be > 0")
+        require(self.grad_ratio_threshold >= 0, "LifecycleConfig.grad_ratio_threshold must be >= 0")
+        require_fields(self, ("train_dwell_fraction", "probation_timeout_fraction"), lambda value: 0.0 <= value <= 1.0, "in [0, 1]")
 
     @property
     def training_epochs(self) -> int:
@@ -204,14 +203,10 @@ class OptimConfig:
     Groups are clipped separately so that a seed never changes the host's update."""
 
     def __post_init__(self) -> None:
-        for name in ("host_lr", "seed_lr"):
-            value = getattr(self, name)
-            _require(value > 0, f"OptimConfig.{name} must be > 0, got {value}")
-        for name in ("host_momentum", "seed_momentum"):
-            value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"OptimConfig.{name} must be in [0, 1), got {value}")
-        _require(self.host_weight_decay >= 0, "OptimConfig.host_weight_decay must be >= 0")
-        _require(
+        require_fields(self, ("host_lr", "seed_lr"), lambda value: value > 0, "> 0")
+        require_fields(self, ("host_momentum", "seed_momentum"), lambda value: 0.0 <= value < 1.0, "in [0, 1)")
+        require(self.host_weight_decay >= 0, "OptimConfig.host_weight_decay must be >= 0")
+        require(
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             f"OptimConfig.grad_clip_norm must be > 0 or null, got {self.grad_clip_norm}",
         )
@@ -241,20 +236,14 @@ class GovernorConfig:
     """Epochs between snapshots (each taken only after a passed check)."""
 
     def __post_init__(self) -> None:
-        _require(self.window >= 2, f"GovernorConfig.window must be >= 2, got {self.window}")
-        _require(
+        require(self.window >= 2, f"GovernorConfig.window must be >= 2, got {self.window}")
+        require(
             1 <= self.min_samples <= self.window,
             f"GovernorConfig.min_samples must be in 1..window={self.window}, got {self.min_samples}",
         )
-        for name in ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"):
-            value = getattr(self, name)
-            _require(value > 0, f"GovernorConfig.{name} must be > 0, got {value}")
-        for name in ("consecutive_spikes", "snapshot_every"):
-            value = getattr(self, name)
-            _require(value >= 1, f"GovernorConfig.{name} must be >= 1, got {value}")
-        for name in ("collapse_history_fraction", "collapse_tolerance"):
-            value = getattr(self, name)
-            _require(0.0 < value < 1.0, f"GovernorConfig.{name} must be in (0, 1), got {value}")
+        require_fields(self, ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"), lambda value: value > 0, "> 0")
+        require_fields(self, ("consecutive_spikes", "snapshot_every"), lambda value: value >= 1, ">= 1")
+        require_fields(self, ("collapse_history_fraction", "collapse_tolerance"), lambda value: 0.0 < value < 1.0, "in (0, 1)")
 
 
 def _default_host() -> HostConfig:
@@ -285,7 +274,7 @@ class CoreConfig:
                 catalogue(self.host.kind, self.blueprints)
             except ValueError as error:
                 raise ConfigError(f"CoreConfig.blueprints: {error}") from error
-        _require(
+        require(
             self.bank_mode in ("active", "full"),
             f"CoreConfig.bank_mode must be 'active' or 'full', got {self.bank_mode!r}",
         )
@@ -297,11 +286,11 @@ T = TypeVar("T")
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
     where = path or cls.__name__
-    _require(isinstance(data, dict), f"{where}: expected an object, got {type(data).__name__}")
+    require(isinstance(data, dict), f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
-    _require(not unknown, f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    require(not unknown, f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
     kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     return cls(**kwargs)
 
@@ -328,20 +317,20 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return from_dict(hint, value, where)  # type: ignore[arg-type]
     if origin is Literal:
         allowed = typing.get_args(hint)
-        _require(value in allowed, f"{where}: {value!r} is not one of {list(allowed)}")
+        require(value in allowed, f"{where}: {value!r} is not one of {list(allowed)}")
         return value
     if origin is tuple:
-        _require(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
+        require(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
         (item_type, _ellipsis) = typing.get_args(hint)
         return tuple(_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
     if hint is float:
-        _require(
+        require(
             isinstance(value, (int, float)) and not isinstance(value, bool),
             f"{where}: expected a number, got {value!r}",
         )
         return float(value)
     if hint in (int, bool, str):
-        _require(
+        require(
             type(value) is hint, f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}"
         )
         return value
@@ -352,7 +341,7 @@ def _convert_tagged(options: list[type], value: dict[str, Any], where: str) -> A
     """Pick the dataclass in a union by its `kind` tag."""
     kinds = {o.__dataclass_fields__["kind"].default: o for o in options}  # type: ignore[attr-defined]
     kind = value.get("kind")
-    _require(kind in kinds, f"{where}.kind: {kind!r} is not one of {sorted(kinds)}")
+    require(kind in kinds, f"{where}.kind: {kind!r} is not one of {sorted(kinds)}")
     return from_dict(kinds[kind], value, where)
 
 

@@ -97,16 +97,16 @@ def play_episode(
     lifecycle_log: JsonlWriter | None = None,
     progress: bool = False,
 ) -> EpisodeResult:
-    """Reset, then step every env to the end of its episode; log each step and stage change."""
+    """Reset, then step every env to the end of its episode; log each step and stage change.
+
+    Per step it reads back only what it must (the stage changes for the lifecycle log and
+    the done flag; the mean accuracy for the progress bar when shown); the curves, returns
+    and reward components stay on the device and are read once at the end."""
     counts = LifecycleCounts()
     observation: TensorDictBase = env.reset()
     start = time.perf_counter()
     n_envs = observation.batch_size[0]
-    returns = torch.zeros(n_envs)
-    components: dict[str, torch.Tensor] = {}
-    curve: list[float] = []
-    growth: list[float] = []
-    stages: list[list[list[int]]] = []
+    trace: list[TensorDictBase] = []  # per step: reward [N], components, accuracy, seed params, stages
     steps = tqdm(desc=f"{name} episode {episode}", disable=not progress, leave=False)
     with torch.no_grad():
         while True:
@@ -121,33 +121,33 @@ def play_episode(
             if lifecycle_log is not None:
                 for record in rollback_events(step, episode):
                     lifecycle_log.write({"controller": name, **record})
-            returns += nxt["reward"].squeeze(-1).cpu()
-            for key, value in nxt["reward_components"].items():
-                components[key] = components.get(key, 0.0) + value.cpu()
-            accuracy = nxt["metrics", "val_accuracy"].mean().item()
-            curve.append(accuracy)
-            growth.append((nxt["metrics", "seed_params"].float() / host_params).mean().item())
-            stages.append(nxt["seeds", "stage"].tolist())
+            trace.append(
+                nxt.select("reward_components", ("metrics", "val_accuracy"), ("metrics", "seed_params"), ("seeds", "stage"))
+                .set("reward", nxt["reward"].squeeze(-1))
+            )
             steps.update(1)
-            steps.set_postfix(acc=f"{accuracy:.1f}")
+            if progress:
+                steps.set_postfix(acc=f"{nxt['metrics', 'val_accuracy'].mean().item():.1f}")
             if bool(nxt["done"].all()):
                 break
             observation = step_mdp(step)
     steps.close()
     elapsed = time.perf_counter() - start
+    history = torch.stack(trace).cpu()  # [T, N]: the one read-back of the episode's figures
     final = nxt["metrics"]
+    growth = history["metrics", "seed_params"].float() / host_params
     return EpisodeResult(
         episode=episode,
         controller=name,
-        final_accuracy=final["val_accuracy"].mean().item(),
-        param_growth=(final["seed_params"].float() / host_params).mean().item(),
-        episode_return=returns.mean().item(),
+        final_accuracy=history["metrics", "val_accuracy"][-1].mean().item(),
+        param_growth=growth[-1].mean().item(),
+        episode_return=history["reward"].sum(0).mean().item(),
         counts=counts,
         illegal_actions=int(final["illegal_actions"].sum()),
         rollbacks=int(final["rollbacks"].sum()),
-        env_steps_per_s=n_envs * len(curve) / elapsed,
-        accuracy_curve=curve,
-        param_growth_curve=growth,
-        reward_components={key: value.mean().item() for key, value in components.items()},
-        stages=stages,
+        env_steps_per_s=n_envs * len(trace) / elapsed,
+        accuracy_curve=history["metrics", "val_accuracy"].mean(-1).tolist(),
+        param_growth_curve=growth.mean(-1).tolist(),
+        reward_components={key: value.sum(0).mean().item() for key, value in history["reward_components"].items()},
+        stages=history["seeds", "stage"].tolist(),
     )

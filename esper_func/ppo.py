@@ -427,19 +427,25 @@ class _RunLogs:
 
 
 def rollout_statistics(batch: TensorDictBase, host_params: int) -> dict[str, Any]:
-    """Per-batch summary of a `[N, T]` rollout (one read-back per entry)."""
+    """Per-batch summary of a `[N, T]` rollout, read back to the host in one transfer."""
     nxt = batch["next"]
     final = nxt["metrics"][:, -1]
     ops = batch["action", "op"]
-    return {
-        "return": nxt["reward"].sum((1, 2)).mean().item(),
-        "final_accuracy": final["val_accuracy"].mean().item(),
-        "param_growth": (final["seed_params"].float() / host_params).mean().item(),
-        "illegal_actions": int(final["illegal_actions"].sum()),
-        "rollbacks": int(final["rollbacks"].sum()),
-        "action_distribution": {op.name: (ops == op).float().mean().item() for op in Op},
-        "reward_components": {name: value.mean().item() for name, value in nxt["reward_components"].items()},
+    components = nxt["reward_components"]
+    scalars = {
+        "return": nxt["reward"].sum((1, 2)).mean(),
+        "final_accuracy": final["val_accuracy"].mean(),
+        "param_growth": (final["seed_params"].float() / host_params).mean(),
+        "illegal_actions": final["illegal_actions"].sum().float(),
+        "rollbacks": final["rollbacks"].sum().float(),
     }
+    shares = [(ops == op).float().mean() for op in Op]
+    values = torch.stack([*scalars.values(), *shares, *(value.mean() for value in components.values())]).tolist()
+    summary: dict[str, Any] = dict(zip(scalars, values))
+    summary["illegal_actions"], summary["rollbacks"] = int(summary["illegal_actions"]), int(summary["rollbacks"])
+    summary["action_distribution"] = {op.name: value for op, value in zip(Op, values[len(scalars) :])}
+    summary["reward_components"] = dict(zip(components.keys(), values[len(scalars) + len(Op) :]))
+    return summary
 
 
 def joint_log_ratio(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:

@@ -81,7 +81,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from esper_func.config import ConfigError
+from esper_func.config import require
 from esper_func.model import Model
 from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, on_device, stage_lookup
 from esper_func.state import seed_param_count
@@ -202,17 +202,17 @@ class RewardConfig:
     """Validation loss that earns the full terminal reward (task-aware)."""
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.family in _COMPONENTS,
             f"RewardConfig.family must be one of {list(_COMPONENTS)}, got {self.family!r}; "
             "add a family with esper_func.rewards.register_reward_family",
         )
-        _check(0.0 < self.gamma <= 1.0, f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
+        require(0.0 < self.gamma <= 1.0, f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (bool, str)):
                 continue
-            _check(
+            require(
                 math.isfinite(value) and value >= 0,
                 f"RewardConfig.{f.name} must be a finite number >= 0 (signs are in the formulas), got {value}",
             )
@@ -225,12 +225,12 @@ class RewardConfig:
             "cull_young_age",
             "fossilize_legitimacy_epochs",
         ):
-            _check(getattr(self, name) > 0, f"RewardConfig.{name} must be > 0 (it divides), got {getattr(self, name)}")
-        _check(
+            require(getattr(self, name) > 0, f"RewardConfig.{name} must be > 0 (it divides), got {getattr(self, name)}")
+        require(
             self.ratio_penalty_min_discount <= 1.0,
             f"RewardConfig.ratio_penalty_min_discount must be in [0, 1], got {self.ratio_penalty_min_discount}",
         )
-        _check(
+        require(
             self.loss_baseline > self.loss_target,
             f"RewardConfig.loss_baseline ({self.loss_baseline}) must exceed loss_target ({self.loss_target})",
         )
@@ -238,7 +238,7 @@ class RewardConfig:
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> RewardConfig:
         """Defaults with the task's loss scale (sigma, baseline, target, loss rent weight)."""
-        _check(task in _TASK_LOSS, f"RewardConfig.for_task: unknown task {task!r}; choose one of {sorted(_TASK_LOSS)}")
+        require(task in _TASK_LOSS, f"RewardConfig.for_task: unknown task {task!r}; choose one of {sorted(_TASK_LOSS)}")
         return cls(**{**_TASK_LOSS[task], **overrides})
 
 
@@ -250,10 +250,6 @@ _TASK_LOSS: dict[str, dict[str, float]] = {
     "tinystories": {"loss_sigma": 0.15, "loss_baseline": 5.545, "loss_target": 1.5, "loss_rent_weight": 0.01},
 }
 
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 # -- lookup tables -------------------------------------------------------------------------
@@ -635,13 +631,13 @@ def register_reward_family(name: str, components: dict[str, Component]) -> None:
     component (the rollback penalty) is appended when missing, so that the reward stays
     exactly the sum of its components and a rollback is always penalized. Registering the
     same components again is a no-op; built-in families cannot be replaced."""
-    _check(name.isidentifier(), f"reward family name must be an identifier, got {name!r}")
-    _check(name not in FAMILY_COMPONENTS, f"{name!r} is a built-in reward family; pick another name")
-    _check(bool(components) and all(callable(fn) for fn in components.values()), "components must be a non-empty dict of callables")
-    _check(all(key.isidentifier() for key in components), f"component names must be identifiers, got {list(components)}")
+    require(name.isidentifier(), f"reward family name must be an identifier, got {name!r}")
+    require(name not in FAMILY_COMPONENTS, f"{name!r} is a built-in reward family; pick another name")
+    require(bool(components) and all(callable(fn) for fn in components.values()), "components must be a non-empty dict of callables")
+    require(all(key.isidentifier() for key in components), f"component names must be identifiers, got {list(components)}")
     family = {**components}
     family.setdefault("governor", _governor)
-    _check(
+    require(
         name not in _COMPONENTS or _COMPONENTS[name] == family,
         f"reward family {name!r} is already registered with other components; pick another name",
     )

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import torch
 
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig, from_dict
+from esper_func.config import CNNHostConfig, CoreConfig, HostConfig, TransformerHostConfig, from_dict, require
 from esper_func.evaluation import evaluate
 from esper_func.model import build_model
 from esper_func.state import init_state
@@ -96,39 +96,39 @@ class TaskConfig:
     """tinystories only: window length in bytes (the host's context); windows hold context + 1 bytes."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.name in TASK_NAMES, f"TaskConfig.name must be one of {list(TASK_NAMES)}, got {self.name!r}"
         )
         for field_name in ("batch_size", "train_iters", "val_batches", "context"):
             value = getattr(self, field_name)
-            _require(value >= 1, f"TaskConfig.{field_name} must be >= 1, got {value}")
-        _require(self.seed >= 0, f"TaskConfig.seed must be >= 0, got {self.seed}")
+            require(value >= 1, f"TaskConfig.{field_name} must be >= 1, got {value}")
+        require(self.seed >= 0, f"TaskConfig.seed must be >= 0, got {self.seed}")
         val_examples = self.val_batches * self.batch_size
         if self.name == "synthetic":
-            _require(
+            require(
                 self.data_dir is None,
                 f"TaskConfig.data_dir={self.data_dir!r} is not used by the synthetic task (it is generated "
                 "from the seed); set data_dir to null, or pick name 'cifar10' or 'tinystories'",
             )
-            _require(self.n_train >= 1, f"TaskConfig.n_train must be >= 1, got {self.n_train}")
-            _require(
+            require(self.n_train >= 1, f"TaskConfig.n_train must be >= 1, got {self.n_train}")
+            require(
                 self.n_val >= val_examples,
                 f"TaskConfig.n_val={self.n_val} is smaller than val_batches * batch_size = {val_examples}; "
                 f"set n_val >= {val_examples} or use fewer/smaller validation batches",
             )
         if self.name == "cifar10":
-            _require(
+            require(
                 self.data_dir is not None,
                 "TaskConfig.data_dir is required for cifar10: set it to the folder holding "
                 f"{', '.join(CIFAR10_TRAIN_FILES)} and {CIFAR10_TEST_FILE} (or to its parent containing "
                 f"{CIFAR10_SUBDIR}/)",
             )
-            _require(
+            require(
                 val_examples <= CIFAR10_TEST_SIZE,
                 f"TaskConfig.val_batches * batch_size = {val_examples} exceeds the {CIFAR10_TEST_SIZE} "
                 "CIFAR-10 test images; use fewer/smaller validation batches",
             )
-        _require(
+        require(
             not self.augment or self.name == "cifar10",
             f"TaskConfig.augment applies to cifar10 only; set augment to false for {self.name!r}",
         )
@@ -136,7 +136,7 @@ class TaskConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TaskConfig:
         """The named task's defaults, with `overrides` (e.g. `data_dir`) applied."""
-        _require(name in TASK_PRESETS, f"unknown task preset {name!r}; choose one of {sorted(TASK_PRESETS)}")
+        require(name in TASK_PRESETS, f"unknown task preset {name!r}; choose one of {sorted(TASK_PRESETS)}")
         return cls(**{"name": name, **TASK_PRESETS[name], **overrides})
 
 
@@ -156,13 +156,9 @@ def load_task_config(data: dict[str, Any]) -> TaskConfig:
     Strict like `config.from_dict`: unknown or mistyped keys are errors that name them.
     """
     name = data.get("name", "synthetic")
-    _require(name in TASK_PRESETS, f"TaskConfig.name: {name!r} is not one of {list(TASK_NAMES)}")
+    require(name in TASK_PRESETS, f"TaskConfig.name: {name!r} is not one of {list(TASK_NAMES)}")
     return from_dict(TaskConfig, {**TASK_PRESETS[name], **data, "name": name})
 
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 # --- The task --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from envs.morphogenetic import EnvConfig
-from esper_func.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, to_dict
+from esper_func.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, require, require_fields, to_dict
 from esper_func.rewards import RewardConfig
 from esper_func.tasks import TaskConfig
 from policies.ppo import PolicyConfig
@@ -27,10 +27,6 @@ Controller = Literal["ppo", "heuristic", "static", "random"]
 TelemetryLevel = Literal["off", "minimal", "normal", "debug"]
 TELEMETRY_LEVELS: tuple[str, ...] = ("off", "minimal", "normal", "debug")
 
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -71,21 +67,12 @@ class PPOConfig:
     """Divide rewards by the running std of discounted returns (refreshed after each rollout)."""
 
     def __post_init__(self) -> None:
-        for name in ("gamma", "gae_lambda"):
-            value = getattr(self, name)
-            _require(0.0 < value <= 1.0, f"PPOConfig.{name} must be in (0, 1], got {value}")
-        for name in ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"):
-            value = getattr(self, name)
-            _require(value > 0.0, f"PPOConfig.{name} must be > 0, got {value}")
-        for name in ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"):
-            value = getattr(self, name)
-            _require(value >= 0, f"PPOConfig.{name} must be >= 0, got {value}")
-        for name in ("epochs", "minibatches"):
-            value = getattr(self, name)
-            _require(value >= 1, f"PPOConfig.{name} must be >= 1, got {value}")
-        for head in ("op", "slot", "blueprint", "blend"):
-            value = getattr(self, f"entropy_weight_{head}")
-            _require(value >= 0, f"PPOConfig.entropy_weight_{head} must be >= 0, got {value}")
+        require_fields(self, ("gamma", "gae_lambda"), lambda value: 0.0 < value <= 1.0, "in (0, 1]")
+        require_fields(self, ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"), lambda value: value > 0.0, "> 0")
+        require_fields(self, ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"), lambda value: value >= 0, ">= 0")
+        require_fields(self, ("epochs", "minibatches"), lambda value: value >= 1, ">= 1")
+        heads = ("op", "slot", "blueprint", "blend")
+        require_fields(self, tuple(f"entropy_weight_{head}" for head in heads), lambda value: value >= 0, ">= 0")
 
     def entropy_at(self, update: int) -> float:
         """Entropy weight at update `update` (0-based): linear from start to end, then constant."""
@@ -113,9 +100,9 @@ class TelemetryConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.anomaly_debug_updates >= 0, f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}")
-        _require(self.ratio_explosion > 1.0, f"TelemetryConfig.ratio_explosion must be > 1, got {self.ratio_explosion}")
-        _require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
+        require(self.anomaly_debug_updates >= 0, f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}")
+        require(self.ratio_explosion > 1.0, f"TelemetryConfig.ratio_explosion must be > 1, got {self.ratio_explosion}")
+        require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
 
 
 def _check_device(field_name: str, name: str) -> None:
@@ -123,11 +110,11 @@ def _check_device(field_name: str, name: str) -> None:
         device = torch.device(name)
     except RuntimeError as error:
         raise ConfigError(f"TrainingConfig.{field_name}: {name!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'") from error
-    _require(
+    require(
         device.type != "cuda" or torch.cuda.is_available(),
         f"TrainingConfig.{field_name}: {name!r} but CUDA is not available on this machine; use cpu",
     )
-    _require(
+    require(
         device.type != "cuda" or device.index is None or device.index < torch.cuda.device_count(),
         f"TrainingConfig.{field_name}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)",
     )
@@ -155,39 +142,39 @@ class TrainingConfig:
     envs with the same seeds; 0 skips the comparison."""
 
     def __post_init__(self) -> None:
-        _require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
-        _require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        _require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
-        _require(
+        require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
+        require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
+        require(
             self.ppo.gamma == self.env.rewards.gamma,
             f"ppo.gamma={self.ppo.gamma} differs from env.rewards.gamma={self.env.rewards.gamma}: the PBRS discount must "
             "equal the PPO discount or shaping changes the optimal policy; set both to the same value",
         )
-        _require(
+        require(
             not (self.policy.lstm and self.ppo.minibatches > self.env.n_envs),
             f"ppo.minibatches={self.ppo.minibatches} exceeds env.n_envs={self.env.n_envs}: with the LSTM a minibatch holds "
             "whole env sequences; use at most n_envs minibatches",
         )
         transitions = self.env.n_envs * self.env.core.lifecycle.max_epochs
-        _require(
+        require(
             self.ppo.minibatches <= transitions,
             f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer minibatches",
         )
         for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
             _check_device(field_name, name)
-        _require(
+        require(
             not self.devices or self.devices[0] == self.device,
             f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy runs); "
             "reorder them or set device to the first",
         )
-        _require(
+        require(
             len(self.devices) <= self.env.n_envs,
             f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
         )
 
     @classmethod
     def preset(cls, name: str) -> TrainingConfig:
-        _require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]()
 
     @property

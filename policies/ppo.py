@@ -32,7 +32,7 @@ from tensordict.nn import (
 from torch import nn
 from torchrl.modules import LSTMModule, ValueOperator
 
-from esper_func.config import ConfigError
+from esper_func.config import require_fields
 from esper_func.stages import BlendMode, Op
 
 HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
@@ -57,10 +57,7 @@ class PolicyConfig:
     lstm_hidden: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "head_hidden", "lstm_hidden"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"PolicyConfig.{name} must be >= 1, got {value}")
+        require_fields(self, ("hidden", "head_hidden", "lstm_hidden"), lambda value: value >= 1, ">= 1")
 
 
 # --- distribution ------------------------------------------------------------------------
