@@ -264,6 +264,12 @@ class CoreConfig:
     blueprints must be registered first (`blueprints.register_blueprint`)."""
     compile: bool = True
     """torch.compile the train iteration and the evaluation."""
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
+    """torch.compile mode: 'reduce-overhead' also captures CUDA graphs of the train and
+    evaluation steps (on CUDA; on a CPU it compiles as 'default'). Needs `compile`."""
+    amp: bool = False
+    """bf16 autocast of the host and seed forward in training and evaluation; parameters,
+    optimizer state, BatchNorm statistics and the loss stay fp32."""
     bank_mode: Literal["active", "full"] = "active"
     """'full' computes every blueprint of every slot (one graph); 'active' computes only the
     blueprints some env uses (one graph per active set, read once per epoch)."""
@@ -277,6 +283,14 @@ class CoreConfig:
         require(
             self.bank_mode in ("active", "full"),
             f"CoreConfig.bank_mode must be 'active' or 'full', got {self.bank_mode!r}",
+        )
+        require(
+            self.compile_mode in ("default", "reduce-overhead"),
+            f"CoreConfig.compile_mode must be 'default' or 'reduce-overhead', got {self.compile_mode!r}",
+        )
+        require(
+            self.compile or self.compile_mode == "default",
+            f"CoreConfig.compile_mode={self.compile_mode!r} needs compile=True (CUDA graphs are captured by torch.compile)",
         )
 
 

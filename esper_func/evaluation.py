@@ -17,7 +17,7 @@ from tensordict import TensorDict
 from torch.func import functional_call, vmap
 
 from esper_func.model import BankPlan, Model, SlotMode, bank_plan, slot_controls
-from esper_func.training import compile_per_plan
+from esper_func.training import begin_step, compile_per_plan, host_autocast
 
 Tensors = dict[str, torch.Tensor]
 
@@ -37,12 +37,13 @@ def make_eval_batch(model: Model, plan: BankPlan) -> Callable[..., tuple[torch.T
     net = model.net_eval
 
     def one(params: Tensors, buffers: Tensors, controls: Tensors, mode: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        logits = functional_call(
-            net,
-            (params, buffers),
-            (x, mode, controls["detach"], controls["blueprint"], controls["gated"], controls["alpha"], plan),
-        )
-        flat = logits.flatten(0, -2)
+        with host_autocast(model):
+            logits = functional_call(
+                net,
+                (params, buffers),
+                (x, mode, controls["detach"], controls["blueprint"], controls["gated"], controls["alpha"], plan),
+            )
+        flat = logits.float().flatten(0, -2)
         loss_sum = F.cross_entropy(flat, y.flatten(), reduction="sum")
         correct = (flat.argmax(-1) == y.flatten()).sum()
         return loss_sum, correct
@@ -67,7 +68,8 @@ class EvalStepCache:
     def __call__(self, plan: BankPlan) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         if plan not in self._steps:
             step = make_eval_batch(self.model, plan)
-            self._steps[plan] = compile_per_plan(step) if self.model.config.compile else step
+            config = self.model.config
+            self._steps[plan] = compile_per_plan(step, config.compile_mode) if config.compile else step
         return self._steps[plan]
 
 
@@ -86,6 +88,7 @@ def evaluate(model: Model, state: TensorDict, x: torch.Tensor, y: torch.Tensor, 
     loss_sum = torch.zeros(n_envs, model.n_slots + 1, device=model.device)
     correct = torch.zeros(n_envs, model.n_slots + 1, dtype=torch.int64, device=model.device)
     for v in range(x.shape[0]):
+        begin_step(model)
         batch_loss, batch_correct = step(params, buffers, controls, modes, x[v], y[v])
         loss_sum = loss_sum + batch_loss
         correct = correct + batch_correct

@@ -30,13 +30,21 @@ class Host(Initialized):
         raise NotImplementedError
 
 
+class Fp32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm on an fp32 input: under bf16 autocast its statistics stay fp32 (and vmap's
+    batch-norm rule rejects a bf16 input with fp32 statistics). A no-op cast without autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
 class ConvBlock(nn.Sequential):
     """conv3x3 (no bias) -> BatchNorm -> ReLU -> maxpool 2x2."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            Fp32BatchNorm2d(out_channels),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )

@@ -99,9 +99,10 @@ class MorphogeneticNet(nn.Module):
             out = bank.blueprints[self.names[index]](seed_input)
             seed = out if seed is None else torch.where(blueprint == index, out, seed)
         assert seed is not None
+        seed = seed.to(h.dtype)  # under bf16 autocast a seed's convs are bf16, the host's stream fp32
         weight = alpha
         if plan.gated:
-            weight = torch.where(gated, alpha * bank.gate(seed_input), alpha)
+            weight = torch.where(gated, alpha * bank.gate(seed_input), alpha).to(h.dtype)
         blended = torch.lerp(h, seed, weight)
         straight_through = h + (seed - seed.detach())
         return torch.where(

@@ -52,7 +52,7 @@ from esper_func.training_config import (
 )
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
-OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "seed")
+OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "compile_mode", "amp", "seed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--devices", nargs="+", default=None, help="devices to shard the envs over")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the env steps")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default=None, help="reduce-overhead: also capture CUDA graphs (needs --compile)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the host forward (the state stays fp32)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<controller>-<task>")
     parser.add_argument("--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)")
@@ -108,8 +110,9 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         env = replace(env, host_preset=args.host)
     if args.max_epochs is not None:
         env = replace(env, core=replace(env.core, lifecycle=replace(env.core.lifecycle, max_epochs=args.max_epochs)))
-    if args.compile is not None:
-        env = replace(env, core=replace(env.core, compile=args.compile))
+    core_overrides = {key: getattr(args, key) for key in ("compile", "compile_mode", "amp") if getattr(args, key) is not None}
+    if core_overrides:
+        env = replace(env, core=replace(env.core, **core_overrides))
     if args.n_envs is not None:
         env = replace(env, n_envs=args.n_envs)
     if args.seed is not None:

@@ -33,6 +33,11 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
+def host_autocast(model: Model) -> torch.autocast:
+    """bf16 autocast of the host forward when `config.amp` is on (a no-op context otherwise)."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.config.amp)
+
+
 def _per_env_sq_norm(tensors: Tensors, names: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:
     """Sum of squares per env over the named `[N, ...]` tensors (zeros `like` when none)."""
     total = torch.zeros_like(like)
@@ -66,12 +71,13 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
 
     def env_loss(trained: Tensors, frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
         buffers = {name: value.clone() for name, value in buffers.items()}  # BN writes stay local
-        logits = functional_call(
-            net,
-            ({**frozen, **trained}, buffers),
-            (x, controls["mode"], controls["detach"], controls["blueprint"], controls["gated"], controls["alpha"], plan),
-        )
-        loss = task_loss(logits, y)
+        with host_autocast(model):
+            logits = functional_call(
+                net,
+                ({**frozen, **trained}, buffers),
+                (x, controls["mode"], controls["detach"], controls["blueprint"], controls["gated"], controls["alpha"], plan),
+            )
+        loss = task_loss(logits.float(), y)
         return loss, (loss.detach(), buffers)
 
     env_grad = vmap(grad(env_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, None))
@@ -142,9 +148,25 @@ object (default limit 8, then it silently runs eager). Distinct plans are bounde
 blueprint sets in use, so the limit is raised to this when compiling."""
 
 
-def compile_per_plan(function: Callable[..., T]) -> Callable[..., T]:
+def compile_per_plan(function: Callable[..., T], mode: str) -> Callable[..., T]:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, PLAN_RECOMPILE_LIMIT)
-    return torch.compile(function, dynamic=False)
+    return torch.compile(function, dynamic=False, mode=mode)
+
+
+def begin_step(model: Model) -> None:
+    """Mark a new CUDA-graph step, so a replay may reuse the memory of the last one's outputs.
+
+    Callers consume each step's outputs before the next call (as inputs, or summed into
+    fresh tensors) and copy what they keep past the loop (`keep_outside_graphs`)."""
+    if model.config.compile and model.config.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def keep_outside_graphs(model: Model, tensors: Tensors) -> Tensors:
+    """Copies of CUDA-graph outputs that later replays would overwrite (the tensors themselves otherwise)."""
+    if model.config.compile and model.config.compile_mode == "reduce-overhead":
+        return {name: value.clone() for name, value in tensors.items()}
+    return tensors
 
 
 class TrainStepCache:
@@ -157,7 +179,8 @@ class TrainStepCache:
     def __call__(self, plan: BankPlan) -> Callable[..., tuple[Tensors, Tensors, Tensors, Tensors]]:
         if plan not in self._steps:
             step = make_train_iteration(self.model, plan)
-            self._steps[plan] = compile_per_plan(step) if self.model.config.compile else step
+            config = self.model.config
+            self._steps[plan] = compile_per_plan(step, config.compile_mode) if config.compile else step
         return self._steps[plan]
 
 
@@ -181,9 +204,11 @@ def train_epoch(
     loss_sum = torch.zeros(slots.batch_size[0], device=model.device)
     ratio_sum = torch.zeros(slots.batch_size, device=model.device)
     for i in range(x.shape[0]):
+        begin_step(model)
         params, buffers, momentum, stats = step(params, buffers, momentum, controls, trainable, counts, x[i], y[i])
         loss_sum = loss_sum + stats["loss"]
         ratio_sum = ratio_sum + stats["grad_ratio"]
+    params, buffers, momentum = (keep_outside_graphs(model, tensors) for tensors in (params, buffers, momentum))
     n_envs = slots.batch_size[0]
     new_state = state.clone(recurse=False)
     new_state["params"] = TensorDict(params, batch_size=[n_envs])

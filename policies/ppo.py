@@ -165,8 +165,8 @@ class FactoredActionDistribution(CompositeDistribution):
 
     def log_prob(self, sample: TensorDictBase) -> torch.Tensor | TensorDict:
         op = sample["action", "op"]
-        uses_slot = op != Op.WAIT
-        uses_seed = op == Op.GERMINATE
+        uses_slot = op != int(Op.WAIT)  # int: dynamo compares a tensor with an IntEnum member as a Python bool
+        uses_seed = op == int(Op.GERMINATE)
         zero = torch.zeros((), dtype=self.op.logits.dtype, device=op.device)
         slot_lp = self._slot_given_op(self.slot_by_op.log_prob(sample["action", "slot"].unsqueeze(-1).expand(*op.shape, self.slot_by_op.logits.shape[-2])), op)
         per_head = {

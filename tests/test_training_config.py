@@ -76,6 +76,14 @@ def test_cli_flags_override_the_preset() -> None:
     assert config.env.task.batch_size == TrainingConfig.preset("tiny").env.task.batch_size
 
 
+def test_cli_precision_and_compile_mode_flags() -> None:
+    core = resolve_config(parse_args(["--preset", "tiny", "--amp", "--compile", "--compile-mode", "reduce-overhead"])).env.core
+    assert core.amp is True and core.compile is True and core.compile_mode == "reduce-overhead"
+    assert resolve_config(parse_args(["--preset", "tiny"])).env.core.amp is False
+    with pytest.raises(ConfigError, match="needs compile=True"):
+        resolve_config(parse_args(["--preset", "tiny", "--no-compile", "--compile-mode", "reduce-overhead"]))
+
+
 def test_cli_task_flag_switches_task_and_reward_scale() -> None:
     config = resolve_config(parse_args(["--preset", "tiny", "--task", "tinystories"]))
     assert config.env.task.name == "tinystories"
