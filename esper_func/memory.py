@@ -90,8 +90,12 @@ def _step_peaks(model: Model, n_envs: int, x: torch.Tensor, y: torch.Tensor) -> 
 def estimate_memory(
     core: CoreConfig, x_shape: tuple[int, ...], x_dtype: torch.dtype, y_shape: tuple[int, ...]
 ) -> MemoryEstimate:
-    """Bytes for an env batch whose steps take batches `x [*x_shape]`, targets `y [*y_shape]`."""
-    model = build_model(core, META)
+    """Bytes for an env batch whose steps take batches `x [*x_shape]`, targets `y [*y_shape]`.
+
+    Building the meta model runs its initializers, which draw from the global RNG; the
+    draws are undone, so the first (uncached) estimate does not shift later seeded init."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(core, META)
     x = torch.empty(x_shape, dtype=x_dtype, device=META)
     y = torch.empty(y_shape, dtype=torch.int64, device=META)
     one, two = (max(_step_peaks(model, n, x, y)) for n in (1, 2))

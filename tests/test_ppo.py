@@ -359,3 +359,15 @@ def test_anomaly_raises_the_telemetry_level_for_a_few_updates(tmp_path: Path) ->
     state = trainer.train()
     assert levels == ["debug", "debug", "debug"]
     assert "ratio_offenders" in state.losses and state.losses["ratio_offenders"]
+
+
+def test_the_same_seed_builds_the_same_controller_whether_or_not_the_memory_estimate_is_cached(tmp_path: Path) -> None:
+    """The first env of a process runs the (cached) meta-device memory estimate, whose
+    initializers once drew from the global RNG and shifted the controller's seeded init."""
+    from esper_func.memory import estimate_memory
+
+    estimate_memory.cache_clear()
+    first = PPOTrainer(tiny(), tmp_path / "first")  # runs the estimate
+    second = PPOTrainer(tiny(), tmp_path / "second")  # finds it cached
+    for (name, a), b in zip(first.loss.named_parameters(), second.loss.parameters()):
+        assert torch.equal(a, b), name
