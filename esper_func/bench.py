@@ -9,9 +9,17 @@ Variants, all on the same synthetic data (generated on the device once):
   stepped in a Python loop over envs for every batch; on CUDA each env on its own stream.
 - `vmap_eager`: `training.train_epoch` with `CoreConfig(compile=False)`.
 - `vmap_compiled`: `training.train_epoch` with `CoreConfig(compile=True)`.
+- `vmap_cudagraphs`: the same with `compile_mode="reduce-overhead"`, which captures CUDA
+  graphs (CUDA only: on a CPU it would be `vmap_compiled` again).
 
-`--sweep-n 1 2 4 8 16` repeats that comparison at each env count. `--collector` measures
-TorchRL's collector overhead over stepping the env by hand. `--profile-step` then
+`--amp` adds every vmapped variant under bf16 autocast, and measures autocast's accuracy
+effect: the synthetic task's host trained `--amp-epochs` epochs from the same seeds in fp32
+and bf16. `--sweep-n 1 2 4 8 16` repeats the comparison at each env count, reports where
+each variant's throughput saturates, and `--plot PATH` draws env-steps/s against N.
+`--bound` profiles one more epoch of every variant and says what bounds it (launches,
+memory or compute: `esper_func/bench_checks.py`). Every row reports its peak memory.
+`--ppo-update` times the PPO update eager and with ClipPPOLoss compiled. `--collector`
+measures TorchRL's collector overhead over stepping the env by hand. `--profile-step`
 profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy),
 an eager heuristic with the active bank plan, and the same with the full bank (every
 blueprint computed at every slot), each part's time per step and the controller's share.
@@ -45,6 +53,21 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
+from esper_func.bench_checks import (
+    AmpEffect,
+    Bound,
+    PPOUpdateTiming,
+    Scaling,
+    amp_effect,
+    model_flops,
+    peak_memory_kind,
+    peak_memory_mib,
+    plot_scaling,
+    ppo_update_timing,
+    profile_bound,
+    reset_peak_memory,
+    saturation_point,
+)
 from esper_func.blueprints import Blueprint, blueprint_index, build_blueprint
 from esper_func.config import CNNHostConfig, CoreConfig, OptimConfig
 from esper_func.hosts import Host, build_host
@@ -55,13 +78,25 @@ from esper_func.step_profile import CollectorOverhead, StepProfile, collector_ov
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
-VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled")
+VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs")
+CUDA_ONLY_VARIANTS: tuple[str, ...] = ("vmap_cudagraphs",)
+COMPILE_SETTINGS: dict[str, tuple[bool, str]] = {
+    "vmap_eager": (False, "default"),
+    "vmap_compiled": (True, "default"),
+    "vmap_cudagraphs": (True, "reduce-overhead"),
+}
+"""`CoreConfig.compile` and `compile_mode` of each vmapped variant."""
+COMPILE_MODES: dict[str, str] = {
+    "baseline": "eager",
+    "vmap_eager": "eager",
+    "vmap_compiled": "torch.compile(dynamic=False), default mode",
+    "vmap_cudagraphs": "torch.compile(dynamic=False), mode='reduce-overhead' (CUDA graphs)",
+}
 SEED_SLOT = 1  # the `mid` slot
 SEED_BLUEPRINT = "conv_light"
 DTYPE = torch.float32
-COMPILE_MODE = "torch.compile(dynamic=False), default mode"
-QUICK_DEFAULTS = {"iters": 20, "repeats": 3}
-FULL_DEFAULTS = {"iters": 50, "repeats": 5}
+QUICK_DEFAULTS = {"iters": 20, "repeats": 3, "amp_epochs": 3}
+FULL_DEFAULTS = {"iters": 50, "repeats": 5, "amp_epochs": 8}
 
 
 @dataclass(frozen=True)
@@ -85,6 +120,13 @@ class Settings:
     profile_step: bool = False
     profile_steps: int = 4
     collector: bool = False
+    amp: bool = False
+    """Also run every vmapped variant under bf16 autocast, and measure its accuracy effect."""
+    amp_epochs: int = 3
+    bound: bool = False
+    """Profile one more epoch of each variant: what bounds it."""
+    ppo_update: bool = False
+    plot_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +136,8 @@ class VariantResult:
     n_envs: int
     scenario: str
     variant: str
+    dtype: str
+    """'float32', or 'bfloat16 autocast' (parameters and optimizer state stay fp32)."""
     compile_mode: str
     trained_params_per_env: int
     warmup_s: list[float]
@@ -105,7 +149,11 @@ class VariantResult:
     """Training iterations of all N envs together per second (iters / time)."""
     env_iterations_per_s: float
     """Training iterations summed over envs per second (N * iters / time)."""
+    peak_memory_mib: float
+    """From building the variant to its last timed epoch (`peak_memory_kind` in the report)."""
     speedup_vs_baseline: float | None = None
+    """Against the fp32 baseline at the same N and scenario."""
+    bound: Bound | None = None
 
 
 @dataclass(frozen=True)
@@ -123,8 +171,8 @@ class ParamCheck:
 # --- The workload: configuration, state, data --------------------------------------------
 
 
-def core_config(host_preset: str, compile: bool) -> CoreConfig:
-    return CoreConfig(host=CNNHostConfig.preset(host_preset), compile=compile)
+def core_config(host_preset: str, compile: bool, compile_mode: str = "default", amp: bool = False) -> CoreConfig:
+    return CoreConfig(host=CNNHostConfig.preset(host_preset), compile=compile, compile_mode=compile_mode, amp=amp)  # type: ignore[arg-type]
 
 
 def scenario_state(model: Model, scenario: str, n_envs: int, seed: int) -> TensorDict:
@@ -299,9 +347,12 @@ def time_epochs(run_epoch: Callable[[], None], device: torch.device, warmup: int
     return warmup_s, times_s
 
 
-def epoch_runner(settings: Settings, scenario: str, variant: str, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], int]:
+def epoch_runner(
+    settings: Settings, scenario: str, variant: str, amp: bool, x: torch.Tensor, y: torch.Tensor
+) -> tuple[Callable[[], None], int]:
     """A closure that trains all N envs for one epoch (state carried across calls), and params per env."""
-    model = build_model(core_config(settings.host_preset, compile=variant == "vmap_compiled"), settings.device)
+    compile, compile_mode = COMPILE_SETTINGS.get(variant, (False, "default"))
+    model = build_model(core_config(settings.host_preset, compile, compile_mode, amp), settings.device)
     state = scenario_state(model, scenario, settings.n_envs, settings.seed)
     baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
     if variant == "baseline":
@@ -319,16 +370,24 @@ def epoch_runner(settings: Settings, scenario: str, variant: str, x: torch.Tenso
     return run, vmapped_count
 
 
-def bench_variant(settings: Settings, scenario: str, variant: str, x: torch.Tensor, y: torch.Tensor) -> VariantResult:
-    run, params = epoch_runner(settings, scenario, variant, x, y)
+def bench_variant(
+    settings: Settings, scenario: str, variant: str, amp: bool, x: torch.Tensor, y: torch.Tensor, flops_per_env_step: float
+) -> VariantResult:
+    reset_peak_memory(settings.device)
+    run, params = epoch_runner(settings, scenario, variant, amp, x, y)
     warmup_s, times_s = time_epochs(run, settings.device, settings.warmup, settings.repeats)
+    peak = peak_memory_mib(settings.device)
     median = statistics.median(times_s)
     n, iters = settings.n_envs, settings.iters
+    bound = None
+    if settings.bound:
+        bound = profile_bound(scenario, variant, n, iters, settings.device, run, flops_per_env_step, amp)
     return VariantResult(
         n_envs=n,
         scenario=scenario,
         variant=variant,
-        compile_mode=COMPILE_MODE if variant == "vmap_compiled" else "eager",
+        dtype="bfloat16 autocast" if amp else "float32",
+        compile_mode=COMPILE_MODES[variant],
         trained_params_per_env=params,
         warmup_s=warmup_s,
         times_s=times_s,
@@ -337,12 +396,14 @@ def bench_variant(settings: Settings, scenario: str, variant: str, x: torch.Tens
         samples_per_s=n * settings.batch * iters / median,
         iterations_per_s=iters / median,
         env_iterations_per_s=n * iters / median,
+        peak_memory_mib=peak,
+        bound=bound,
     )
 
 
 def with_speedups(results: list[VariantResult]) -> list[VariantResult]:
     """Each result with its speedup over the baseline of its scenario (None without a baseline)."""
-    baselines = {(r.n_envs, r.scenario): r.median_s for r in results if r.variant == "baseline"}
+    baselines = {(r.n_envs, r.scenario): r.median_s for r in results if r.variant == "baseline" and r.dtype == "float32"}
     return [
         replace(r, speedup_vs_baseline=baselines[r.n_envs, r.scenario] / r.median_s if (r.n_envs, r.scenario) in baselines else None)
         for r in results
@@ -360,10 +421,28 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> tup
         check_iters = min(2, settings.iters)
         diff = max_param_difference(check_model, scenario, settings.n_envs, x[:check_iters], y[:check_iters], settings.seed)
         checks.append(ParamCheck(scenario, baseline_count, vmapped_count, diff, check_iters))
+        baseline_net = build_baseline_net(check_model.config, scenario).to(settings.device)
+        flops_per_env_step = settings.iters * model_flops(baseline_net, x[0], y[0])
         for variant in settings.variants:
-            log(f"[bench] {scenario} / {variant} ...")
-            results.append(bench_variant(settings, scenario, variant, x, y))
+            for amp in (False, True) if settings.amp and variant != "baseline" else (False,):
+                log(f"[bench] N={settings.n_envs} {scenario} / {variant}{' / bf16' if amp else ''} ...")
+                results.append(bench_variant(settings, scenario, variant, amp, x, y, flops_per_env_step))
     return with_speedups(results), checks
+
+
+def scaling_curves(results: Sequence[VariantResult]) -> list[Scaling]:
+    """Env-steps/s of each (scenario, variant, dtype) over the swept N, and where it saturates."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in results:
+        name = r.variant + (" bf16" if r.dtype != "float32" else "")
+        series.setdefault((r.scenario, name), []).append((r.n_envs, r.env_steps_per_s))
+    curves = []
+    for (scenario, name), points in series.items():
+        if len(points) > 1:
+            points.sort()
+            ns, values = [n for n, _ in points], [v for _, v in points]
+            curves.append(Scaling(scenario, name, ns, values, saturation_point(ns, values)))
+    return curves
 
 
 # --- Reporting --------------------------------------------------------------------------------
@@ -380,13 +459,40 @@ def device_name(device: torch.device) -> str:
 
 
 def format_table(results: Sequence[VariantResult]) -> str:
-    header = f"{'N':>4} {'scenario':<8} {'variant':<14} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} {'iters/s':>8} {'env-iters/s':>11} {'vs baseline':>11}"
+    header = (
+        f"{'N':>4} {'scenario':<8} {'variant':<15} {'dtype':<5} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} "
+        f"{'iters/s':>8} {'env-iters/s':>11} {'peak MiB':>9} {'vs baseline':>11}"
+    )
     rows = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline is not None else "-"
+        dtype = "fp32" if r.dtype == "float32" else "bf16"
         rows.append(
-            f"{r.n_envs:>4} {r.scenario:<8} {r.variant:<14} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
-            f"{r.samples_per_s:>10,.0f} {r.iterations_per_s:>8.2f} {r.env_iterations_per_s:>11.1f} {speedup:>11}"
+            f"{r.n_envs:>4} {r.scenario:<8} {r.variant:<15} {dtype:<5} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
+            f"{r.samples_per_s:>10,.0f} {r.iterations_per_s:>8.2f} {r.env_iterations_per_s:>11.1f} {r.peak_memory_mib:>9,.0f} {speedup:>11}"
+        )
+    return "\n".join(rows)
+
+
+def format_scaling(curves: Sequence[Scaling]) -> str:
+    rows = []
+    for c in curves:
+        where = f"saturates at N={c.saturates_at}" if c.saturates_at is not None else f"still rising at N={c.n_envs[-1]}"
+        figures = ", ".join(f"{n}: {v:.2f}" for n, v in zip(c.n_envs, c.env_steps_per_s))
+        rows.append(f"[bench] {c.scenario} / {c.variant}: {where} (env-steps/s by N: {figures})")
+    return "\n".join(rows)
+
+
+def format_bounds(results: Sequence[VariantResult]) -> str:
+    rows = []
+    for r in results:
+        if r.bound is None:
+            continue
+        b = r.bound
+        top = ", ".join(f"{op['name']} {op['total_ms']:.0f} ms" for op in b.top_ops[:3])
+        rows.append(
+            f"[bench] bound N={r.n_envs} {r.scenario} / {r.variant} ({r.dtype}): {b.verdict}; "
+            f"{b.flops_per_env_step / 1e6:,.1f} MFLOP per env step, top ops: {top}"
         )
     return "\n".join(rows)
 
@@ -404,6 +510,9 @@ def report(
     load_at_start: list[float] | None,
     profiles: Sequence[StepProfile] = (),
     collector: CollectorOverhead | None = None,
+    curves: Sequence[Scaling] = (),
+    amp: AmpEffect | None = None,
+    ppo_update: PPOUpdateTiming | None = None,
 ) -> dict:
     """Everything the run measured, with the conditions it ran under, as plain JSON."""
     return {
@@ -422,13 +531,17 @@ def report(
         "iters": settings.iters,
         "repeats": settings.repeats,
         "warmup_epochs": settings.warmup,
-        "dtype": str(DTYPE).removeprefix("torch."),
-        "compile_mode": COMPILE_MODE if "vmap_compiled" in settings.variants else "none",
+        "dtype": str(DTYPE).removeprefix("torch.") + (", and bfloat16 autocast rows (--amp)" if settings.amp else ""),
+        "compile_modes": {variant: COMPILE_MODES[variant] for variant in settings.variants},
+        "peak_memory_kind": peak_memory_kind(settings.device),
         "unit": "env step = one host epoch of one env = `iters` training iterations of `batch` samples",
         "param_checks": [asdict(c) for c in checks],
         "results": [asdict(r) for r in results],
         "step_profiles": [asdict(p) for p in profiles],
         "collector_overhead": asdict(collector) if collector is not None else None,
+        "scaling": [asdict(c) for c in curves],
+        "amp_effect": asdict(amp) if amp is not None else None,
+        "ppo_update": asdict(ppo_update) if ppo_update is not None else None,
     }
 
 
@@ -461,13 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--host-preset", default="cifar", help="CNN host preset: cifar, cifar_deep, tiny (default cifar)")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all (vmap_cudagraphs on CUDA only)")
     parser.add_argument("--no-compile", action="store_true", help="drop the vmap_compiled variant")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
     parser.add_argument("--sweep-n", type=positive_int, nargs="+", help="run the comparison at each of these env counts")
     parser.add_argument("--profile-step", action="store_true", help="also profile whole env steps (parts and controller share)")
     parser.add_argument("--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand")
+    parser.add_argument("--amp", action="store_true", help="also run the vmapped variants under bf16 autocast, and measure its accuracy effect")
+    parser.add_argument("--amp-epochs", type=positive_int, help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick {QUICK_DEFAULTS['amp_epochs']})")
+    parser.add_argument("--bound", action="store_true", help="profile one more epoch of each variant: what bounds it")
+    parser.add_argument("--ppo-update", action="store_true", help="also time the PPO update, eager and with ClipPPOLoss compiled")
+    parser.add_argument("--plot", type=Path, help="with --sweep-n: write the plot of env-steps/s against N to this file (.png, .svg, .pdf)")
     return parser
 
 
@@ -486,9 +604,17 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         CNNHostConfig.preset(args.host_preset)
     except ValueError as error:
         parser.error(f"--host-preset: {error}")
-    variants = tuple(dict.fromkeys(v for v in args.variants if not (args.no_compile and v == "vmap_compiled")))
+    explicit = args.variants is not None
+    chosen = args.variants if explicit else [v for v in VARIANTS if device.type == "cuda" or v not in CUDA_ONLY_VARIANTS]
+    if device.type != "cuda" and explicit and any(v in CUDA_ONLY_VARIANTS for v in chosen):
+        parser.error("--variants vmap_cudagraphs needs --device cuda: CUDA graphs capture GPU kernels (on a CPU it is vmap_compiled)")
+    variants = tuple(dict.fromkeys(v for v in chosen if not (args.no_compile and v in ("vmap_compiled", "vmap_cudagraphs"))))
     if not variants:
-        parser.error("no variant left to run (--no-compile dropped vmap_compiled)")
+        parser.error("no variant left to run (--no-compile dropped the compiled variants)")
+    if args.plot is not None and len(args.sweep_n or ()) < 2:
+        parser.error("--plot draws env-steps/s against N: give --sweep-n with two or more env counts")
+    if args.amp_epochs is not None and not args.amp:
+        parser.error("--amp-epochs sets the length of the --amp accuracy comparison: add --amp")
     defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     return Settings(
         device=device,
@@ -507,6 +633,11 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         profile_step=args.profile_step,
         collector=args.collector,
         profile_steps=args.repeats if args.repeats is not None else defaults["repeats"] + 1,
+        amp=args.amp,
+        amp_epochs=args.amp_epochs if args.amp_epochs is not None else defaults["amp_epochs"],
+        bound=args.bound,
+        ppo_update=args.ppo_update,
+        plot_path=args.plot,
     )
 
 
@@ -537,6 +668,17 @@ def main(argv: list[str] | None = None) -> int:
                     max(1, settings.warmup), policy, bank_mode, compile=settings.device.type == "cuda",
                 )
             )
+    amp = None
+    if settings.amp:
+        print(f"[bench] bf16 autocast's accuracy effect: {settings.amp_epochs} epochs of the synthetic task, fp32 and bf16 ...")
+        amp = amp_effect(
+            settings.device, settings.n_envs, settings.batch, settings.iters, settings.amp_epochs, settings.seed,
+            compile=settings.device.type == "cuda",
+        )
+    ppo_update = None
+    if settings.ppo_update:
+        print("[bench] PPO update, eager and with ClipPPOLoss compiled ...")
+        ppo_update = ppo_update_timing(settings.device, settings.n_envs, settings.repeats)
     overhead = None
     if settings.collector:
         print("[bench] collector overhead ...")
@@ -550,6 +692,28 @@ def main(argv: list[str] | None = None) -> int:
             f"vmapped={check.vmapped_params_per_env}; max |param diff| after {check.check_iters} iters = {check.max_abs_param_diff:.2e}"
         )
     print(format_table(results))
+    curves = scaling_curves(results)
+    if curves:
+        print(format_scaling(curves))
+    if settings.bound:
+        print(format_bounds(results))
+    if settings.plot_path is not None:
+        title = f"{device_name(settings.device)}, {settings.host_preset} host, batch {settings.batch}, {settings.iters} iterations per env step"
+        plot_scaling(curves, title, settings.plot_path)
+        print(f"[bench] wrote {settings.plot_path}")
+    if amp is not None:
+        print(
+            f"[bench] bf16 vs fp32 after {amp.epochs} epochs, {amp.n_envs} envs from seed {amp.seed}: val accuracy "
+            f"{statistics.fmean(amp.bf16_accuracy):.2f}% vs {statistics.fmean(amp.fp32_accuracy):.2f}% "
+            f"(mean difference {amp.mean_accuracy_difference_pp:+.2f} pp, largest per env {amp.max_abs_accuracy_difference_pp:.2f} pp)"
+        )
+    if ppo_update is not None:
+        print(
+            f"[bench] PPO update ({ppo_update.frames} frames, {ppo_update.optimizer_steps} optimizer steps): eager {1000 * ppo_update.eager_s:.1f} ms, "
+            f"compiled {1000 * ppo_update.compiled_s:.1f} ms ({ppo_update.speedup:.2f}x; first call with compilation "
+            f"{ppo_update.first_compiled_s:.1f} s, {ppo_update.graphs} graphs, {ppo_update.graph_breaks} graph breaks; "
+            f"first update's losses differ by {ppo_update.first_update_max_abs_difference:.1e})"
+        )
     if profiles:
         print(f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch {settings.batch}, {settings.iters} iterations):")
         print(format_profiles(profiles))
@@ -560,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if settings.json_path is not None:
         settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-        settings.json_path.write_text(json.dumps(report(settings, results, checks, argv, load_at_start, profiles, overhead), indent=2) + "\n")
+        figures = report(settings, results, checks, argv, load_at_start, profiles, overhead, curves, amp, ppo_update)
+        settings.json_path.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"[bench] wrote {settings.json_path}")
     return 0
 

@@ -219,6 +219,7 @@ class PPOTrainer:
             clip_value=ppo.value_clip if ppo.value_clip > 0 else False,
             normalize_advantage=False,
         )
+        self.loss_fn = torch.compile(self.loss) if ppo.compile_loss else self.loss
         self.gae = GAE(gamma=ppo.gamma, lmbda=ppo.gae_lambda, value_network=self.nets.critic, average_gae=True)
         self.gae.set_keys(reward=SCALED_REWARD)
         self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=ppo.lr, eps=ppo.adam_eps)
@@ -373,7 +374,7 @@ class PPOTrainer:
                     if ppo.target_kl > 0 and kl.item() > ppo.kl_stop_factor * ppo.target_kl:
                         stopped_at = epoch
                         break
-                    out = self.loss(minibatch)
+                    out = self.loss_fn(minibatch)
                 total = out["loss_objective"] + out["loss_critic"] + entropy_coeff * out["loss_entropy"]
                 self.optimizer.zero_grad()
                 total.backward()

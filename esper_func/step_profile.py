@@ -70,13 +70,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_env(device: torch.device, n_envs: int, batch: int, iters: int, max_epochs: int, bank_mode: str, compile: bool) -> MorphogeneticEnv:
+def synthetic_env(
+    device: torch.device, n_envs: int, batch: int, iters: int, max_epochs: int, bank_mode: str, compile: bool, amp: bool = False, seed: int = 0
+) -> MorphogeneticEnv:
     """The synthetic task at a given per-epoch budget (validation batches fit its validation set)."""
     preset = TaskConfig.preset("synthetic")
     val_batches = max(1, min(preset.val_batches, preset.n_val // batch))
     task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters, val_batches=val_batches)
-    core = CoreConfig(compile=compile, bank_mode=bank_mode, lifecycle=LifecycleConfig(max_epochs=max_epochs))  # type: ignore[arg-type]
-    return MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs), device)
+    core = CoreConfig(compile=compile, bank_mode=bank_mode, amp=amp, lifecycle=LifecycleConfig(max_epochs=max_epochs))  # type: ignore[arg-type]
+    return MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs, seed=seed), device)
 
 
 def profile_env_steps(

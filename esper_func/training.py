@@ -10,6 +10,7 @@ momentum and weight decay; seeds: momentum, and only in stages whose seed trains
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 import torch
@@ -33,9 +34,12 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
-def host_autocast(model: Model) -> torch.autocast:
-    """bf16 autocast of the host forward when `config.amp` is on (a no-op context otherwise)."""
-    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.config.amp)
+def host_autocast(model: Model) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast of the host forward when `config.amp` is on. The meta-device memory
+    estimate (`esper_func.memory`) has no autocast and counts fp32, an upper bound."""
+    if not model.config.amp or model.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(model.device.type, dtype=torch.bfloat16)
 
 
 def _per_env_sq_norm(tensors: Tensors, names: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:

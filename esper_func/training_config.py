@@ -65,6 +65,9 @@ class PPOConfig:
     """ObservationNorm whose statistics are frozen during a rollout and refreshed after it."""
     scale_rewards: bool = True
     """Divide rewards by the running std of discounted returns (refreshed after each rollout)."""
+    compile_loss: bool = False
+    """torch.compile ClipPPOLoss. Off: TensorDict construction inside the loss breaks the
+    graph, and compiled was slower than eager at these batch sizes (docs/performance.md)."""
 
     def __post_init__(self) -> None:
         require_fields(self, ("gamma", "gae_lambda"), lambda value: 0.0 < value <= 1.0, "in (0, 1]")

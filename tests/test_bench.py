@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from esper_func import bench
+from esper_func.bench_checks import saturation_point
 from esper_func.blueprints import param_count
 
 TINY = ["--n-envs", "2", "--batch", "8", "--iters", "2", "--repeats", "1", "--no-compile", "--host-preset", "tiny"]
@@ -30,11 +31,12 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
     assert bench.main([*TINY, "--threads", "1", "--json", str(path)]) == 0
 
     report = json.loads(path.read_text())
-    for key in ("device", "torch_version", "tensordict_version", "n_envs", "batch", "iters", "dtype", "compile_mode", "results", "param_checks"):
+    for key in ("device", "torch_version", "tensordict_version", "n_envs", "batch", "iters", "dtype", "compile_modes", "results", "param_checks"):
         assert key in report, key
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert (report["n_envs"], report["batch"], report["iters"], report["dtype"]) == (2, 8, 2, "float32")
-    assert report["compile_mode"] == "none"
+    assert report["compile_modes"] == {"baseline": "eager", "vmap_eager": "eager"}
+    assert report["peak_memory_kind"] == "process peak resident set (VmHWM)"
 
     rows = {(r["scenario"], r["variant"]): r for r in report["results"]}
     assert set(rows) == {(s, v) for s in ("host", "seeded") for v in ("baseline", "vmap_eager")}
@@ -42,6 +44,8 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
         for figure in FIGURES:
             assert math.isfinite(row[figure]) and row[figure] > 0, (row["scenario"], row["variant"], figure)
         assert len(row["times_s"]) == 1 and len(row["warmup_s"]) == 1
+        assert row["dtype"] == "float32" and row["bound"] is None
+        assert 50 < row["peak_memory_mib"] < 24 * 1024  # a Python process with torch loaded, on this machine's memory
         n_envs, samples = 2, 2 * 8 * 2
         assert row["env_steps_per_s"] == pytest.approx(n_envs / row["median_s"])
         assert row["samples_per_s"] == pytest.approx(samples / row["median_s"])
@@ -72,6 +76,10 @@ def test_both_sides_train_the_same_architecture(scenario: str) -> None:
         (["--scenarios", "bogus"], "invalid choice"),
         (["--host-preset", "huge"], "unknown CNN host preset"),
         (["--variants", "vmap_compiled", "--no-compile"], "no variant left"),
+        (["--variants", "vmap_cudagraphs"], "needs --device cuda"),
+        (["--plot", "out.png"], "give --sweep-n with two or more"),
+        (["--sweep-n", "2", "--plot", "out.png"], "give --sweep-n with two or more"),
+        (["--amp-epochs", "2"], "add --amp"),
     ],
 )
 def test_bad_flags_are_clear_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,12 +90,19 @@ def test_bad_flags_are_clear_errors(flags: list[str], message: str, capsys: pyte
 
 
 def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, restore_threads: None) -> None:
-    path = tmp_path / "bench.json"
-    assert bench.main([*TINY, "--threads", "1", "--scenarios", "host", "--sweep-n", "1", "3", "--profile-step", "--json", str(path)]) == 0
+    path, plot = tmp_path / "bench.json", tmp_path / "plots" / "scaling.png"
+    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--sweep-n", "1", "3", "--profile-step", "--json", str(path), "--plot", str(plot)]
+    assert bench.main(argv) == 0
     report = json.loads(path.read_text())
     by_n = {(r["n_envs"], r["variant"]): r for r in report["results"]}
     assert set(by_n) == {(n, v) for n in (1, 3) for v in ("baseline", "vmap_eager")}
     assert by_n[3, "vmap_eager"]["env_steps_per_s"] == pytest.approx(3 / by_n[3, "vmap_eager"]["median_s"])
+    curves = {(c["scenario"], c["variant"]): c for c in report["scaling"]}
+    assert set(curves) == {("host", "baseline"), ("host", "vmap_eager")}
+    for (_, variant), curve in curves.items():
+        assert curve["n_envs"] == [1, 3]
+        assert curve["env_steps_per_s"] == [by_n[n, variant]["env_steps_per_s"] for n in (1, 3)]
+    assert plot.read_bytes().startswith(b"\x89PNG")
 
     profiles = {p["label"]: p for p in report["step_profiles"]}
     assert set(profiles) == {"host only (static)", "heuristic, active bank", "heuristic, full bank"}
@@ -108,3 +123,48 @@ def test_collector_overhead_is_reported(tmp_path: Path, restore_threads: None) -
     assert overhead["n_envs"] == 2 and overhead["steps"] >= 1
     assert overhead["by_hand_s"] > 0 and overhead["collector_s"] > 0
     assert overhead["overhead_fraction"] == pytest.approx((overhead["collector_s"] - overhead["by_hand_s"]) / overhead["collector_s"])
+
+
+@pytest.mark.parametrize(
+    ("throughput", "saturates_at"),
+    [
+        ([1.0, 2.0, 4.0, 8.0], None),  # still rising at the largest N
+        ([1.0, 2.0, 4.0, 4.2], 4),  # within 10 % from N = 4 on
+        ([1.0, 2.0, 2.1, 2.15], 2),  # +5 % and +7.5 % over N = 2
+        ([1.0, 3.0, 2.0, 1.5], 2),  # a peak, then slower
+        ([1.0, 1.05, 1.0, 3.0], None),  # a late jump is still rising
+        ([1.0, 1.05, 1.08, 1.09], 1),  # flat from the start
+    ],
+)
+def test_saturation_is_the_first_n_no_larger_n_beats_by_ten_percent(throughput: list[float], saturates_at: int | None) -> None:
+    assert saturation_point([1, 2, 4, 8], throughput) == saturates_at
+
+
+@pytest.mark.compile
+def test_amp_bound_and_ppo_update_are_reported(tmp_path: Path, restore_threads: None) -> None:
+    """bf16 rows next to fp32 ones, the accuracy effect on the same seeds, a bound for every
+    row, and the PPO update eager vs compiled (ClipPPOLoss compiles: tens of seconds)."""
+    path = tmp_path / "bench.json"
+    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--variants", "vmap_eager", "--amp", "--amp-epochs", "2", "--bound", "--ppo-update", "--json", str(path)]
+    assert bench.main(argv) == 0
+    report = json.loads(path.read_text())
+    rows = {r["dtype"]: r for r in report["results"]}
+    assert set(rows) == {"float32", "bfloat16 autocast"}
+    flops = {row["bound"]["flops_per_env_step"] for row in rows.values()}
+    assert len(flops) == 1 and flops.pop() > 0  # the same model and data on both sides
+    for row in rows.values():
+        bound = row["bound"]
+        assert bound["verdict"].startswith("CPU") and bound["device_busy_fraction"] is None
+        assert bound["achieved_flops_per_s"] > 0 and bound["top_ops"]
+
+    amp = report["amp_effect"]
+    assert amp["epochs"] == 2 and len(amp["fp32_accuracy"]) == len(amp["bf16_accuracy"]) == 2
+    assert all(0.0 <= a <= 100.0 for a in amp["fp32_accuracy"] + amp["bf16_accuracy"])
+    differences = [b - f for b, f in zip(amp["bf16_accuracy"], amp["fp32_accuracy"])]
+    assert amp["mean_accuracy_difference_pp"] == pytest.approx(sum(differences) / 2)
+    assert all(math.isfinite(loss) for loss in amp["fp32_val_loss"] + amp["bf16_val_loss"])
+
+    update = report["ppo_update"]
+    assert update["eager_s"] > 0 and update["compiled_s"] > 0 and update["first_compiled_s"] > update["compiled_s"]
+    assert update["optimizer_steps"] > 0 and update["frames"] > 0
+    assert update["first_update_max_abs_difference"] < 1e-4  # compiled ClipPPOLoss computes what eager does
