@@ -18,6 +18,9 @@ and bf16. `--sweep-n 1 2 4 8 16` repeats the comparison at each env count, repor
 each variant's throughput saturates, and `--plot PATH` draws env-steps/s against N.
 `--bound` profiles one more epoch of every variant and says what bounds it (launches,
 memory or compute: `esper_func/bench_checks.py`). Every row reports its peak memory.
+`--vmap-chunk-size all 2 4` runs each vmapped variant at each chunk size (envs per
+vmapped slice). `--interleave` builds and warms every case first, then times them in turns,
+so that drift in a shared machine's speed hits all alike.
 `--ppo-update` times the PPO update eager and with ClipPPOLoss compiled. `--collector`
 measures TorchRL's collector overhead over stepping the env by hand. `--profile-step`
 profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy),
@@ -127,6 +130,9 @@ class Settings:
     """Profile one more epoch of each variant: what bounds it."""
     ppo_update: bool = False
     plot_path: Path | None = None
+    vmap_chunk_sizes: tuple[int | None, ...] = (None,)
+    """`CoreConfig.vmap_chunk_size` values each vmapped variant runs at (None: all envs at once)."""
+    interleave: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ class VariantResult:
     variant: str
     dtype: str
     """'float32', or 'bfloat16 autocast' (parameters and optimizer state stay fp32)."""
+    vmap_chunk_size: int | None
+    """Envs per vmapped slice (None: all at once; the baseline has none)."""
     compile_mode: str
     trained_params_per_env: int
     warmup_s: list[float]
@@ -151,6 +159,8 @@ class VariantResult:
     """Training iterations summed over envs per second (N * iters / time)."""
     peak_memory_mib: float
     """From building the variant to its last timed epoch (`peak_memory_kind` in the report)."""
+    peak_added_mib: float
+    """Peak minus the memory in use when the variant started: what the variant itself needs."""
     speedup_vs_baseline: float | None = None
     """Against the fp32 baseline at the same N and scenario."""
     bound: Bound | None = None
@@ -171,8 +181,9 @@ class ParamCheck:
 # --- The workload: configuration, state, data --------------------------------------------
 
 
-def core_config(host_preset: str, compile: bool, compile_mode: str = "default", amp: bool = False) -> CoreConfig:
-    return CoreConfig(host=CNNHostConfig.preset(host_preset), compile=compile, compile_mode=compile_mode, amp=amp)  # type: ignore[arg-type]
+def core_config(host_preset: str, compile: bool, compile_mode: str = "default", amp: bool = False, vmap_chunk_size: int | None = None) -> CoreConfig:
+    host = CNNHostConfig.preset(host_preset)
+    return CoreConfig(host=host, compile=compile, compile_mode=compile_mode, amp=amp, vmap_chunk_size=vmap_chunk_size)  # type: ignore[arg-type]
 
 
 def scenario_state(model: Model, scenario: str, n_envs: int, seed: int) -> TensorDict:
@@ -347,15 +358,40 @@ def time_epochs(run_epoch: Callable[[], None], device: torch.device, warmup: int
     return warmup_s, times_s
 
 
-def epoch_runner(
-    settings: Settings, scenario: str, variant: str, amp: bool, x: torch.Tensor, y: torch.Tensor
-) -> tuple[Callable[[], None], int]:
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a variant, its precision, and its vmap chunk size."""
+
+    variant: str
+    amp: bool = False
+    vmap_chunk_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        chunk = f" chunk {self.vmap_chunk_size}" if self.vmap_chunk_size is not None else ""
+        return self.variant + chunk + (" bf16" if self.amp else "")
+
+
+def cases(settings: Settings) -> list[Case]:
+    """The baseline once; every vmapped variant at every chunk size, in fp32 and (--amp) bf16."""
+    out = []
+    for variant in settings.variants:
+        if variant == "baseline":
+            out.append(Case(variant))
+            continue
+        for chunk in settings.vmap_chunk_sizes:
+            out += [Case(variant, amp, chunk) for amp in ((False, True) if settings.amp else (False,))]
+    return out
+
+
+def epoch_runner(settings: Settings, scenario: str, case: Case, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], int]:
     """A closure that trains all N envs for one epoch (state carried across calls), and params per env."""
-    compile, compile_mode = COMPILE_SETTINGS.get(variant, (False, "default"))
-    model = build_model(core_config(settings.host_preset, compile, compile_mode, amp), settings.device)
+    compile, compile_mode = COMPILE_SETTINGS.get(case.variant, (False, "default"))
+    config = core_config(settings.host_preset, compile, compile_mode, case.amp, case.vmap_chunk_size)
+    model = build_model(config, settings.device)
     state = scenario_state(model, scenario, settings.n_envs, settings.seed)
     baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
-    if variant == "baseline":
+    if case.variant == "baseline":
         envs = baseline_envs(model, state, scenario)
         cuda = settings.device.type == "cuda"
         streams = [torch.cuda.Stream(settings.device) if cuda else None for _ in envs]
@@ -370,24 +406,18 @@ def epoch_runner(
     return run, vmapped_count
 
 
-def bench_variant(
-    settings: Settings, scenario: str, variant: str, amp: bool, x: torch.Tensor, y: torch.Tensor, flops_per_env_step: float
+def variant_result(
+    settings: Settings, scenario: str, case: Case, params: int, warmup_s: list[float], times_s: list[float], peak: float, at_start: float, bound: Bound | None
 ) -> VariantResult:
-    reset_peak_memory(settings.device)
-    run, params = epoch_runner(settings, scenario, variant, amp, x, y)
-    warmup_s, times_s = time_epochs(run, settings.device, settings.warmup, settings.repeats)
-    peak = peak_memory_mib(settings.device)
     median = statistics.median(times_s)
     n, iters = settings.n_envs, settings.iters
-    bound = None
-    if settings.bound:
-        bound = profile_bound(scenario, variant, n, iters, settings.device, run, flops_per_env_step, amp)
     return VariantResult(
         n_envs=n,
         scenario=scenario,
-        variant=variant,
-        dtype="bfloat16 autocast" if amp else "float32",
-        compile_mode=COMPILE_MODES[variant],
+        variant=case.variant,
+        dtype="bfloat16 autocast" if case.amp else "float32",
+        vmap_chunk_size=case.vmap_chunk_size,
+        compile_mode=COMPILE_MODES[case.variant],
         trained_params_per_env=params,
         warmup_s=warmup_s,
         times_s=times_s,
@@ -397,8 +427,43 @@ def bench_variant(
         iterations_per_s=iters / median,
         env_iterations_per_s=n * iters / median,
         peak_memory_mib=peak,
+        peak_added_mib=peak - at_start,
         bound=bound,
     )
+
+
+def bench_cases(
+    settings: Settings, scenario: str, chosen: Sequence[Case], x: torch.Tensor, y: torch.Tensor, flops_per_env_step: float, log: Callable[[str], None]
+) -> list[VariantResult]:
+    """Each case built, warmed and timed on its own; with `interleave`, all built and warmed
+    first, then timed in turns (one epoch of each per round), so that drift in the machine's
+    speed affects every case alike (their peak memory is then that of all together)."""
+    device, n = settings.device, settings.n_envs
+    if not settings.interleave:
+        results = []
+        for case in chosen:
+            log(f"[bench] N={n} {scenario} / {case.label} ...")
+            at_start = reset_peak_memory(device)
+            run, params = epoch_runner(settings, scenario, case, x, y)
+            warmup_s, times_s = time_epochs(run, device, settings.warmup, settings.repeats)
+            peak = peak_memory_mib(device)
+            bound = profile_bound(scenario, case.label, n, settings.iters, device, run, flops_per_env_step, case.amp) if settings.bound else None
+            results.append(variant_result(settings, scenario, case, params, warmup_s, times_s, peak, at_start, bound))
+        return results
+    log(f"[bench] N={n} {scenario}: building and warming {', '.join(c.label for c in chosen)}, then timing them in turns ...")
+    at_start = reset_peak_memory(device)
+    runners = [epoch_runner(settings, scenario, case, x, y) for case in chosen]
+    warmups = [time_epochs(run, device, settings.warmup, 0)[0] for run, _ in runners]
+    times: list[list[float]] = [[] for _ in chosen]
+    for _ in range(settings.repeats):
+        for (run, _), record in zip(runners, times):
+            record += time_epochs(run, device, 0, 1)[1]
+    peak = peak_memory_mib(device)
+    results = []
+    for case, (run, params), warmup_s, times_s in zip(chosen, runners, warmups, times):
+        bound = profile_bound(scenario, case.label, n, settings.iters, device, run, flops_per_env_step, case.amp) if settings.bound else None
+        results.append(variant_result(settings, scenario, case, params, warmup_s, times_s, peak, at_start, bound))
+    return results
 
 
 def with_speedups(results: list[VariantResult]) -> list[VariantResult]:
@@ -423,18 +488,15 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> tup
         checks.append(ParamCheck(scenario, baseline_count, vmapped_count, diff, check_iters))
         baseline_net = build_baseline_net(check_model.config, scenario).to(settings.device)
         flops_per_env_step = settings.iters * model_flops(baseline_net, x[0], y[0])
-        for variant in settings.variants:
-            for amp in (False, True) if settings.amp and variant != "baseline" else (False,):
-                log(f"[bench] N={settings.n_envs} {scenario} / {variant}{' / bf16' if amp else ''} ...")
-                results.append(bench_variant(settings, scenario, variant, amp, x, y, flops_per_env_step))
+        results += bench_cases(settings, scenario, cases(settings), x, y, flops_per_env_step, log)
     return with_speedups(results), checks
 
 
 def scaling_curves(results: Sequence[VariantResult]) -> list[Scaling]:
-    """Env-steps/s of each (scenario, variant, dtype) over the swept N, and where it saturates."""
+    """Env-steps/s of each (scenario, case) over the swept N, and where it saturates."""
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in results:
-        name = r.variant + (" bf16" if r.dtype != "float32" else "")
+        name = Case(r.variant, r.dtype != "float32", r.vmap_chunk_size).label
         series.setdefault((r.scenario, name), []).append((r.n_envs, r.env_steps_per_s))
     curves = []
     for (scenario, name), points in series.items():
@@ -460,16 +522,17 @@ def device_name(device: torch.device) -> str:
 
 def format_table(results: Sequence[VariantResult]) -> str:
     header = (
-        f"{'N':>4} {'scenario':<8} {'variant':<15} {'dtype':<5} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} "
-        f"{'iters/s':>8} {'env-iters/s':>11} {'peak MiB':>9} {'vs baseline':>11}"
+        f"{'N':>4} {'scenario':<8} {'variant':<15} {'chunk':>5} {'dtype':<5} {'epoch s':>8} {'env-steps/s':>11} {'samples/s':>10} "
+        f"{'iters/s':>8} {'env-iters/s':>11} {'peak +MiB':>9} {'vs baseline':>11}"
     )
     rows = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline is not None else "-"
         dtype = "fp32" if r.dtype == "float32" else "bf16"
+        chunk = "-" if r.vmap_chunk_size is None else str(r.vmap_chunk_size)
         rows.append(
-            f"{r.n_envs:>4} {r.scenario:<8} {r.variant:<15} {dtype:<5} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
-            f"{r.samples_per_s:>10,.0f} {r.iterations_per_s:>8.2f} {r.env_iterations_per_s:>11.1f} {r.peak_memory_mib:>9,.0f} {speedup:>11}"
+            f"{r.n_envs:>4} {r.scenario:<8} {r.variant:<15} {chunk:>5} {dtype:<5} {r.median_s:>8.3f} {r.env_steps_per_s:>11.3f} "
+            f"{r.samples_per_s:>10,.0f} {r.iterations_per_s:>8.2f} {r.env_iterations_per_s:>11.1f} {r.peak_added_mib:>9,.0f} {speedup:>11}"
         )
     return "\n".join(rows)
 
@@ -489,10 +552,11 @@ def format_bounds(results: Sequence[VariantResult]) -> str:
         if r.bound is None:
             continue
         b = r.bound
-        top = ", ".join(f"{op['name']} {op['total_ms']:.0f} ms" for op in b.top_ops[:3])
+        label = Case(r.variant, r.dtype != "float32", r.vmap_chunk_size).label
+        top = ", ".join(f"{op['name']} {op['self_ms']:.0f} ms" for op in b.top_ops[:3])
         rows.append(
-            f"[bench] bound N={r.n_envs} {r.scenario} / {r.variant} ({r.dtype}): {b.verdict}; "
-            f"{b.flops_per_env_step / 1e6:,.1f} MFLOP per env step, top ops: {top}"
+            f"[bench] bound N={r.n_envs} {r.scenario} / {label}: {b.verdict}; "
+            f"{b.flops_per_env_step / 1e9:,.2f} GFLOP per env step, top ops by self time: {top}"
         )
     return "\n".join(rows)
 
@@ -527,6 +591,8 @@ def report(
         "tensordict_version": tensordict.__version__,
         "host_preset": settings.host_preset,
         "n_envs": settings.n_envs,
+        "vmap_chunk_sizes": list(settings.vmap_chunk_sizes),
+        "interleaved": settings.interleave,
         "batch": settings.batch,
         "iters": settings.iters,
         "repeats": settings.repeats,
@@ -553,6 +619,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def chunk_size(text: str) -> int | None:
+    """'all' (every env in one vmapped call) or a positive chunk size."""
+    return None if text == "all" else positive_int(text)
 
 
 def non_negative_int(text: str) -> int:
@@ -585,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp-epochs", type=positive_int, help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick {QUICK_DEFAULTS['amp_epochs']})")
     parser.add_argument("--bound", action="store_true", help="profile one more epoch of each variant: what bounds it")
     parser.add_argument("--ppo-update", action="store_true", help="also time the PPO update, eager and with ClipPPOLoss compiled")
+    parser.add_argument(
+        "--vmap-chunk-size", type=chunk_size, nargs="+", help="envs per vmapped slice, one row per value for each vmapped variant ('all': at once; default all)"
+    )
+    parser.add_argument("--interleave", action="store_true", help="time the cases in turns, one epoch each per round (for a noisy machine)")
     parser.add_argument("--plot", type=Path, help="with --sweep-n: write the plot of env-steps/s against N to this file (.png, .svg, .pdf)")
     return parser
 
@@ -638,6 +713,8 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         bound=args.bound,
         ppo_update=args.ppo_update,
         plot_path=args.plot,
+        vmap_chunk_sizes=tuple(dict.fromkeys(args.vmap_chunk_size or [None])),
+        interleave=args.interleave,
     )
 
 

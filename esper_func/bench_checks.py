@@ -48,27 +48,35 @@ DEVICE_PEAKS: dict[str, dict[str, float]] = {
 # --- Peak memory ------------------------------------------------------------------------------
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator peak, or (Linux) the process's peak resident set."""
+def _proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line: peak memory on a CPU needs Linux")
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start a new peak and return the memory in use now (MiB): CUDA tensors allocated, or
+    (Linux) the process's resident set, whose peak `/proc/self/clear_refs` resets."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as clear_refs:  # "5" resets VmHWM to the current RSS
-            clear_refs.write("5")
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as clear_refs:  # "5" resets VmHWM to the current RSS
+        clear_refs.write("5")
+    return _proc_status_mib("VmRSS")
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """MiB: CUDA tensors allocated at the peak, or the process's peak resident set on a CPU."""
+    """MiB at the peak since `reset_peak_memory`: CUDA tensors allocated, or the process's resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory needs Linux")
+    return _proc_status_mib("VmHWM")
 
 
 def peak_memory_kind(device: torch.device) -> str:
-    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak resident set (VmHWM)"
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated; peak_added_mib = peak - allocated when the variant started"
+    return "process peak resident set (VmHWM); peak_added_mib = peak - resident set when the variant started (freed memory reused may hide some)"
 
 
 # --- The PPO update -----------------------------------------------------------------------------
@@ -222,7 +230,7 @@ class Bound:
     kernels_per_iteration: float | None
     verdict: str
     top_ops: list[dict[str, float | str]]
-    """The profile's most expensive ops: name, calls, total ms (device on CUDA, CPU otherwise)."""
+    """The profile's most expensive ops by self time: name, calls, ms (device time on CUDA, CPU otherwise)."""
 
 
 def flops_per_iteration(forward_backward: Callable[[], None]) -> float:
@@ -281,9 +289,9 @@ def profile_bound(
         kernel_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernel_events) / 1e6 / wall
         kernels = len(kernel_events) / iters
-    key = "device_time_total" if cuda else "cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # self time: nested ranges are not counted twice
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:10]
-    top_ops = [{"name": e.key, "calls": e.count, "total_ms": getattr(e, key) / 1000.0} for e in top]
+    top_ops = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1000.0} for e in top]
     return Bound(scenario, variant, n_envs, flops_per_env_step, achieved, peak, busy, kernels, verdict(busy, achieved, peak, kernels), top_ops)
 
 
@@ -316,12 +324,17 @@ def plot_scaling(curves: Sequence[Scaling], title: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for curve in curves:
         axis.plot(curve.n_envs, curve.env_steps_per_s, marker="o", label=f"{curve.variant} ({curve.scenario})")
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
+    axis.set_xticks(sorted({n for curve in curves for n in curve.n_envs}))
+    for ticks in (axis.xaxis, axis.yaxis):
+        ticks.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
     axis.set_xlabel("environments N")
     axis.set_ylabel("env-steps/s (host epochs of all envs per second)")
     axis.set_title(title, fontsize=9)

@@ -267,6 +267,11 @@ class CoreConfig:
     compile_mode: Literal["default", "reduce-overhead"] = "default"
     """torch.compile mode: 'reduce-overhead' also captures CUDA graphs of the train and
     evaluation steps (on CUDA; on a CPU it compiles as 'default'). Needs `compile`."""
+    vmap_chunk_size: int | None = None
+    """Envs per vmapped slice of a train iteration (`torch.func.vmap(chunk_size=...)`), still
+    one call and one compiled graph; None: all N at once (the GPU's choice). On 2 CPU cores
+    2 was 25 % faster than all 8 envs at once: a vmapped convolution over many envs becomes a
+    large grouped convolution, which is slow there (docs/performance.md)."""
     amp: bool = False
     """bf16 autocast of the host and seed forward in training and evaluation; parameters,
     optimizer state, BatchNorm statistics and the loss stay fp32."""
@@ -287,6 +292,10 @@ class CoreConfig:
         require(
             self.compile_mode in ("default", "reduce-overhead"),
             f"CoreConfig.compile_mode must be 'default' or 'reduce-overhead', got {self.compile_mode!r}",
+        )
+        require(
+            self.vmap_chunk_size is None or self.vmap_chunk_size >= 1,
+            f"CoreConfig.vmap_chunk_size must be None (all envs at once) or >= 1, got {self.vmap_chunk_size}",
         )
         require(
             self.compile or self.compile_mode == "default",

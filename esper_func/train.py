@@ -52,7 +52,7 @@ from esper_func.training_config import (
 )
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
-OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "compile_mode", "amp", "seed")
+OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "compile_mode", "vmap_chunk_size", "amp", "seed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--devices", nargs="+", default=None, help="devices to shard the envs over")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the env steps")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default=None, help="reduce-overhead: also capture CUDA graphs (needs --compile)")
+    parser.add_argument("--vmap-chunk-size", type=int, default=None, help="envs per vmapped slice of a train iteration (default: all at once)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the host forward (the state stays fp32)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<controller>-<task>")
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in ("n_envs", "episodes", "max_epochs", "batch_size", "train_iters"):
+    for name in ("n_envs", "episodes", "max_epochs", "batch_size", "train_iters", "vmap_chunk_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -110,7 +111,7 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         env = replace(env, host_preset=args.host)
     if args.max_epochs is not None:
         env = replace(env, core=replace(env.core, lifecycle=replace(env.core.lifecycle, max_epochs=args.max_epochs)))
-    core_overrides = {key: getattr(args, key) for key in ("compile", "compile_mode", "amp") if getattr(args, key) is not None}
+    core_overrides = {key: getattr(args, key) for key in ("compile", "compile_mode", "vmap_chunk_size", "amp") if getattr(args, key) is not None}
     if core_overrides:
         env = replace(env, core=replace(env.core, **core_overrides))
     if args.n_envs is not None:

@@ -84,7 +84,7 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
         loss = task_loss(logits.float(), y)
         return loss, (loss.detach(), buffers)
 
-    env_grad = vmap(grad(env_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, None))
+    env_grad = vmap(grad(env_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, None), chunk_size=model.config.vmap_chunk_size)
 
     def train_iteration(
         params: Tensors,

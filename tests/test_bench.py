@@ -36,7 +36,7 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert (report["n_envs"], report["batch"], report["iters"], report["dtype"]) == (2, 8, 2, "float32")
     assert report["compile_modes"] == {"baseline": "eager", "vmap_eager": "eager"}
-    assert report["peak_memory_kind"] == "process peak resident set (VmHWM)"
+    assert report["peak_memory_kind"].startswith("process peak resident set (VmHWM)")
 
     rows = {(r["scenario"], r["variant"]): r for r in report["results"]}
     assert set(rows) == {(s, v) for s in ("host", "seeded") for v in ("baseline", "vmap_eager")}
@@ -46,6 +46,7 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
         assert len(row["times_s"]) == 1 and len(row["warmup_s"]) == 1
         assert row["dtype"] == "float32" and row["bound"] is None
         assert 50 < row["peak_memory_mib"] < 24 * 1024  # a Python process with torch loaded, on this machine's memory
+        assert 0 <= row["peak_added_mib"] <= row["peak_memory_mib"]
         n_envs, samples = 2, 2 * 8 * 2
         assert row["env_steps_per_s"] == pytest.approx(n_envs / row["median_s"])
         assert row["samples_per_s"] == pytest.approx(samples / row["median_s"])
@@ -80,6 +81,7 @@ def test_both_sides_train_the_same_architecture(scenario: str) -> None:
         (["--plot", "out.png"], "give --sweep-n with two or more"),
         (["--sweep-n", "2", "--plot", "out.png"], "give --sweep-n with two or more"),
         (["--amp-epochs", "2"], "add --amp"),
+        (["--vmap-chunk-size", "0"], "must be >= 1"),
     ],
 )
 def test_bad_flags_are_clear_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,6 +116,19 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
         assert 0 < profile["controller_share"] < 1
     assert profiles["host only (static)"]["live_seeds_per_env"] == 0
     assert profiles["heuristic, active bank"]["live_seeds_per_env"] > 0
+
+
+def test_chunk_sizes_and_interleaving_give_one_row_per_case(tmp_path: Path, restore_threads: None) -> None:
+    path = tmp_path / "bench.json"
+    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--repeats", "2", "--vmap-chunk-size", "all", "1", "--interleave", "--json", str(path)]
+    assert bench.main(argv) == 0
+    report = json.loads(path.read_text())
+    assert report["interleaved"] is True and report["vmap_chunk_sizes"] == [None, 1]
+    rows = {(r["variant"], r["vmap_chunk_size"]): r for r in report["results"]}
+    assert set(rows) == {("baseline", None), ("vmap_eager", None), ("vmap_eager", 1)}
+    assert all(len(r["times_s"]) == 2 and len(r["warmup_s"]) == 1 for r in rows.values())
+    assert len({r["peak_memory_mib"] for r in rows.values()}) == 1  # built together: one peak
+    assert [(c["variant"]) for c in report["scaling"]] == []  # one N: no curve
 
 
 def test_collector_overhead_is_reported(tmp_path: Path, restore_threads: None) -> None:

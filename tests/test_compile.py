@@ -57,3 +57,29 @@ def test_compiled_env_step_matches_eager(mode: str) -> None:
     torch.testing.assert_close(got_metrics["contribution"], want_metrics["contribution"])
     assert (got["slots", "stage"] == want["slots", "stage"]).all()
     assert not torch.equal(got["params", "host.head.weight"], state["params", "host.head.weight"])
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_epochs_match_eager_and_keep_their_results() -> None:
+    """Two epochs under `reduce-overhead`: each equals eager, and the first epoch's state is
+    not overwritten by the second epoch's graph replays."""
+    from esper_func.training import TrainStepCache, train_epoch
+
+    device = torch.device("cuda")
+    config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode="reduce-overhead")
+    graphs, eager = build_model(config, device), build_model(dataclasses.replace(config, compile=False, compile_mode="default"), device)
+    start = init_state(graphs, 3, torch.Generator(device).manual_seed(0))
+    data = torch.Generator(device).manual_seed(1)
+    x = torch.randn(2, 3, 16, 3, 8, 8, generator=data, device=device)
+    y = torch.randint(0, 10, (2, 3, 16), generator=data, device=device)
+    graph_steps, eager_steps = TrainStepCache(graphs), TrainStepCache(eager)
+    first, _ = train_epoch(graphs, start, x[0], y[0], graph_steps)
+    kept = first["params"].clone()
+    second, _ = train_epoch(graphs, first, x[1], y[1], graph_steps)
+    want_first, _ = train_epoch(eager, start, x[0], y[0], eager_steps)
+    want_second, _ = train_epoch(eager, want_first, x[1], y[1], eager_steps)
+    for name in want_second["params"].keys():
+        assert torch.equal(first["params", name], kept[name]), name
+        torch.testing.assert_close(first["params", name], want_first["params", name], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(second["params", name], want_second["params", name], atol=1e-4, rtol=1e-3)

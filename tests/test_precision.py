@@ -1,4 +1,5 @@
-"""bf16 autocast (`CoreConfig.amp`) and the compile mode: what stays fp32, how close bf16 is, bad settings."""
+"""How the core executes: bf16 autocast (`CoreConfig.amp`: what stays fp32, how close bf16 is),
+vmap chunking (the same results), and the validation of these settings."""
 
 from __future__ import annotations
 
@@ -67,7 +68,24 @@ def test_bf16_autocast_trains_close_to_fp32_and_keeps_the_state_fp32(host: HostC
     assert bf16_changed, "amp=True trained exactly as fp32: autocast was not applied"
 
 
-def test_compile_mode_is_validated() -> None:
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_chunked_vmap_trains_exactly_like_all_envs_at_once(chunk: int) -> None:
+    host = CNNHostConfig.preset("tiny")
+    x, y = batches(host, iters=2)
+    states = []
+    for chunk_size in (None, chunk):
+        config = CoreConfig(host=host, compile=False, vmap_chunk_size=chunk_size)
+        model = build_model(config)
+        states.append(train_epoch(model, seeded_state(config), x, y, TrainStepCache(model)))
+    (whole, whole_stats), (chunked, chunked_stats) = states
+    for name in whole["params"].keys():
+        torch.testing.assert_close(chunked["params", name], whole["params", name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_stats["grad_ratio"], whole_stats["grad_ratio"], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_mode_and_chunk_size_are_validated() -> None:
+    with pytest.raises(ConfigError, match="vmap_chunk_size must be None"):
+        CoreConfig(vmap_chunk_size=0)
     with pytest.raises(ConfigError, match="compile_mode must be 'default' or 'reduce-overhead'"):
         CoreConfig(compile_mode="max-autotune")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="needs compile=True"):
