@@ -49,7 +49,7 @@ def make_eval_batch(model: Model, plan: BankPlan) -> Callable[..., tuple[torch.T
         return loss_sum, correct
 
     over_configs = vmap(one, in_dims=(None, None, None, 0, None, None))
-    over_envs = vmap(over_configs, in_dims=(0, 0, 0, 0, None, None))
+    over_envs = vmap(over_configs, in_dims=(0, 0, 0, 0, None, None), chunk_size=model.config.vmap_chunk_size)
 
     @torch.no_grad()
     def eval_batch(params: Tensors, buffers: Tensors, controls: Tensors, modes: torch.Tensor, x: torch.Tensor, y: torch.Tensor):

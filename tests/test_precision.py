@@ -76,11 +76,14 @@ def test_chunked_vmap_trains_exactly_like_all_envs_at_once(chunk: int) -> None:
     for chunk_size in (None, chunk):
         config = CoreConfig(host=host, compile=False, vmap_chunk_size=chunk_size)
         model = build_model(config)
-        states.append(train_epoch(model, seeded_state(config), x, y, TrainStepCache(model)))
-    (whole, whole_stats), (chunked, chunked_stats) = states
+        state, stats = train_epoch(model, seeded_state(config), x, y, TrainStepCache(model))
+        states.append((state, stats, evaluate(model, state, x, y, EvalStepCache(model))))
+    (whole, whole_stats, whole_metrics), (chunked, chunked_stats, chunked_metrics) = states
     for name in whole["params"].keys():
         torch.testing.assert_close(chunked["params", name], whole["params", name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked_stats["grad_ratio"], whole_stats["grad_ratio"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_metrics["val_loss"], whole_metrics["val_loss"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(chunked_metrics["contribution"], whole_metrics["contribution"])
 
 
 def test_compile_mode_and_chunk_size_are_validated() -> None:
