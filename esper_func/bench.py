@@ -728,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[bench] device={device_name(settings.device)} ({settings.device}) N={settings.n_envs} batch={settings.batch} "
         f"iters={settings.iters} repeats={settings.repeats} warmup={settings.warmup} host={settings.host_preset} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+        f"torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"chunks={['all' if c is None else c for c in settings.vmap_chunk_sizes]} interleave={settings.interleave}"
     )
     results, checks = [], []
     for n_envs in settings.sweep_n or (settings.n_envs,):
