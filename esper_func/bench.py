@@ -83,24 +83,24 @@ from esper_func.config import CNNHostConfig, CoreConfig
 from esper_func.model import Model, bank_plan, build_model
 from esper_func.stages import Stage
 from esper_func.state import init_state
-from esper_func.step_profile import CollectorOverhead, StepProfile, collector_overhead, format_profiles, profile_env_steps
+from esper_func.step_profile import CollectorOverhead, StepProfile, collector_overhead, format_profiles, profile_env_steps, synchronize
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
 VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs")
 CUDA_ONLY_VARIANTS: tuple[str, ...] = ("vmap_cudagraphs",)
 COMPILE_SETTINGS: dict[str, tuple[bool, str]] = {
+    "baseline": (False, "default"),
     "vmap_eager": (False, "default"),
     "vmap_compiled": (True, "default"),
     "vmap_cudagraphs": (True, "reduce-overhead"),
 }
-"""`CoreConfig.compile` and `compile_mode` of each vmapped variant."""
-COMPILE_MODES: dict[str, str] = {
-    "baseline": "eager",
-    "vmap_eager": "eager",
-    "vmap_compiled": "torch.compile(dynamic=False), default mode",
-    "vmap_cudagraphs": "torch.compile(dynamic=False), mode='reduce-overhead' (CUDA graphs)",
-}
+"""`CoreConfig.compile` and `compile_mode` of each variant."""
+
+
+def compile_mode_name(variant: str) -> str:
+    compile, mode = COMPILE_SETTINGS[variant]
+    return f"torch.compile(dynamic=False, mode={mode!r})" if compile else "eager"
 DTYPE = torch.float32
 QUICK_DEFAULTS = {"iters": 20, "repeats": 3, "amp_epochs": 3}
 FULL_DEFAULTS = {"iters": 50, "repeats": 5, "amp_epochs": 8}
@@ -166,7 +166,7 @@ class VariantResult:
     peak_added_mib: float
     """Peak minus the memory in use when the variant started: what the variant itself needs."""
     speedup_vs_baseline: float | None = None
-    """Against the fp32 baseline at the same N and scenario."""
+    """Against the (fp32, eager) baseline at the same N and scenario."""
     bound: Bound | None = None
 
 
@@ -241,11 +241,6 @@ def max_param_difference(model: Model, scenario: str, n_envs: int, x: torch.Tens
 # --- Timing -----------------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_epochs(run_epoch: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
     """Seconds of each warm-up epoch and of each timed epoch (synchronized at both ends on CUDA)."""
     warmup_s, times_s = [], []
@@ -286,7 +281,7 @@ def cases(settings: Settings) -> list[Case]:
 
 def epoch_runner(settings: Settings, scenario: str, case: Case, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], int]:
     """A closure that trains all N envs for one epoch (state carried across calls), and params per env."""
-    compile, compile_mode = COMPILE_SETTINGS.get(case.variant, (False, "default"))
+    compile, compile_mode = COMPILE_SETTINGS[case.variant]
     config = core_config(settings.host_preset, compile, compile_mode, case.amp, case.vmap_chunk_size)
     model = build_model(config, settings.device)
     state = scenario_state(model, scenario, settings.n_envs, settings.seed)
@@ -317,7 +312,7 @@ def variant_result(
         variant=case.variant,
         dtype="bfloat16 autocast" if case.amp else "float32",
         vmap_chunk_size=case.vmap_chunk_size,
-        compile_mode=COMPILE_MODES[case.variant],
+        compile_mode=compile_mode_name(case.variant),
         trained_params_per_env=params,
         warmup_s=warmup_s,
         times_s=times_s,
@@ -339,36 +334,28 @@ def bench_cases(
     first, then timed in turns (one epoch of each per round), so that drift in the machine's
     speed affects every case alike (their peak memory is then that of all together)."""
     device, n = settings.device, settings.n_envs
-    if not settings.interleave:
-        results = []
-        for case in chosen:
-            log(f"[bench] N={n} {scenario} / {case.label} ...")
-            at_start = reset_peak_memory(device)
-            run, params = epoch_runner(settings, scenario, case, x, y)
-            warmup_s, times_s = time_epochs(run, device, settings.warmup, settings.repeats)
-            peak = peak_memory_mib(device)
+    groups = [list(chosen)] if settings.interleave else [[case] for case in chosen]
+    results = []
+    for group in groups:
+        turns = " in turns" if len(group) > 1 else ""
+        log(f"[bench] N={n} {scenario} / {', '.join(case.label for case in group)}{turns} ...")
+        at_start = reset_peak_memory(device)
+        runners = [epoch_runner(settings, scenario, case, x, y) for case in group]
+        warmups = [time_epochs(run, device, settings.warmup, 0)[0] for run, _ in runners]
+        times: list[list[float]] = [[] for _ in group]
+        for _ in range(settings.repeats):
+            for (run, _), record in zip(runners, times):
+                record += time_epochs(run, device, 0, 1)[1]
+        peak = peak_memory_mib(device)
+        for case, (run, params), warmup_s, times_s in zip(group, runners, warmups, times):
             bound = profile_bound(scenario, case.label, n, settings.iters, device, run, flops_per_env_step, case.amp) if settings.bound else None
             results.append(variant_result(settings, scenario, case, params, warmup_s, times_s, peak, at_start, bound))
-        return results
-    log(f"[bench] N={n} {scenario}: building and warming {', '.join(c.label for c in chosen)}, then timing them in turns ...")
-    at_start = reset_peak_memory(device)
-    runners = [epoch_runner(settings, scenario, case, x, y) for case in chosen]
-    warmups = [time_epochs(run, device, settings.warmup, 0)[0] for run, _ in runners]
-    times: list[list[float]] = [[] for _ in chosen]
-    for _ in range(settings.repeats):
-        for (run, _), record in zip(runners, times):
-            record += time_epochs(run, device, 0, 1)[1]
-    peak = peak_memory_mib(device)
-    results = []
-    for case, (run, params), warmup_s, times_s in zip(chosen, runners, warmups, times):
-        bound = profile_bound(scenario, case.label, n, settings.iters, device, run, flops_per_env_step, case.amp) if settings.bound else None
-        results.append(variant_result(settings, scenario, case, params, warmup_s, times_s, peak, at_start, bound))
     return results
 
 
 def with_speedups(results: list[VariantResult]) -> list[VariantResult]:
     """Each result with its speedup over the baseline of its scenario (None without a baseline)."""
-    baselines = {(r.n_envs, r.scenario): r.median_s for r in results if r.variant == "baseline" and r.dtype == "float32"}
+    baselines = {(r.n_envs, r.scenario): r.median_s for r in results if r.variant == "baseline"}
     return [
         replace(r, speedup_vs_baseline=baselines[r.n_envs, r.scenario] / r.median_s if (r.n_envs, r.scenario) in baselines else None)
         for r in results
@@ -452,10 +439,9 @@ def format_bounds(results: Sequence[VariantResult]) -> str:
         if r.bound is None:
             continue
         b = r.bound
-        label = Case(r.variant, r.dtype != "float32", r.vmap_chunk_size).label
         top = ", ".join(f"{op['name']} {op['self_ms']:.0f} ms" for op in b.top_ops[:3])
         rows.append(
-            f"[bench] bound N={r.n_envs} {r.scenario} / {label}: {b.verdict}; "
+            f"[bench] bound N={r.n_envs} {r.scenario} / {b.variant}: {b.verdict}; "
             f"{b.flops_per_env_step / 1e9:,.2f} GFLOP per env step, top ops by self time: {top}"
         )
     return "\n".join(rows)
@@ -498,7 +484,7 @@ def report(
         "repeats": settings.repeats,
         "warmup_epochs": settings.warmup,
         "dtype": str(DTYPE).removeprefix("torch.") + (", and bfloat16 autocast rows (--amp)" if settings.amp else ""),
-        "compile_modes": {variant: COMPILE_MODES[variant] for variant in settings.variants},
+        "compile_modes": {variant: compile_mode_name(variant) for variant in settings.variants},
         "peak_memory_kind": peak_memory_kind(settings.device),
         "unit": "env step = one host epoch of one env = `iters` training iterations of `batch` samples",
         "param_checks": [asdict(c) for c in checks],

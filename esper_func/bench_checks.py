@@ -29,19 +29,19 @@ from torchrl.collectors import Collector
 from torchrl.envs.utils import step_mdp
 
 from esper_func.ppo import PPOTrainer
-from esper_func.step_profile import synthetic_env
+from esper_func.step_profile import synchronize, synthetic_env
 from esper_func.training_config import TelemetryConfig, TrainingConfig
 from policies import StaticPolicy
 
 SATURATION_GAIN = 0.10
 """Throughput has saturated at N when no larger N in the sweep is more than 10 % faster."""
 
-# Dense peak throughput (FLOP/s) and memory bandwidth (bytes/s) of the GPUs this project is
-# lent, from NVIDIA's data sheets (SXM parts). fp32 convolutions run as TF32 on tensor cores
+# Dense peak throughput (FLOP/s) of the GPUs this project is lent, from NVIDIA's data
+# sheets (SXM parts). fp32 convolutions run as TF32 on tensor cores
 # under torch's default `torch.backends.cudnn.allow_tf32 = True`.
 DEVICE_PEAKS: dict[str, dict[str, float]] = {
-    "H100": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "bytes_per_s": 3.35e12},
-    "H200": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "bytes_per_s": 4.8e12},
+    "H100": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "H200": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
 }
 
 
@@ -128,10 +128,10 @@ def ppo_update_timing(device: torch.device, n_envs: int, repeats: int) -> PPOUpd
 
         def timed(trainer: PPOTrainer) -> tuple[float, dict[str, float]]:
             copy = batch.clone()
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             stats = trainer.update(copy)
-            _synchronize(device)
+            synchronize(device)
             return time.perf_counter() - start, stats
 
         _, eager_first = timed(eager)  # the first call warms caches; its statistics are the reference
@@ -220,6 +220,7 @@ class Bound:
 
     scenario: str
     variant: str
+    """The benchmark case: variant, chunk size and precision (e.g. 'vmap_compiled chunk 2 bf16')."""
     n_envs: int
     flops_per_env_step: float
     achieved_flops_per_s: float
@@ -233,23 +234,14 @@ class Bound:
     """The profile's most expensive ops by self time: name, calls, ms (device time on CUDA, CPU otherwise)."""
 
 
-def flops_per_iteration(forward_backward: Callable[[], None]) -> float:
-    """FLOPs of one call (forward and backward), counted by `FlopCounterMode`."""
+def model_flops(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """FLOPs of one training iteration (cross-entropy forward and backward) of `net` on one
+    batch, counted by `FlopCounterMode`."""
     counter = FlopCounterMode(display=False)
     with counter:
-        forward_backward()
-    return float(counter.get_total_flops())
-
-
-def model_flops(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """FLOPs of one training iteration (cross-entropy forward and backward) of `net` on one batch."""
-
-    def run() -> None:
         F.cross_entropy(net(x), y).backward()
-
-    flops = flops_per_iteration(run)
     net.zero_grad(set_to_none=True)
-    return flops
+    return float(counter.get_total_flops())
 
 
 def device_peak(device: torch.device, amp: bool) -> float | None:
@@ -274,11 +266,11 @@ def profile_bound(
 ) -> Bound:
     """Profile one epoch of `run_epoch` (already warm) and say what bounds it."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         run_epoch()
-        _synchronize(device)
+        synchronize(device)
     wall = time.perf_counter() - start
     events = prof.key_averages()
     cuda = device.type == "cuda"
@@ -308,11 +300,6 @@ def verdict(busy: float | None, achieved: float, peak: float | None, kernels_per
         return f"compute-bound: {100 * achieved / peak:.0f}% of the device's peak FLOP/s"
     share = f"{100 * achieved / peak:.1f}% of peak FLOP/s" if peak is not None else "peak FLOP/s unknown for this device"
     return f"memory-bound (inferred): the GPU is busy {100 * busy:.0f}% of the epoch at {share}"
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- The plot ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,11 @@ def estimate_memory(
     """Bytes for an env batch whose steps take batches `x [*x_shape]`, targets `y [*y_shape]`.
 
     Building the meta model runs its initializers, which draw from the global RNG; the
-    draws are undone, so the first (uncached) estimate does not shift later seeded init."""
+    draws are undone, so the first (uncached) estimate does not shift later seeded init.
+    The meta device has no autocast: the estimate counts fp32 activations, an upper bound
+    under `amp`."""
     with torch.random.fork_rng(devices=[]):
-        model = build_model(core, META)
+        model = build_model(replace(core, amp=False), META)
     x = torch.empty(x_shape, dtype=x_dtype, device=META)
     y = torch.empty(y_shape, dtype=torch.int64, device=META)
     one, two = (max(_step_peaks(model, n, x, y)) for n in (1, 2))

@@ -65,7 +65,8 @@ class StepProfile:
     """Mean number of seeds in the forward pass per env over the profiled steps."""
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -114,10 +115,10 @@ def profile_env_steps(
     wall, live = [], []
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             out = one_step(td)
-            _synchronize(device)
+            synchronize(device)
             wall.append(time.perf_counter() - start)
             live.append(float(stage_lookup(IN_FORWARD, out["next", "seeds", "stage"]).sum()) / n_envs)
             td = step_mdp(out)
@@ -186,10 +187,10 @@ def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int
         collector.shutdown()
 
     def timed(run) -> float:  # type: ignore[no-untyped-def]
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         run()
-        _synchronize(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     by_hand()  # warm-up: caches, compiled graphs

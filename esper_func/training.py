@@ -35,9 +35,8 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def host_autocast(model: Model) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast of the host forward when `config.amp` is on. The meta-device memory
-    estimate (`esper_func.memory`) has no autocast and counts fp32, an upper bound."""
-    if not model.config.amp or model.device.type == "meta":
+    """bf16 autocast of the host forward when `config.amp` is on."""
+    if not model.config.amp:
         return contextlib.nullcontext()
     return torch.autocast(model.device.type, dtype=torch.bfloat16)
 

@@ -189,7 +189,7 @@ def _default() -> TrainingConfig:
     # Half the training iterations and validation batches of the calibration budget, so
     # 7 episode batches of 8 envs and the comparison fit 10 minutes on 2 CPU cores.
     task = replace(TaskConfig.preset("synthetic"), train_iters=8, val_batches=4)
-    # Eager on 2 CPU cores, where vmapped slices of 4 envs step 18 % faster than all 8 at once.
+    # Eager on 2 CPU cores, where vmapped slices of 4 envs beat all 8 at once (docs/performance.md).
     core = CoreConfig(compile=False, vmap_chunk_size=4)
     env = EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=8)
     ppo = PPOConfig(epochs=4, minibatches=4, entropy_coeff=0.05, entropy_coeff_end=0.01, entropy_anneal_updates=7)
