@@ -43,6 +43,7 @@ from esper_func.stages import BlendMode, Op, stage_lookup
 from esper_func.state import init_state, seed_param_count
 from esper_func.step import Steps, env_step
 from esper_func.evaluation import evaluate
+from esper_func.prefetch import BatchPrefetcher
 from esper_func.tasks import Task, TaskConfig, build_task
 
 SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "improvement")
@@ -56,7 +57,9 @@ class EnvConfig:
 
     The host is `host` when given (checked against the task's data), else `host_preset`
     of the task's topology, else the task's default host; `core.host` is replaced by the
-    resolved one when the env is built.
+    resolved one when the env is built. `prefetch_batches` draws each step's batches at
+    the end of the step before (on a side stream on CUDA; `esper_func.prefetch`), with
+    the same draws in the same order as without it.
     """
 
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -67,6 +70,7 @@ class EnvConfig:
     host: HostConfig | None = None
     n_envs: int = 4
     seed: int = 0
+    prefetch_batches: bool = True
 
     def __post_init__(self) -> None:
         if self.n_envs < 1:
@@ -204,6 +208,7 @@ class MorphogeneticEnv(EnvBase):
         self.max_epochs = self.config.core.lifecycle.max_epochs
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
+        self.batches = BatchPrefetcher(self.task, self.generator, config.prefetch_batches)
         self.state: TensorDict = self._fresh_state()
         self._make_specs()
 
@@ -274,6 +279,7 @@ class MorphogeneticEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None, **kwargs: object) -> TensorDictBase:
         n = self.config.n_envs
+        self.batches.drop()
         fresh = self._fresh_state()
         if tensordict is not None and "_reset" in tensordict.keys():
             reset = tensordict["_reset"].reshape(n)
@@ -294,13 +300,13 @@ class MorphogeneticEnv(EnvBase):
         )
         for key in ("done", "terminated", "truncated"):
             out[key] = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        self.batches.prefetch()
         return out
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = TensorDict({head: tensordict["action", head] for head in ("op", "slot", "blueprint", "blend")}, batch_size=self.batch_size)
         prev = self.state
-        with record_function("esper.sample_batches"):
-            batches = self.task.sample_batches(self.generator)
+        batches = self.batches.take()
         state, metrics = env_step(self.steps, prev, action, batches, self.generator)
         executed = metrics["executed"]
         is_last = state["epoch"] >= self.max_epochs
@@ -318,16 +324,20 @@ class MorphogeneticEnv(EnvBase):
         out["done"] = done
         out["truncated"] = done
         out["terminated"] = torch.zeros_like(done)
+        self.batches.prefetch()
         return out
 
     def _set_seed(self, seed: int | None) -> None:
+        self.batches.drop()
         self.generator.manual_seed(0 if seed is None else seed)
 
     def rng_state(self) -> dict[str, torch.Tensor]:
-        """The env's generator state (batches, germination draws), for checkpoints."""
-        return {"env": self.generator.get_state()}
+        """The env's generator state (batches, germination draws), for checkpoints; a
+        prefetched draw is not in it (it is drawn again after a restore)."""
+        return {"env": self.batches.generator_state()}
 
     def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.batches.drop()
         self.generator.set_state(state["env"])
 
 

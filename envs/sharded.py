@@ -60,11 +60,11 @@ class ShardedEnv(EnvBase):
     # -- RNG (checkpointed by the trainer) ----------------------------------------------------
 
     def rng_state(self) -> dict[str, torch.Tensor]:
-        return {f"shard{k}": shard.generator.get_state() for k, shard in enumerate(self.shards)}
+        return {f"shard{k}": shard.rng_state()["env"] for k, shard in enumerate(self.shards)}
 
     def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
         for k, shard in enumerate(self.shards):
-            shard.generator.set_state(state[f"shard{k}"])
+            shard.set_rng_state({"env": state[f"shard{k}"]})
 
     # -- split and gather -----------------------------------------------------------------------
 

@@ -180,7 +180,8 @@ def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int
 
     def collected() -> None:
         collector = Collector(
-            env, policy, frames_per_batch=n_envs * steps, total_frames=n_envs * steps, reset_at_each_iter=True, device=device
+            env, policy, frames_per_batch=n_envs * steps, total_frames=n_envs * steps, reset_at_each_iter=True, device=device,
+            trust_policy=True, auto_register_policy_transforms=False,  # a parameter-free, stateless policy
         )
         for _batch in collector:
             pass

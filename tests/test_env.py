@@ -119,7 +119,10 @@ def test_runs_inside_transformed_env_with_standard_transforms() -> None:
 
 def test_collector_gathers_whole_episodes() -> None:
     env = small_env(max_epochs=3)
-    collector = Collector(env, RandomPolicy(torch.Generator().manual_seed(2)), frames_per_batch=N_ENVS * 3, total_frames=N_ENVS * 3)
+    collector = Collector(
+        env, RandomPolicy(torch.Generator().manual_seed(2)), frames_per_batch=N_ENVS * 3, total_frames=N_ENVS * 3,
+        auto_register_policy_transforms=False,
+    )
     batches = list(collector)
     collector.shutdown()
     assert len(batches) == 1

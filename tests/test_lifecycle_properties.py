@@ -336,7 +336,7 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
     for name in ("params", "momentum", "buffers"):
         assert_identical(before[name], after[name], f"tick {name}")
     rows_b, rows_a = stage_rows(before), stage_rows(after)
-    slots_b, slots_a = before["slots"], after["slots"]
+    slots_a = after["slots"]
     ema_after = slots_a["grad_ratio_ema"]
     thr = torch.tensor(config.grad_ratio_threshold, dtype=torch.float32)
     for env in range(n_envs):
