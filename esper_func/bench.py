@@ -17,6 +17,9 @@ Variants, all on the same synthetic data (generated on the device once):
 effect: the synthetic task's host trained `--amp-epochs` epochs from the same seeds in fp32
 and bf16. `--sweep-n 1 2 4 8 16` repeats the comparison at each env count, reports where
 each variant's throughput saturates, and `--plot PATH` draws env-steps/s against N.
+The JSON and the plot are rewritten after each part (each N, each extra measurement),
+marked `"complete": false` until the run ends, so a run stopped part-way (by a time limit
+on a lent GPU, say) keeps what it measured.
 `--bound` profiles one more epoch of every variant and says what bounds it (launches,
 memory or compute: `esper_func/bench_checks.py`). Every row reports its peak memory.
 `--vmap-chunk-size all 2 4` runs each vmapped variant at each chunk size (envs per
@@ -47,7 +50,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import tensordict
@@ -409,22 +412,25 @@ def scaling_curves(results: Sequence[VariantResult]) -> list[Scaling]:
 # --- The JSON report -------------------------------------------------------------------------
 
 
-def report(
-    settings: Settings,
-    results: Sequence[VariantResult],
-    checks: Sequence[ParamCheck],
-    argv: Sequence[str],
-    load_at_start: list[float] | None,
-    profiles: Sequence[StepProfile] = (),
-    collector: CollectorOverhead | None = None,
-    curves: Sequence[Scaling] = (),
-    amp: AmpEffect | None = None,
-    ppo_update: PPOUpdateTiming | None = None,
-) -> dict:
-    """Everything the run measured, with the conditions it ran under, as plain JSON."""
+@dataclass
+class Measurements:
+    """What a run has measured so far; parts not asked for, or not reached yet, stay empty."""
+
+    results: list[VariantResult] = field(default_factory=list)
+    checks: list[ParamCheck] = field(default_factory=list)
+    profiles: list[StepProfile] = field(default_factory=list)
+    amp: AmpEffect | None = None
+    ppo_update: PPOUpdateTiming | None = None
+    collector: CollectorOverhead | None = None
+
+
+def report(settings: Settings, measured: Measurements, argv: Sequence[str], load_at_start: list[float] | None, complete: bool) -> dict:
+    """Everything the run measured, with the conditions it ran under, as plain JSON
+    (`complete` false: written part-way, the run's remaining parts not measured yet)."""
     return {
         "benchmark": "esper_func.bench",
         "argv": list(argv),
+        "complete": complete,
         "device": {"type": settings.device.type, "name": device_name(settings.device)},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -444,14 +450,28 @@ def report(
         "compile_modes": {variant: compile_mode_name(variant) for variant in settings.variants},
         "peak_memory_kind": peak_memory_kind(settings.device),
         "unit": "env step = one host epoch of one env = `iters` training iterations of `batch` samples",
-        "param_checks": [asdict(c) for c in checks],
-        "results": [asdict(r) for r in results],
-        "step_profiles": [asdict(p) for p in profiles],
-        "collector_overhead": asdict(collector) if collector is not None else None,
-        "scaling": [asdict(c) for c in curves],
-        "amp_effect": asdict(amp) if amp is not None else None,
-        "ppo_update": asdict(ppo_update) if ppo_update is not None else None,
+        "param_checks": [asdict(c) for c in measured.checks],
+        "results": [asdict(r) for r in measured.results],
+        "step_profiles": [asdict(p) for p in measured.profiles],
+        "collector_overhead": asdict(measured.collector) if measured.collector is not None else None,
+        "scaling": [asdict(c) for c in scaling_curves(measured.results)],
+        "amp_effect": asdict(measured.amp) if measured.amp is not None else None,
+        "ppo_update": asdict(measured.ppo_update) if measured.ppo_update is not None else None,
     }
+
+
+def write_outputs(settings: Settings, figures: dict, curves: Sequence[Scaling], quiet: bool = False) -> None:
+    """The JSON report (`--json`) and the scaling plot (`--plot`, once two env counts are measured)."""
+    if settings.json_path is not None:
+        settings.json_path.parent.mkdir(parents=True, exist_ok=True)
+        settings.json_path.write_text(json.dumps(figures, indent=2) + "\n")
+        if not quiet:
+            print(f"[bench] wrote {settings.json_path}")
+    if settings.plot_path is not None and curves:
+        title = f"{device_name(settings.device)}, {settings.host_preset} host, batch {settings.batch}, {settings.iters} iterations per env step"
+        plot_scaling(curves, title, settings.plot_path)
+        if not quiet:
+            print(f"[bench] wrote {settings.plot_path}")
 
 
 # --- Command line -----------------------------------------------------------------------------
@@ -574,65 +594,56 @@ def main(argv: list[str] | None = None) -> int:
         f"torch={torch.__version__} threads={torch.get_num_threads()} "
         f"chunks={['all' if c is None else c for c in settings.vmap_chunk_sizes]} interleave={settings.interleave}"
     )
-    results, checks = [], []
+    measured = Measurements()
+
+    def save(complete: bool = False) -> None:
+        """Rewrite the outputs with what is measured so far, so that a run stopped part-way keeps it."""
+        write_outputs(settings, report(settings, measured, argv, load_at_start, complete), scaling_curves(measured.results), quiet=not complete)
+
     for n_envs in settings.sweep_n or (settings.n_envs,):
-        sweep_results, sweep_checks = run_benchmark(replace(settings, n_envs=n_envs))
-        results += sweep_results
-        checks += sweep_checks
-    profiles = []
+        results, checks = run_benchmark(replace(settings, n_envs=n_envs))
+        measured.results += results
+        measured.checks += checks
+        save()
+    for check in measured.checks:
+        print(format_param_check(check))
+    print(format_table(measured.results))
+    curves = scaling_curves(measured.results)
+    if curves:
+        print(format_scaling(curves))
+    if settings.bound:
+        print(format_bounds(measured.results))
     if settings.profile_step:
         for label, policy, bank_mode in (("host only (static)", "static", "active"), ("heuristic, active bank", "heuristic", "active"), ("heuristic, full bank", "heuristic", "full")):
             print(f"[bench] profiling env steps: {label} ...")
-            profiles.append(
+            measured.profiles.append(
                 profile_env_steps(
                     label, settings.device, settings.n_envs, settings.batch, settings.iters, settings.profile_steps,
                     max(1, settings.warmup), policy, bank_mode, compile=settings.device.type == "cuda",
                 )
             )
-    amp = None
+            save()
+        print(f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch {settings.batch}, {settings.iters} iterations):")
+        print(format_profiles(measured.profiles))
     if settings.amp:
         print(f"[bench] bf16 autocast's accuracy effect: {settings.amp_epochs} epochs of the synthetic task, fp32 and bf16 ...")
-        amp = amp_effect(
-            settings.device, settings.n_envs, settings.batch, settings.iters, settings.amp_epochs, settings.seed,
-            compile=settings.device.type == "cuda",
-        )
-    ppo_update = None
+        measured.amp = amp_effect(settings.device, settings.n_envs, settings.batch, settings.iters, settings.amp_epochs, settings.seed)
+        save()
+        print(format_amp_effect(measured.amp))
     if settings.ppo_update:
         print("[bench] PPO update, eager and with ClipPPOLoss compiled ...")
-        ppo_update = ppo_update_timing(settings.device, settings.n_envs, settings.repeats)
-    overhead = None
+        measured.ppo_update = ppo_update_timing(settings.device, settings.n_envs, settings.repeats)
+        save()
+        print(format_ppo_update(measured.ppo_update))
     if settings.collector:
         print("[bench] collector overhead ...")
-        overhead = collector_overhead(
+        measured.collector = collector_overhead(
             settings.device, settings.n_envs, settings.batch, settings.iters, settings.profile_steps, settings.repeats,
             compile=settings.device.type == "cuda",
         )
-    for check in checks:
-        print(format_param_check(check))
-    print(format_table(results))
-    curves = scaling_curves(results)
-    if curves:
-        print(format_scaling(curves))
-    if settings.bound:
-        print(format_bounds(results))
-    if settings.plot_path is not None:
-        title = f"{device_name(settings.device)}, {settings.host_preset} host, batch {settings.batch}, {settings.iters} iterations per env step"
-        plot_scaling(curves, title, settings.plot_path)
-        print(f"[bench] wrote {settings.plot_path}")
-    if amp is not None:
-        print(format_amp_effect(amp))
-    if ppo_update is not None:
-        print(format_ppo_update(ppo_update))
-    if profiles:
-        print(f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch {settings.batch}, {settings.iters} iterations):")
-        print(format_profiles(profiles))
-    if overhead is not None:
-        print(format_collector_overhead(overhead))
-    if settings.json_path is not None:
-        settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-        figures = report(settings, results, checks, argv, load_at_start, profiles, overhead, curves, amp, ppo_update)
-        settings.json_path.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"[bench] wrote {settings.json_path}")
+        save()
+        print(format_collector_overhead(measured.collector))
+    save(complete=True)
     return 0
 
 

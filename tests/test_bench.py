@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +98,7 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
     argv = [*TINY, "--threads", "1", "--scenarios", "host", "--sweep-n", "1", "3", "--profile-step", "--json", str(path), "--plot", str(plot)]
     assert bench.main(argv) == 0
     report = json.loads(path.read_text())
+    assert report["complete"] is True
     by_n = {(r["n_envs"], r["variant"]): r for r in report["results"]}
     assert set(by_n) == {(n, v) for n in (1, 3) for v in ("baseline", "vmap_eager")}
     assert by_n[3, "vmap_eager"]["env_steps_per_s"] == pytest.approx(3 / by_n[3, "vmap_eager"]["median_s"])
@@ -116,6 +119,26 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
         assert 0 < profile["controller_share"] < 1
     assert profiles["host only (static)"]["live_seeds_per_env"] == 0
     assert profiles["heuristic, active bank"]["live_seeds_per_env"] > 0
+
+
+def test_a_sweep_stopped_part_way_keeps_what_it_measured(tmp_path: Path, restore_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, plot = tmp_path / "bench.json", tmp_path / "scaling.png"
+    measure = bench.run_benchmark
+
+    def stopped_at_three_envs(settings: bench.Settings, log=print):  # type: ignore[no-untyped-def]
+        if settings.n_envs == 3:
+            raise KeyboardInterrupt  # as a time limit would stop the run
+        return measure(settings, log)
+
+    monkeypatch.setattr(bench, "run_benchmark", stopped_at_three_envs)
+    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--variants", "baseline", "--sweep-n", "1", "2", "3", "--json", str(path), "--plot", str(plot)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    report = json.loads(path.read_text())
+    assert report["complete"] is False
+    assert [r["n_envs"] for r in report["results"]] == [1, 2]
+    assert [c["n_envs"] for c in report["scaling"]] == [[1, 2]]
+    assert plot.read_bytes().startswith(b"\x89PNG")
 
 
 def test_chunk_sizes_and_interleaving_give_one_row_per_case(tmp_path: Path, restore_threads: None) -> None:
@@ -183,3 +206,39 @@ def test_amp_bound_and_ppo_update_are_reported(tmp_path: Path, restore_threads: 
     assert update["eager_s"] > 0 and update["compiled_s"] > 0 and update["first_compiled_s"] > update["compiled_s"]
     assert update["optimizer_steps"] > 0 and update["frames"] > 0
     assert update["first_update_max_abs_difference"] < 1e-4  # compiled ClipPPOLoss computes what eager does
+
+
+def gpu_suite_phases() -> dict[str, tuple[int, list[str]]]:
+    """`.ci/gpu-suite`'s phases: name -> (default time limit in s, command after the interpreter)."""
+    text = (Path(__file__).resolve().parents[1] / ".ci" / "gpu-suite").read_text().replace("\\\n", " ")
+    phases = {}
+    for line in text.splitlines():
+        if line.startswith("phase "):
+            _, name, limit, _python, *command = shlex.split(line)
+            phases[name] = (int(re.fullmatch(r"\$\{\w+:-(\d+)\}", limit).group(1)), command)
+    return phases
+
+
+def test_the_gpu_suite_names_existing_tests_and_valid_bench_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU run is one short session: a typo in it would cost the session, so check it here."""
+    phases = gpu_suite_phases()
+    assert list(phases) == ["tests", "sweep", "profile", "amp_ppo"]
+    assert sum(limit for limit, _ in phases.values()) <= 560  # one 10-minute command, with the install
+    root = Path(__file__).resolve().parents[1]
+    node_ids = [arg for arg in phases["tests"][1] if "::" in arg]
+    assert len(node_ids) == 4
+    for node_id in node_ids:
+        path, name = node_id.split("::")
+        assert f"def {name}(" in (root / path).read_text(), node_id
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = {}
+    for name in ("sweep", "profile", "amp_ppo"):
+        command = phases[name][1]
+        assert command[:2] == ["-m", "esper_func.bench"], name
+        settings[name] = bench.parse_settings(command[2:])
+        assert settings[name].device.type == "cuda" and settings[name].json_path is not None
+    assert settings["sweep"].sweep_n[0] == 32 and max(settings["sweep"].sweep_n) == 256
+    assert settings["sweep"].variants == bench.VARIANTS and settings["sweep"].bound and settings["sweep"].plot_path
+    assert settings["profile"].profile_step and settings["profile"].n_envs == 32
+    assert settings["amp_ppo"].amp and settings["amp_ppo"].ppo_update
