@@ -279,15 +279,18 @@ class MorphogeneticEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None, **kwargs: object) -> TensorDictBase:
         n = self.config.n_envs
-        self.batches.drop()
-        fresh = self._fresh_state()
-        if tensordict is not None and "_reset" in tensordict.keys():
-            reset = tensordict["_reset"].reshape(n)
-            state = self.state.clone()
-            state[reset] = fresh[reset]
-            self.state = state
-        else:
-            self.state = fresh
+        reset = tensordict["_reset"].reshape(n) if tensordict is not None and "_reset" in tensordict.keys() else None
+        # A `_reset` that flags none of these envs (in a shard, when only other shards' envs
+        # finished) changes nothing and draws nothing, as for an env that was not reset.
+        if reset is None or reset.any():
+            self.batches.drop()
+            fresh = self._fresh_state()
+            if reset is None:
+                self.state = fresh
+            else:
+                state = self.state.clone()
+                state[reset] = fresh[reset]
+                self.state = state
         zero_components = TensorDict(
             {name: torch.zeros(n, device=self.device) for name in self.full_observation_spec["reward_components"].keys()},
             batch_size=[n],

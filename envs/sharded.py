@@ -53,6 +53,9 @@ class ShardedEnv(EnvBase):
         self.model = first.model
         self.max_epochs = first.max_epochs
         self.streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for device in devices]
+        for stream, device in zip(self.streams, devices):
+            if stream is not None:  # each shard was built on its device's current stream: its stream comes after that once
+                stream.wait_stream(torch.cuda.current_stream(device))
         self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
             self.model, self.config.rewards, config.n_envs, self.device
         )

@@ -255,6 +255,8 @@ class PPOTrainer:
                 "torch": torch.get_rng_state(),
                 "env": self.base_env.rng_state(),
                 "minibatch": self.minibatch_generator.get_state(),
+                # The policy samples its actions with the default generator of its device.
+                **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             },
         }
 
@@ -268,6 +270,8 @@ class PPOTrainer:
                 module.load_state_dict(checkpoint[key])
             counters = (int(checkpoint["counters"]["update"]), int(checkpoint["counters"]["frames"]))
             rng = {key: checkpoint["rng"][key] for key in ("torch", "env", "minibatch")}
+            if self.device.type == "cuda":
+                rng["cuda"] = checkpoint["rng"]["cuda"]
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"{source} does not fit this run's networks ({type(error).__name__}: {error}); "
@@ -287,6 +291,8 @@ class PPOTrainer:
         if rng is None:
             return
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.base_env.set_rng_state(rng["env"])
         self.minibatch_generator.set_state(rng["minibatch"])
         self._pending_rng = None

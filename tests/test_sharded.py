@@ -49,6 +49,23 @@ def test_a_sharded_batch_is_the_concatenation_of_independent_env_batches() -> No
     assert (reset["metrics", "epoch"] == torch.tensor([3, 0, 3, 3, 0])).all()
 
 
+def test_a_partial_reset_leaves_shards_with_no_flagged_env_untouched() -> None:
+    sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
+    twin = MorphogeneticEnv(replace(CONFIG, n_envs=2, seed=8))  # shard 1, never reset
+    policy = RandomPolicy(torch.Generator().manual_seed(0))
+    observation = policy(sharded.reset())
+    twin.reset()
+    step = sharded.step(observation)
+    twin.step(observation[3:].clone())
+    observation = step["next"].exclude("reward", "done", "terminated", "truncated")
+    observation["_reset"] = torch.tensor([True, False, False, False, False]).unsqueeze(-1)
+    reset = sharded.reset(observation)
+    assert (reset["metrics", "epoch"] == torch.tensor([0, 1, 1, 1, 1])).all()
+    assert torch.equal(sharded.rng_state()["shard1"], twin.rng_state()["env"])
+    action = policy(reset)
+    assert_equal(sharded.step(action)["next"][3:], twin.step(action[3:].clone())["next"])
+
+
 def test_rng_state_round_trips_through_every_shard() -> None:
     env = ShardedEnv(CONFIG, ["cpu", "cpu", "cpu"])
     state = env.rng_state()
