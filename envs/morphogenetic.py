@@ -37,9 +37,9 @@ from esper_func.governor import Panic, take_snapshots
 from esper_func.masks import action_masks
 from esper_func.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
 from esper_func.model import Model, build_model
-from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, total
+from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, reward_tables, total
 from esper_func.signals import SignalConfig, init_signals, update_signals
-from esper_func.stages import BlendMode, Op, stage_lookup
+from esper_func.stages import BlendMode, Op, preload_tables, stage_lookup
 from esper_func.state import init_state, seed_param_count
 from esper_func.step import Steps, env_step
 from esper_func.evaluation import evaluate
@@ -203,6 +203,8 @@ class MorphogeneticEnv(EnvBase):
         host = resolve_host(self.task, config.host_preset, config.host)
         self.config = replace(config, core=replace(config.core, host=host))
         self.model = build_model(self.config.core, device)
+        reward_tables(self.config.rewards)
+        preload_tables(device)  # every lookup table on the device before the first step reads it
         check_fits(config.n_envs, self._memory_estimate(), available_memory(device), device)
         self.steps = Steps(self.model)
         self.max_epochs = self.config.core.lifecycle.max_epochs

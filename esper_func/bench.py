@@ -27,9 +27,10 @@ vmapped slice). `--interleave` builds and warms every case first, then times the
 so that drift in a shared machine's speed hits all alike.
 `--ppo-update` times the PPO update eager and with ClipPPOLoss compiled. `--collector`
 measures TorchRL's collector overhead over stepping the env by hand. `--profile-step`
-profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy),
-an eager heuristic with the active bank plan, and the same with the full bank (every
-blueprint computed at every slot), each part's time per step and the controller's share.
+profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy,
+`host`), an eager heuristic with the active bank plan (`heuristic-active`), and the same
+with the full bank (every blueprint computed at every slot, `heuristic-full`), each part's
+time per step and the controller's share; name some of them to profile only those.
 
 Scenarios train the same architecture on both sides: `host` (every slot DORMANT; the
 baseline is the bare host) and `seeded` (one `conv_light` seed in TRAINING at the `mid`
@@ -96,7 +97,15 @@ from esper_func.config import CNNHostConfig, CoreConfig
 from esper_func.model import Model, bank_plan, build_model
 from esper_func.stages import Stage
 from esper_func.state import init_state
-from esper_func.step_profile import CollectorOverhead, StepProfile, collector_overhead, format_profiles, profile_env_steps, synchronize
+from esper_func.step_profile import (
+    PROFILE_CONFIGS,
+    CollectorOverhead,
+    StepProfile,
+    collector_overhead,
+    format_profiles,
+    profile_env_steps,
+    synchronize,
+)
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
@@ -139,7 +148,8 @@ class Settings:
     json_path: Path | None = None
     sweep_n: tuple[int, ...] = ()
     """Env counts to run the train comparison at (empty: `n_envs` only)."""
-    profile_step: bool = False
+    profile_step: tuple[str, ...] = ()
+    """Env step configurations to profile (`step_profile.PROFILE_CONFIGS`; empty: none)."""
     profile_steps: int = 4
     collector: bool = False
     amp: bool = False
@@ -363,8 +373,13 @@ def bench_cases(
                 record += time_epochs(run, device, 0, 1)[1]
         peak = peak_memory_mib(device)
         for case, (run, params), warmup_s, times_s in zip(group, runners, warmups, times):
-            bound = profile_bound(scenario, case.label, n, settings.iters, device, run, flops_per_env_step, case.amp) if settings.bound else None
+            bound = (
+                profile_bound(scenario, case.label, n, settings.iters, device, run, statistics.median(times_s), flops_per_env_step, case.amp)
+                if settings.bound
+                else None
+            )
             results.append(variant_result(settings, scenario, case, params, warmup_s, times_s, peak, at_start, bound))
+        del runners, run  # the next group's peak memory is its own
     return results
 
 
@@ -513,7 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
     parser.add_argument("--sweep-n", type=positive_int, nargs="+", help="run the comparison at each of these env counts")
-    parser.add_argument("--profile-step", action="store_true", help="also profile whole env steps (parts and controller share)")
+    parser.add_argument(
+        "--profile-step", nargs="*", choices=list(PROFILE_CONFIGS),
+        help="also profile whole env steps (parts and controller share) of these configurations (default: all)",
+    )
     parser.add_argument("--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand")
     parser.add_argument("--amp", action="store_true", help="also run the vmapped variants under bf16 autocast, and measure its accuracy effect")
     parser.add_argument("--amp-epochs", type=positive_int, help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick {QUICK_DEFAULTS['amp_epochs']})")
@@ -568,7 +586,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         seed=args.seed,
         json_path=args.json,
         sweep_n=tuple(dict.fromkeys(args.sweep_n or ())),
-        profile_step=args.profile_step,
+        profile_step=() if args.profile_step is None else tuple(dict.fromkeys(args.profile_step or PROFILE_CONFIGS)),
         collector=args.collector,
         profile_steps=args.repeats if args.repeats is not None else defaults["repeats"] + 1,
         amp=args.amp,
@@ -614,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.bound:
         print(format_bounds(measured.results))
     if settings.profile_step:
-        for label, policy, bank_mode in (("host only (static)", "static", "active"), ("heuristic, active bank", "heuristic", "active"), ("heuristic, full bank", "heuristic", "full")):
+        for label, policy, bank_mode in (PROFILE_CONFIGS[name] for name in settings.profile_step):
             print(f"[bench] profiling env steps: {label} ...")
             measured.profiles.append(
                 profile_env_steps(

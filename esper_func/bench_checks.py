@@ -13,10 +13,11 @@ and is not measured here.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -231,8 +232,10 @@ class Bound:
     peak_flops_per_s: float | None
     """The device's dense peak at the run's precision (TF32 for fp32 on a GPU); None when unknown."""
     device_busy_fraction: float | None
-    """Kernel time over wall time on CUDA; None on a CPU."""
+    """Time the GPU ran device work (kernels, copies; overlapping streams counted once)
+    over the profiled epoch's wall time, on CUDA; None on a CPU."""
     kernels_per_iteration: float | None
+    """Device activities (kernels, copies) per training iteration, on CUDA."""
     verdict: str
     top_ops: list[dict[str, float | str]]
     """The profile's most expensive ops by self time: name, calls, ms (device time on CUDA, CPU otherwise)."""
@@ -258,6 +261,16 @@ def device_peak(device: torch.device, amp: bool) -> float | None:
     return None
 
 
+def covered_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of `(start, end)` intervals: kernels on several streams overlap."""
+    total, reached = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
 def profile_bound(
     scenario: str,
     variant: str,
@@ -265,27 +278,30 @@ def profile_bound(
     iters: int,
     device: torch.device,
     run_epoch: Callable[[], None],
+    epoch_s: float,
     flops_per_env_step: float,
     amp: bool,
 ) -> Bound:
-    """Profile one epoch of `run_epoch` (already warm) and say what bounds it."""
+    """Profile one epoch of `run_epoch` (already warm) and say what bounds it. Achieved
+    FLOP/s come from `epoch_s`, the unprofiled timed epoch; the busy fraction from the
+    profiled epoch, timed inside the profiler so that starting and stopping it is not."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    start = time.perf_counter()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         run_epoch()
         synchronize(device)
-    wall = time.perf_counter() - start
-    events = prof.key_averages()
+        wall = time.perf_counter() - start
     cuda = device.type == "cuda"
-    achieved = flops_per_env_step * n_envs / wall
+    achieved = flops_per_env_step * n_envs / epoch_s
     peak = device_peak(device, amp)
     busy = kernels = None
-    if cuda:
-        kernel_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernel_events) / 1e6 / wall
-        kernels = len(kernel_events) / iters
+    if cuda:  # device activities, not the GPU-side spans of record_function ranges
+        device_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        busy = covered_us((e.time_range.start, e.time_range.end) for e in device_ops) / 1e6 / wall
+        kernels = len(device_ops) / iters
     key = "self_device_time_total" if cuda else "self_cpu_time_total"  # self time: nested ranges are not counted twice
+    events = [e for e in prof.key_averages() if not (cuda and e.is_user_annotation)]
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:10]
     top_ops = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1000.0} for e in top]
     return Bound(scenario, variant, n_envs, flops_per_env_step, achieved, peak, busy, kernels, verdict(busy, achieved, peak, kernels), top_ops)

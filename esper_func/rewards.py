@@ -83,7 +83,7 @@ from tensordict import TensorDict
 
 from esper_func.config import require
 from esper_func.model import Model
-from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, on_device, stage_lookup
+from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, lookup_table, on_device, stage_lookup, stage_mask
 from esper_func.state import seed_param_count
 
 
@@ -255,21 +255,13 @@ _TASK_LOSS: dict[str, dict[str, float]] = {
 # -- lookup tables -------------------------------------------------------------------------
 
 
-def _stage_mask(*stages: Stage) -> torch.Tensor:
-    mask = torch.zeros(NUM_STAGE_VALUES, dtype=torch.bool)
-    mask[[int(s) for s in stages]] = True
-    return mask
-
-
-SEEDED = LIVE | _stage_mask(Stage.FOSSILIZED)
+SEEDED = lookup_table(LIVE | stage_mask(Stage.FOSSILIZED))
 """The slot holds a seed that has a potential and pays rent (live or fossilized)."""
 
-ATTRIBUTED = LIVE & IN_FORWARD
+ATTRIBUTED = lookup_table(LIVE & IN_FORWARD)
 """Seeds earning attribution: live and running in the forward (fossilized ones do not)."""
 
-_ACTION_STAGE = torch.tensor(
-    [0, int(Stage.GERMINATED), int(Stage.CULLED), int(Stage.FOSSILIZED)], dtype=torch.int64
-)
+_ACTION_STAGE = lookup_table(torch.tensor([0, int(Stage.GERMINATED), int(Stage.CULLED), int(Stage.FOSSILIZED)], dtype=torch.int64))
 """Stage an executed op puts its slot in, indexed by op (WAIT's entry is never used)."""
 
 
@@ -286,7 +278,7 @@ def stage_potential_table(config: RewardConfig) -> torch.Tensor:
         (Stage.FOSSILIZED, config.potential_fossilized),
     ):
         table[int(stage)] = value
-    return table
+    return lookup_table(table)
 
 
 @functools.cache
@@ -297,7 +289,7 @@ def intervention_cost_table(config: RewardConfig) -> torch.Tensor:
         costs = {op: config.simplified_action_cost for op in Op}
     else:
         costs = {Op.GERMINATE: config.germinate_cost, Op.CULL: config.cull_cost, Op.FOSSILIZE: config.fossilize_cost}
-    return torch.tensor([0.0 if op == Op.WAIT else -costs[op] for op in Op], dtype=torch.float32)
+    return lookup_table(torch.tensor([0.0 if op == Op.WAIT else -costs[op] for op in Op], dtype=torch.float32))
 
 
 
@@ -617,6 +609,12 @@ _COMPONENTS: dict[str, dict[str, Component]] = {
 
 FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {family: tuple(fns) for family, fns in _COMPONENTS.items()}
 """The fixed, ordered component keys of each built-in family."""
+
+def reward_tables(config: RewardConfig) -> tuple[torch.Tensor, ...]:
+    """The per-config tables a step under `config` looks up, made (and registered) when an
+    env is built rather than at their first use inside a step."""
+    return stage_potential_table(config), intervention_cost_table(config)
+
 
 STAGE_POTENTIAL = stage_potential_table(RewardConfig())
 """`P[stage]` of the default config."""

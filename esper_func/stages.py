@@ -55,10 +55,50 @@ _LEGAL_TRANSITIONS: dict[Stage, tuple[Stage, ...]] = {
 }
 
 
-def _stage_mask(stages: tuple[Stage, ...]) -> torch.Tensor:
+_TABLES: dict[int, torch.Tensor] = {}
+"""Every lookup table by id (`lookup_table`); holding them keeps their ids from being reused."""
+_DEVICE_COPIES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def lookup_table(values: torch.Tensor) -> torch.Tensor:
+    """Register a long-lived lookup table (a module constant, or one cached per config), so
+    that `preload_tables` puts it on an env's device before any step looks it up."""
+    _TABLES[id(values)] = values
+    return values
+
+
+def preload_tables(device: torch.device) -> None:
+    """Copy every registered table to `device` now, while an env is built: copying one at
+    its first use inside a step would make the host wait for the device."""
+    for table in _TABLES.values():
+        on_device(table, device)
+
+
+def on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A registered lookup table on `device` (copied there once, by `preload_tables`)."""
+    if id(table) not in _TABLES:
+        raise ValueError(
+            f"on_device takes registered lookup tables; register this {tuple(table.shape)} table with "
+            "esper_func.stages.lookup_table where it is made, so preload_tables copies it before any step"
+        )
+    if table.device == device:
+        return table
+    key = (id(table), device)
+    if key not in _DEVICE_COPIES:
+        _DEVICE_COPIES[key] = table.to(device)
+    return _DEVICE_COPIES[key]
+
+
+def stage_lookup(table: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+    """Index a stage table by a stage tensor of any shape, on the stage's device."""
+    return on_device(table, stage.device)[stage]
+
+
+def stage_mask(*stages: Stage) -> torch.Tensor:
+    """A registered `[NUM_STAGE_VALUES]` bool table, True at `stages`."""
     mask = torch.zeros(NUM_STAGE_VALUES, dtype=torch.bool)
     mask[[int(s) for s in stages]] = True
-    return mask
+    return lookup_table(mask)
 
 
 def _transition_table() -> torch.Tensor:
@@ -66,62 +106,39 @@ def _transition_table() -> torch.Tensor:
     for src, targets in _LEGAL_TRANSITIONS.items():
         for dst in targets:
             table[int(src), int(dst)] = True
-    return table
+    return lookup_table(table)
 
 
 LEGAL_TRANSITION = _transition_table()
 """`[11, 11]` bool: `LEGAL_TRANSITION[from, to]` is True when the move is allowed."""
 
-IN_FORWARD = _stage_mask((Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED))
+IN_FORWARD = stage_mask(Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
 """The seed runs in the forward pass (GERMINATED is built but not executed)."""
 
 SEED_TRAINABLE = IN_FORWARD
 """The seed's parameters receive optimizer updates (fossilized seeds keep training)."""
 
-STRAIGHT_THROUGH = _stage_mask((Stage.TRAINING,))
+STRAIGHT_THROUGH = stage_mask(Stage.TRAINING)
 """Output is the host's value; the seed gets the full output gradient."""
 
-BLENDED = _stage_mask((Stage.BLENDING, Stage.PROBATIONARY))
+BLENDED = stage_mask(Stage.BLENDING, Stage.PROBATIONARY)
 """Output is lerp(host, seed, alpha); CNN seeds read a detached input."""
 
-LIVE = _stage_mask((Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY))
+LIVE = stage_mask(Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY)
 """Stages a CULL can end."""
 
-OCCUPIED = _stage_mask(
-    (
-        Stage.GERMINATED,
-        Stage.TRAINING,
-        Stage.BLENDING,
-        Stage.PROBATIONARY,
-        Stage.FOSSILIZED,
-        Stage.CULLED,
-        Stage.EMBARGOED,
-        Stage.RESETTING,
-    )
+OCCUPIED = stage_mask(
+    Stage.GERMINATED,
+    Stage.TRAINING,
+    Stage.BLENDING,
+    Stage.PROBATIONARY,
+    Stage.FOSSILIZED,
+    Stage.CULLED,
+    Stage.EMBARGOED,
+    Stage.RESETTING,
 )
 """The slot cannot be germinated (holds a seed or is cooling down)."""
 
-COUNTS_AGE = _stage_mask(
-    (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
-)
+COUNTS_AGE = stage_mask(Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
 """Stages whose ticks add to `epochs_total` (a seed's age)."""
 
-
-_DEVICE_COPIES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A lookup table on `device`, copied there once and cached: a per-step host-to-device
-    copy would make the host wait. Tables must be long-lived (module constants, or cached
-    per config); the cache keeps the source alive, so its id cannot be reused."""
-    if table.device == device:
-        return table
-    key = (id(table), device)
-    if key not in _DEVICE_COPIES:
-        _DEVICE_COPIES[key] = (table, table.to(device))
-    return _DEVICE_COPIES[key][1]
-
-
-def stage_lookup(table: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
-    """Index a stage table by a stage tensor of any shape, on the stage's device."""
-    return on_device(table, stage.device)[stage]

@@ -7,13 +7,16 @@ the controller's forward, profiles `steps` env steps after `warmup` untimed ones
 reports each part's time per step and its share of the step's wall time. The
 **controller's share** is policy + apply_action + tick + reward + observation (features,
 masks, signals): the work a morphogenetic step adds around host training and evaluation.
-On CUDA the parts are device times (`device_time_total`), on CPU wall times of the range.
+A part's time is the host's wall time in its range; on CUDA the device time of the work
+it launched is reported too, and a controller part counts with the larger of the two (the
+host may run ahead of the device, so this bounds the share from above). With compiled
+steps, the profiled steps are played once beforehand from the same RNG state, so that
+every bank plan they meet is compiled before the profiler starts.
 
 `collector_overhead` plays the same number of env steps twice, by hand (policy, `env.step`,
 `step_mdp`) and through a TorchRL `Collector` (as the PPO trainer does), and reports the
 collector's extra wall time as a fraction of its own.
 """
-
 from __future__ import annotations
 
 import statistics
@@ -44,6 +47,12 @@ PARTS: tuple[str, ...] = (
     "observation",
 )
 CONTROLLER_PARTS: tuple[str, ...] = ("policy", "apply_action", "tick", "reward", "observation")
+PROFILE_CONFIGS: dict[str, tuple[str, str, str]] = {
+    "host": ("host only (static)", "static", "active"),
+    "heuristic-active": ("heuristic, active bank", "heuristic", "active"),
+    "heuristic-full": ("heuristic, full bank", "heuristic", "full"),
+}
+"""Profiled configurations by name: label, policy, bank mode."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,9 @@ class StepProfile:
     step_ms: float
     """Median wall time of one env step of all N envs, policy included."""
     parts_ms: dict[str, float] = field(default_factory=dict)
+    """Host wall time in each part's range."""
+    parts_device_ms: dict[str, float] = field(default_factory=dict)
+    """Device time of the work each part launched (CUDA only)."""
     controller_share: float = 0.0
     live_seeds_per_env: float = 0.0
     """Mean number of seeds in the forward pass per env over the profiled steps."""
@@ -97,40 +109,48 @@ def profile_env_steps(
     """Profile `steps` env steps of the synthetic task under `policy_name` (`static`: the
     host alone; `heuristic`: an eager heuristic that germinates at once)."""
     env = synthetic_env(device, n_envs, batch, iters, warmup + steps + 1, bank_mode, compile)
-    if policy_name == "static":
-        policy: torch.nn.Module = StaticPolicy()
-    else:
-        eager = HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0)
-        policy = HeuristicPolicy(env.model.topology, n_envs, eager, device, env.model.blueprint_names)
-    td = env.reset()
 
-    def one_step(td):  # type: ignore[no-untyped-def]
+    def make_policy() -> torch.nn.Module:
+        if policy_name == "static":
+            return StaticPolicy()
+        eager = HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0)
+        return HeuristicPolicy(env.model.topology, n_envs, eager, device, env.model.blueprint_names)
+
+    def one_step(policy: torch.nn.Module, td):  # type: ignore[no-untyped-def]
         with record_function("esper.policy"):
             td = policy(td)
         return env.step(td)
 
+    start_rng = env.rng_state()
+    if compile:  # the same steps once, unprofiled: every bank plan they meet gets compiled now
+        policy, td = make_policy(), env.reset()
+        for _ in range(warmup + steps):
+            td = step_mdp(one_step(policy, td))
+        env.set_rng_state(start_rng)
+    policy, td = make_policy(), env.reset()
     for _ in range(warmup):
-        td = step_mdp(one_step(td))
+        td = step_mdp(one_step(policy, td))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     wall, live = [], []
     with profile(activities=activities) as prof:
         for _ in range(steps):
             synchronize(device)
             start = time.perf_counter()
-            out = one_step(td)
+            out = one_step(policy, td)
             synchronize(device)
             wall.append(time.perf_counter() - start)
             live.append(float(stage_lookup(IN_FORWARD, out["next", "seeds", "stage"]).sum()) / n_envs)
             td = step_mdp(out)
-    totals = {event.key.removeprefix("esper."): event for event in prof.key_averages() if event.key.startswith("esper.")}
-    use_device = device.type == "cuda"
-    parts = {
-        part: (totals[part].device_time_total if use_device else totals[part].cpu_time_total) / steps / 1000.0
-        for part in PARTS
-        if part in totals
+    # The host-side ranges: on CUDA each range also has a device-side span of the same name.
+    ranges = {
+        event.key.removeprefix("esper."): event
+        for event in prof.key_averages()
+        if event.key.startswith("esper.") and event.device_type == torch.autograd.DeviceType.CPU
     }
+    parts = {part: ranges[part].cpu_time_total / steps / 1000.0 for part in PARTS if part in ranges}
+    device_parts = {part: ranges[part].device_time_total / steps / 1000.0 for part in parts} if device.type == "cuda" else {}
     step_ms = 1000.0 * statistics.median(wall)
-    controller = sum(parts.get(part, 0.0) for part in CONTROLLER_PARTS)
+    controller = sum(max(parts.get(part, 0.0), device_parts.get(part, 0.0)) for part in CONTROLLER_PARTS)
     return StepProfile(
         label=label,
         policy=policy_name,
@@ -141,6 +161,7 @@ def profile_env_steps(
         steps=steps,
         step_ms=step_ms,
         parts_ms=parts,
+        parts_device_ms=device_parts,
         controller_share=controller / step_ms,
         live_seeds_per_env=statistics.fmean(live),
     )
@@ -153,6 +174,9 @@ def format_profiles(profiles: list[StepProfile]) -> str:
     for p in profiles:
         cells = " ".join(f"{p.parts_ms.get(part, 0.0):>11.1f}" for part in PARTS)
         rows.append(f"{p.label:<26} {p.step_ms:>8.1f} {cells} {100 * p.controller_share:>9.1f}%")
+        if p.parts_device_ms:
+            cells = " ".join(f"{p.parts_device_ms.get(part, 0.0):>11.1f}" for part in PARTS)
+            rows.append(f"{'  (device time)':<26} {'':>8} {cells}")
     return "\n".join(rows)
 
 

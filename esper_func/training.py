@@ -159,14 +159,16 @@ def compile_per_plan(function: Callable[..., T], mode: str) -> Callable[..., T]:
 def begin_step(model: Model) -> None:
     """Mark a new CUDA-graph step, so a replay may reuse the memory of the last one's outputs.
 
-    Callers consume each step's outputs before the next call (as inputs, or summed into
-    fresh tensors) and copy what they keep past the loop (`keep_outside_graphs`)."""
+    Callers sum each step's statistics into fresh tensors before the next call, and copy
+    out (`keep_outside_graphs`) every output that outlives the step, the state fed to the
+    next call included: starting a step frees the last one's outputs, and a graph's input
+    that is a freed output of the graph before it fails (pytorch/pytorch#152887)."""
     if model.config.compile and model.config.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
 
 
 def keep_outside_graphs(model: Model, tensors: Tensors) -> Tensors:
-    """Copies of CUDA-graph outputs that later replays would overwrite (the tensors themselves otherwise)."""
+    """Copies of CUDA-graph outputs, outside the graphs' memory pool (the tensors themselves when no graphs are captured)."""
     if model.config.compile and model.config.compile_mode == "reduce-overhead":
         return {name: value.clone() for name, value in tensors.items()}
     return tensors
@@ -209,9 +211,9 @@ def train_epoch(
     for i in range(x.shape[0]):
         begin_step(model)
         params, buffers, momentum, stats = step(params, buffers, momentum, controls, trainable, counts, x[i], y[i])
+        params, buffers, momentum = (keep_outside_graphs(model, tensors) for tensors in (params, buffers, momentum))
         loss_sum = loss_sum + stats["loss"]
         ratio_sum = ratio_sum + stats["grad_ratio"]
-    params, buffers, momentum = (keep_outside_graphs(model, tensors) for tensors in (params, buffers, momentum))
     n_envs = slots.batch_size[0]
     new_state = state.clone(recurse=False)
     new_state["params"] = TensorDict(params, batch_size=[n_envs])

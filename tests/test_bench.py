@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from esper_func import bench
-from esper_func.bench_checks import saturation_point
+from esper_func import bench, step_profile
+from esper_func.bench_checks import covered_us, saturation_point
 from esper_func.blueprints import param_count
 
 TINY = ["--n-envs", "2", "--batch", "8", "--iters", "2", "--repeats", "1", "--no-compile", "--host-preset", "tiny"]
@@ -84,6 +86,7 @@ def test_both_sides_train_the_same_architecture(scenario: str) -> None:
         (["--sweep-n", "2", "--plot", "out.png"], "give --sweep-n with two or more"),
         (["--amp-epochs", "2"], "add --amp"),
         (["--vmap-chunk-size", "0"], "must be >= 1"),
+        (["--profile-step", "policy-only"], "invalid choice: 'policy-only'"),
     ],
 )
 def test_bad_flags_are_clear_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,6 +94,17 @@ def test_bad_flags_are_clear_errors(flags: list[str], message: str, capsys: pyte
         bench.main(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_profile_step_takes_the_configurations_to_profile() -> None:
+    assert bench.parse_settings([]).profile_step == ()
+    assert bench.parse_settings(["--profile-step"]).profile_step == ("host", "heuristic-active", "heuristic-full")
+    assert bench.parse_settings(["--profile-step", "heuristic-full", "host"]).profile_step == ("heuristic-full", "host")
+
+
+def test_device_busy_time_counts_overlapping_kernels_once() -> None:
+    assert covered_us([(20, 25), (0, 10), (5, 15), (21, 22)]) == 20  # [0, 15] and [20, 25]
+    assert covered_us([(0, 4), (4, 6)]) == 6 and covered_us([]) == 0
 
 
 def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, restore_threads: None) -> None:
@@ -113,6 +127,7 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
     assert set(profiles) == {"host only (static)", "heuristic, active bank", "heuristic, full bank"}
     for profile in profiles.values():
         parts = profile["parts_ms"]
+        assert profile["parts_device_ms"] == {}  # device times are CUDA only
         assert {"policy", "sample_batches", "apply_action", "train_epoch", "evaluate", "governor", "tick", "reward", "observation"} <= set(parts)
         assert all(value > 0 for value in parts.values())
         assert sum(parts.values()) <= profile["step_ms"] * 1.05  # the parts lie inside the step
@@ -176,6 +191,27 @@ def test_collector_overhead_is_reported(tmp_path: Path, restore_threads: None) -
 )
 def test_saturation_is_the_first_n_no_larger_n_beats_by_ten_percent(throughput: list[float], saturates_at: int | None) -> None:
     assert saturation_point([1, 2, 4, 8], throughput) == saturates_at
+
+
+@pytest.mark.compile
+def test_a_compiled_step_profile_compiles_before_the_profiler_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling inside the profiled steps would count tens of seconds of compilation as step time."""
+    graphs_made_while_profiling = []
+    unwatched = step_profile.profile
+
+    @contextlib.contextmanager
+    def watched(**kwargs):  # type: ignore[no-untyped-def]
+        before = counters["stats"]["unique_graphs"]
+        with unwatched(**kwargs) as prof:
+            yield prof
+        graphs_made_while_profiling.append(counters["stats"]["unique_graphs"] - before)
+
+    monkeypatch.setattr(step_profile, "profile", watched)
+    compiled_before = counters["stats"]["unique_graphs"]
+    profile = step_profile.profile_env_steps("host", torch.device("cpu"), 2, 8, 2, steps=2, warmup=0, policy_name="static", bank_mode="active", compile=True)
+    assert counters["stats"]["unique_graphs"] > compiled_before, "the steps should have been compiled"
+    assert graphs_made_while_profiling == [0]
+    assert set(step_profile.PARTS) - {"policy"} <= set(profile.parts_ms)
 
 
 @pytest.mark.compile

@@ -64,6 +64,7 @@ def test_compiled_env_step_matches_eager(mode: str) -> None:
 def test_cuda_graph_epochs_match_eager_and_keep_their_results() -> None:
     """Two epochs under `reduce-overhead`: each equals eager, and the first epoch's state is
     not overwritten by the second epoch's graph replays."""
+    from esper_func.evaluation import EvalStepCache, evaluate
     from esper_func.training import TrainStepCache, train_epoch
 
     device = torch.device("cuda")
@@ -83,3 +84,6 @@ def test_cuda_graph_epochs_match_eager_and_keep_their_results() -> None:
         assert torch.equal(first["params", name], kept[name]), name
         torch.testing.assert_close(first["params", name], want_first["params", name], atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(second["params", name], want_second["params", name], atol=1e-4, rtol=1e-3)
+    metrics = evaluate(graphs, second, x[1], y[1], EvalStepCache(graphs))
+    want_metrics = evaluate(eager, want_second, x[1], y[1], EvalStepCache(eager))
+    torch.testing.assert_close(metrics["val_loss"], want_metrics["val_loss"], atol=1e-4, rtol=1e-3)

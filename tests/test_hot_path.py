@@ -11,6 +11,8 @@ import torch
 from torchrl.envs.utils import step_mdp
 
 from envs import MorphogeneticEnv
+from esper_func import stages
+from esper_func.rewards import RewardConfig, reward_tables
 from esper_func.sync_audit import HostSyncAudit, HostSyncError
 from esper_func.tasks import _to
 from policies import HeuristicConfig, HeuristicPolicy
@@ -62,6 +64,29 @@ def test_active_bank_mode_reads_back_only_its_bank_plan(single_thread: None) -> 
     assert all(audit.calls for audit in audits), "the active bank plan is read once per step"
     for audit in audits:
         audit.raise_if_any(allowed=("active_plan",))
+
+
+def test_no_lookup_table_is_made_inside_a_step(single_thread: None) -> None:
+    """Every table a step reads exists (and is preloaded onto the env's device) once the env
+    is built: a table made at its first use would be copied to the device mid-step, which
+    makes the host wait on CUDA."""
+    rewards = replace(RewardConfig(), potential_training=1.234)  # a config no other test made
+    env = MorphogeneticEnv(replace(lively_env().config, rewards=rewards))
+    made_at_build = set(stages._TABLES)
+    assert {id(table) for table in reward_tables(rewards)} <= made_at_build
+    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    td = env.reset()
+    for _ in range(env.max_epochs):
+        td = step_mdp(env.step(policy(td)))
+    assert td["seeds", "stage"].max() > 0, "the episode should germinate seeds"
+    assert set(stages._TABLES) == made_at_build
+
+
+def test_lookups_take_only_registered_tables() -> None:
+    with pytest.raises(ValueError, match="register this \\(3,\\) table with esper_func.stages.lookup_table"):
+        stages.on_device(torch.zeros(3), torch.device("cpu"))
+    table = stages.lookup_table(torch.arange(3))
+    assert stages.on_device(table, torch.device("meta")).device == torch.device("meta")
 
 
 def test_the_audit_records_reads_shape_dependent_ops_and_device_moves() -> None:

@@ -108,6 +108,11 @@ def test_side_stream_prefetch_on_cuda_equals_drawing_on_demand() -> None:
     observations = [ahead.reset(), on_demand.reset()]
     for _ in range(2):
         assert ahead.batches.pending is not None and ahead.batches.pending.ready is not None
+        torch.cuda.synchronize()  # the test reads the pending batch on its own stream: let the side stream finish
+        copy = torch.Generator(device="cuda")
+        copy.set_state(on_demand.generator.get_state())  # what the on-demand env will draw next
+        assert torch.equal(ahead.batches.pending.batches.train_x, on_demand.task.sample_batches(copy).train_x)
         outputs = [env.step(policy(obs)) for env, policy, obs in zip((ahead, on_demand), policies, observations)]
-        assert_equal(*outputs)
+        for key in outputs[0].keys(True, True):  # cuDNN may pick nondeterministic kernels: floats to a tolerance
+            torch.testing.assert_close(outputs[0][key], outputs[1][key], atol=1e-5, rtol=1e-4, msg=str(key))
         observations = [out["next"].exclude("reward", "done", "terminated", "truncated") for out in outputs]
