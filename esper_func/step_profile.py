@@ -17,6 +17,7 @@ every bank plan they meet is compiled before the profiler starts.
 `step_mdp`) and through a TorchRL `Collector` (as the PPO trainer does), and reports the
 collector's extra wall time as a fraction of its own.
 """
+
 from __future__ import annotations
 
 import statistics
