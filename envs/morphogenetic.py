@@ -193,11 +193,20 @@ def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device
     return action, observation, reward, done
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """`device` as tensors on it report theirs (`cuda` -> `cuda:0`), so that comparing a
+    tensor's device with the env's, or looking up a copy cached per device, matches."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class MorphogeneticEnv(EnvBase):
     """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
 
     def __init__(self, config: EnvConfig, device: torch.device | str = "cpu") -> None:
-        device = torch.device(device)
+        device = canonical_device(device)
         super().__init__(device=device, batch_size=torch.Size([config.n_envs]))
         self.task = build_task(config.task, device)
         host = resolve_host(self.task, config.host_preset, config.host)

@@ -24,7 +24,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import EnvBase
 
-from envs.morphogenetic import EnvConfig, MorphogeneticEnv, make_specs
+from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device, make_specs
 from esper_func.config import ConfigError
 
 
@@ -40,7 +40,7 @@ class ShardedEnv(EnvBase):
     """`config.n_envs` envs over `devices` (`batch_size=[N]`, outputs on `devices[0]`)."""
 
     def __init__(self, config: EnvConfig, devices: Sequence[torch.device | str]) -> None:
-        devices = [torch.device(d) for d in devices]
+        devices = [canonical_device(d) for d in devices]
         if len(devices) < 2:
             raise ConfigError(f"ShardedEnv needs at least 2 devices, got {devices}; use MorphogeneticEnv for one")
         self.sizes = shard_sizes(config.n_envs, len(devices))

@@ -36,7 +36,7 @@ from torchrl.objectives.value import GAE
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from tqdm import tqdm
 
-from envs.morphogenetic import MorphogeneticEnv
+from envs.morphogenetic import MorphogeneticEnv, canonical_device
 from envs.sharded import ShardedEnv, build_env
 from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
@@ -199,7 +199,7 @@ class PPOTrainer:
         added there is scaled and learned like the env's own. `env`: an env already built
         from `config.env` (the CLI builds it first so a data error creates no run directory)."""
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = canonical_device(config.device)
         torch.manual_seed(config.env.seed)
         self.base_env = build_env(config.env, self.device, config.devices) if env is None else env
         observation_size = self.base_env.observation_spec["observation"].shape[-1]
