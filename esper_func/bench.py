@@ -49,7 +49,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -104,7 +103,7 @@ from esper_func.step_profile import (
     collector_overhead,
     format_profiles,
     profile_env_steps,
-    synchronize,
+    timed,
 )
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
@@ -270,11 +269,7 @@ def time_epochs(run_epoch: Callable[[], None], device: torch.device, warmup: int
     """Seconds of each warm-up epoch and of each timed epoch (synchronized at both ends on CUDA)."""
     warmup_s, times_s = [], []
     for record in [warmup_s] * warmup + [times_s] * repeats:
-        synchronize(device)
-        start = time.perf_counter()
-        run_epoch()
-        synchronize(device)
-        record.append(time.perf_counter() - start)
+        record.append(timed(run_epoch, device)[0])
     return warmup_s, times_s
 
 

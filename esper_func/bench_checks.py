@@ -3,9 +3,9 @@ PPO update eager vs compiled, bf16 autocast's accuracy effect, where throughput 
 over N and what bounds it there, and the plot of env-steps/s against N.
 
 What bounds a step is read from a `torch.profiler` trace of one epoch: on CUDA, the GPU's
-busy fraction (kernel time over wall time) and the kernels launched per iteration; with
-FLOPs per env step counted by `FlopCounterMode` on the baseline's identical model, the
-achieved FLOP/s against the device's peak. A GPU idle much of the epoch is launch- or
+busy fraction (time with device work running, over wall time) and the device activities
+per iteration; with FLOPs per env step counted by `FlopCounterMode` on the baseline's
+identical model, the achieved FLOP/s of the timed epochs against the device's peak. A GPU idle much of the epoch is launch- or
 host-bound (CUDA graphs move that); busy and far below peak FLOP/s is memory-bound; busy
 near peak is compute-bound. Achieved GB/s needs a hardware counter tool (Nsight Compute)
 and is not measured here.
@@ -30,7 +30,7 @@ from torchrl.collectors import Collector
 from torchrl.envs.utils import step_mdp
 
 from esper_func.ppo import PPOTrainer
-from esper_func.step_profile import synchronize, synthetic_env
+from esper_func.step_profile import synchronize, synthetic_env, timed
 from esper_func.training_config import TelemetryConfig, TrainingConfig
 from policies import StaticPolicy
 
@@ -127,21 +127,17 @@ def ppo_update_timing(device: torch.device, n_envs: int, repeats: int) -> PPOUpd
         batch = next(iter(collector))
         collector.shutdown()
 
-        def timed(trainer: PPOTrainer) -> tuple[float, dict[str, float]]:
-            copy = batch.clone()
-            synchronize(device)
-            start = time.perf_counter()
-            stats = trainer.update(copy)
-            synchronize(device)
-            return time.perf_counter() - start, stats
+        def update(trainer: PPOTrainer) -> tuple[float, dict[str, float]]:
+            copy = batch.clone()  # outside the timing: the update writes into its batch
+            return timed(lambda: trainer.update(copy), device)
 
-        _, eager_first = timed(eager)  # the first call warms caches; its statistics are the reference
-        eager_s = statistics.median(timed(eager)[0] for _ in range(repeats))
+        _, eager_first = update(eager)  # the first call warms caches; its statistics are the reference
+        eager_s = statistics.median(update(eager)[0] for _ in range(repeats))
         torch._dynamo.utils.counters.clear()
-        first_s, compiled_first = timed(compiled)
+        first_s, compiled_first = update(compiled)
         graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        compiled_s = statistics.median(timed(compiled)[0] for _ in range(repeats))
+        compiled_s = statistics.median(update(compiled)[0] for _ in range(repeats))
     difference = max(abs(compiled_first[key] - eager_first[key]) for key in ("loss_objective", "loss_critic", "loss_entropy"))
     steps = config.ppo.epochs * config.ppo.minibatches
     return PPOUpdateTiming(batch.numel(), steps, eager_s, compiled_s, first_s, graph_breaks, graphs, eager_s / compiled_s, difference)

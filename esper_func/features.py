@@ -30,7 +30,7 @@ import torch
 from tensordict import TensorDict
 
 from esper_func.model import Model
-from esper_func.stages import LIVE, SLOT_NAMES, Stage, lookup_table, stage_lookup, stage_mask
+from esper_func.stages import HOLDS_SEED, SLOT_NAMES, Stage, stage_lookup
 from esper_func.state import seed_param_count
 
 FEATURE_SCHEMA_VERSION = 1
@@ -59,10 +59,6 @@ MIN_PREV_LOSS = 1e-3
 
 SLOT_STAGES: tuple[Stage, ...] = tuple(s for s in Stage if s != Stage.DORMANT)
 """Stages with a one-hot column in a slot block (DORMANT is the all-zero block)."""
-
-HOLDS_SEED = lookup_table(LIVE | stage_mask(Stage.FOSSILIZED))
-"""Stages whose seed is part of the network and counts towards its parameters."""
-
 
 @dataclass(frozen=True)
 class Feature:

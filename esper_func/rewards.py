@@ -83,7 +83,7 @@ from tensordict import TensorDict
 
 from esper_func.config import require
 from esper_func.model import Model
-from esper_func.stages import BLENDED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, lookup_table, on_device, stage_lookup, stage_mask
+from esper_func.stages import BLENDED, HOLDS_SEED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, lookup_table, on_device, stage_lookup
 from esper_func.state import seed_param_count
 
 
@@ -255,7 +255,7 @@ _TASK_LOSS: dict[str, dict[str, float]] = {
 # -- lookup tables -------------------------------------------------------------------------
 
 
-SEEDED = lookup_table(LIVE | stage_mask(Stage.FOSSILIZED))
+SEEDED = HOLDS_SEED
 """The slot holds a seed that has a potential and pays rent (live or fossilized)."""
 
 ATTRIBUTED = lookup_table(LIVE & IN_FORWARD)
@@ -609,6 +609,7 @@ _COMPONENTS: dict[str, dict[str, Component]] = {
 
 FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {family: tuple(fns) for family, fns in _COMPONENTS.items()}
 """The fixed, ordered component keys of each built-in family."""
+
 
 def reward_tables(config: RewardConfig) -> tuple[torch.Tensor, ...]:
     """The per-config tables a step under `config` looks up, made (and registered) when an

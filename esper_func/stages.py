@@ -139,6 +139,9 @@ OCCUPIED = stage_mask(
 )
 """The slot cannot be germinated (holds a seed or is cooling down)."""
 
-COUNTS_AGE = stage_mask(Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
+HOLDS_SEED = stage_mask(Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
+"""The slot holds a seed (live or fossilized): part of the network, counted in its parameters."""
+
+COUNTS_AGE = HOLDS_SEED
 """Stages whose ticks add to `epochs_total` (a seed's age)."""
 

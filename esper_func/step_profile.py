@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -35,6 +37,8 @@ from esper_func.rewards import RewardConfig
 from esper_func.stages import IN_FORWARD, stage_lookup
 from esper_func.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
+
+T = TypeVar("T")
 
 PARTS: tuple[str, ...] = (
     "policy",
@@ -82,6 +86,15 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU), so wall-clock timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(run: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Wall seconds of `run`, the device work it queued included, and what it returned."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = run()
+    synchronize(device)
+    return time.perf_counter() - start, out
 
 
 def synthetic_env(
@@ -135,11 +148,8 @@ def profile_env_steps(
     wall, live = [], []
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            out = one_step(policy, td)
-            synchronize(device)
-            wall.append(time.perf_counter() - start)
+            seconds, out = timed(lambda: one_step(policy, td), device)
+            wall.append(seconds)
             live.append(float(stage_lookup(IN_FORWARD, out["next", "seeds", "stage"]).sum()) / n_envs)
             td = step_mdp(out)
     # The host-side ranges: on CUDA each range also has a device-side span of the same name.
@@ -212,16 +222,9 @@ def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int
             pass
         collector.shutdown()
 
-    def timed(run) -> float:  # type: ignore[no-untyped-def]
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        return time.perf_counter() - start
-
     by_hand()  # warm-up: caches, compiled graphs
     # Interleaved, so that drift in the machine's speed affects both sides alike.
-    pairs = [(timed(by_hand), timed(collected)) for _ in range(repeats)]
+    pairs = [(timed(by_hand, device)[0], timed(collected, device)[0]) for _ in range(repeats)]
     hand_s = statistics.median(hand for hand, _ in pairs)
     collector_s = statistics.median(collected_s for _, collected_s in pairs)
     return CollectorOverhead(n_envs, steps, hand_s, collector_s, (collector_s - hand_s) / collector_s)

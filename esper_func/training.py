@@ -156,6 +156,12 @@ def compile_per_plan(function: Callable[..., T], mode: str) -> Callable[..., T]:
     return torch.compile(function, dynamic=False, mode=mode)
 
 
+def captures_graphs(model: Model) -> bool:
+    """Whether the compiled steps capture CUDA graphs (`compile_mode="reduce-overhead"`;
+    on a CPU it compiles as "default", and the step marking and copies below still run)."""
+    return model.config.compile and model.config.compile_mode == "reduce-overhead"
+
+
 def begin_step(model: Model) -> None:
     """Mark a new CUDA-graph step, so a replay may reuse the memory of the last one's outputs.
 
@@ -163,13 +169,13 @@ def begin_step(model: Model) -> None:
     out (`keep_outside_graphs`) every output that outlives the step, the state fed to the
     next call included: starting a step frees the last one's outputs, and a graph's input
     that is a freed output of the graph before it fails (pytorch/pytorch#152887)."""
-    if model.config.compile and model.config.compile_mode == "reduce-overhead":
+    if captures_graphs(model):
         torch.compiler.cudagraph_mark_step_begin()
 
 
 def keep_outside_graphs(model: Model, tensors: Tensors) -> Tensors:
     """Copies of CUDA-graph outputs, outside the graphs' memory pool (the tensors themselves when no graphs are captured)."""
-    if model.config.compile and model.config.compile_mode == "reduce-overhead":
+    if captures_graphs(model):
         return {name: value.clone() for name, value in tensors.items()}
     return tensors
 

@@ -16,18 +16,18 @@ from esper_func.training import TrainStepCache, train_epoch
 from tensordict import TensorDict
 
 
-def seeded_state(config: CoreConfig) -> TensorDict:
-    """Two envs with seeds training, blending (one gated) and fossilized, off the function-preserving start."""
+def seeded_state(config: CoreConfig, n_envs: int = 2) -> TensorDict:
+    """Envs with seeds training, blending (env 1's gated) and fossilized, off the function-preserving start."""
     model = build_model(config)
-    state = init_state(model, 2, torch.Generator().manual_seed(0))
+    state = init_state(model, n_envs, torch.Generator().manual_seed(0))
     noise = torch.Generator().manual_seed(1)
     for name in state["params"].keys():
         state["params", name] += 0.05 * torch.randn(state["params", name].shape, generator=noise)
     slots = state["slots"]
-    slots["stage"][:] = torch.tensor([[int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.FOSSILIZED)]] * 2)
+    slots["stage"][:] = torch.tensor([[int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.FOSSILIZED)]] * n_envs)
     kind = config.host.kind
     names = ("conv_light", "attention", "depthwise") if kind == "cnn" else ("lora", "mlp", "attention")
-    slots["blueprint"][:] = torch.tensor([[blueprint_index(kind, name) for name in names]] * 2)
+    slots["blueprint"][:] = torch.tensor([[blueprint_index(kind, name) for name in names]] * n_envs)
     slots["blend"][1, 1] = int(BlendMode.GATED)
     slots["alpha"][:, 1] = 0.4
     slots["alpha"][:, 2] = 1.0
@@ -73,10 +73,10 @@ def test_chunked_vmap_trains_exactly_like_all_envs_at_once(chunk: int) -> None:
     host = CNNHostConfig.preset("tiny")
     x, y = batches(host, iters=2)
     states = []
-    for chunk_size in (None, chunk):
+    for chunk_size in (None, chunk):  # 3 envs: slices of 2 leave a remainder of 1
         config = CoreConfig(host=host, compile=False, vmap_chunk_size=chunk_size)
         model = build_model(config)
-        state, stats = train_epoch(model, seeded_state(config), x, y, TrainStepCache(model))
+        state, stats = train_epoch(model, seeded_state(config, n_envs=3), x, y, TrainStepCache(model))
         states.append((state, stats, evaluate(model, state, x, y, EvalStepCache(model))))
     (whole, whole_stats, whole_metrics), (chunked, chunked_stats, chunked_metrics) = states
     for name in whole["params"].keys():
