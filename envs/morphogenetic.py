@@ -9,8 +9,9 @@ Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated
 - `"observation"` `[N, F]` float32, schema in `docs/observation.md`;
 - `("action_mask", head)`: `op [N, 4]`, `slot [N, 4, S]` (row = op), `blueprint [N, B]`,
   `blend [N, 3]`; sample the op first, then the slot from that op's row;
-- `("seeds", key)` `[N, S]`: stage, alpha, blueprint, epochs_in_stage, contribution,
-  improvement (accuracy change since the stage began, pp);
+- `("seeds", key)` `[N, S]`: stage, alpha, blueprint, epochs_in_stage, contribution (this
+  epoch's measurement, pp), contribution_ema (smoothed since alpha reached 1: what the
+  gates read), improvement (accuracy change since the stage began, pp);
 - `("metrics", key)` `[N]`: train_loss, val_loss, val_accuracy, epoch, action_executed,
   illegal_actions (count this episode), seed_params, rolled_back (the governor restored
   the env's snapshot in this step), panic (`governor.Panic` value), rollbacks (count this
@@ -46,7 +47,7 @@ from esper_func.evaluation import evaluate
 from esper_func.prefetch import BatchPrefetcher
 from esper_func.tasks import Task, TaskConfig, build_task
 
-SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "improvement")
+SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "contribution_ema", "improvement")
 METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")
 SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
 
@@ -155,6 +156,7 @@ def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device
                 "blueprint": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
                 "epochs_in_stage": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
                 "contribution": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
+                "contribution_ema": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
                 "improvement": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
             },
             shape=(n,),
@@ -334,10 +336,12 @@ class MorphogeneticEnv(EnvBase):
             self.state = state
             out = self._observation(state, executed, metrics["panic"], components)
         out["reward"] = total(components).unsqueeze(-1)
+        # The fixed horizon is a true termination (the observation carries the epoch
+        # fraction): GAE must not bootstrap past it, and the PBRS potential is 0 there.
         done = is_last.unsqueeze(-1)
         out["done"] = done
-        out["truncated"] = done
-        out["terminated"] = torch.zeros_like(done)
+        out["terminated"] = done
+        out["truncated"] = torch.zeros_like(done)
         self.batches.prefetch()
         return out
 

@@ -33,8 +33,8 @@ with the full bank (every blueprint computed at every slot, `heuristic-full`), e
 time per step and the controller's share; name some of them to profile only those.
 
 Scenarios train the same architecture on both sides: `host` (every slot DORMANT; the
-baseline is the bare host) and `seeded` (one `conv_light` seed in TRAINING at the `mid`
-slot; the baseline adds that blueprint with the straight-through forward and its own SGD).
+baseline is the bare host) and `seeded` (one `conv_light` seed BLENDING at alpha 0.5 at the `mid`
+slot; the baseline adds that blueprint with the same blend and its own SGD).
 Warm-up epochs (which include compilation) are timed separately and excluded; every
 figure is the median over `--repeats` timed epochs. On a CPU shared with other work,
 `--threads 1` keeps OpenMP threads from spinning against each other (it changes the
@@ -73,6 +73,7 @@ from esper_func.bench_checks import (
     saturation_point,
 )
 from esper_func.bench_baseline import (
+    SEED_ALPHA,
     SEED_BLUEPRINT,
     SEED_SLOT,
     baseline_envs,
@@ -215,11 +216,12 @@ def core_config(host_preset: str, compile: bool, compile_mode: str = "default", 
 
 
 def scenario_state(model: Model, scenario: str, n_envs: int, seed: int) -> TensorDict:
-    """Fresh state for `n_envs` envs; in `seeded`, every env has a TRAINING seed at the mid slot."""
+    """Fresh state for `n_envs` envs; in `seeded`, every env has a BLENDING seed at the mid slot."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
     state = init_state(model, n_envs, generator)
     if scenario == "seeded":
-        state["slots", "stage"][:, SEED_SLOT] = int(Stage.TRAINING)
+        state["slots", "stage"][:, SEED_SLOT] = int(Stage.BLENDING)
+        state["slots", "alpha"][:, SEED_SLOT] = SEED_ALPHA
         state["slots", "blueprint"][:, SEED_SLOT] = blueprint_index("cnn", SEED_BLUEPRINT)
     return state
 

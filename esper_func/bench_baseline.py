@@ -22,10 +22,12 @@ from esper_func.model import Model
 
 SEED_SLOT = 1  # the `mid` slot
 SEED_BLUEPRINT = "conv_light"
+SEED_ALPHA = 0.5
+"""The seeded scenario's seed is BLENDING at this alpha: in the forward, and training."""
 
 
 class BaselineNet(nn.Module):
-    """A host, plus optionally one seed at `SEED_SLOT` with the straight-through forward."""
+    """A host, plus optionally one BLENDING seed at `SEED_SLOT` (alpha `SEED_ALPHA`)."""
 
     def __init__(self, host: Host, seed: Blueprint | None) -> None:
         super().__init__()
@@ -37,8 +39,8 @@ class BaselineNet(nn.Module):
         for s in range(len(self.host.segments)):
             h = self.host.segment(s, h)
             if self.seed is not None and s == SEED_SLOT:
-                out = self.seed(h.detach())  # TRAINING: the seed reads a detached input
-                h = h + (out - out.detach())  # value of the host, gradient into the seed
+                detached = h.detach()  # a CNN seed reads a detached input while blending
+                h = h + SEED_ALPHA * (self.seed(detached) - detached)
         return self.host.tail(h)
 
 

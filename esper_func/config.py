@@ -45,7 +45,7 @@ def spread_positions(depth: int, n_slots: int = len(SLOT_NAMES)) -> tuple[int, .
 class CNNHostConfig:
     """CNN host: blocks of conv3x3 -> BatchNorm -> ReLU -> maxpool, then a linear head.
 
-    Block i has `base_channels * 2**i` channels. Slot k sits after block
+    Block i has `base_channels * channel_factor**i` channels. Slot k sits after block
     `slot_after[k]` (1-indexed), in canonical order early, mid, late.
     """
 
@@ -55,11 +55,19 @@ class CNNHostConfig:
     num_classes: int = 10
     n_blocks: int = 3
     base_channels: int = 8
+    channel_factor: int = 2
+    """Channel multiplier from one block to the next (1: every block `base_channels` wide)."""
     slot_after: tuple[int, ...] = (1, 2, 3)
+    slot_before_pool: bool = False
+    """Slots sit inside their block, after the ReLU and before the maxpool, so a seed works
+    at the block's full resolution (4x the positions of the pooled map, for the same
+    parameters); False: after the pool."""
 
     def __post_init__(self) -> None:
         require(self.kind == "cnn", f"CNNHostConfig.kind must be 'cnn', got {self.kind!r}")
-        require_fields(self, ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels"), lambda value: value >= 1, ">= 1")
+        require_fields(
+            self, ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels", "channel_factor"), lambda value: value >= 1, ">= 1"
+        )
         require(self.num_classes >= 2, f"CNNHostConfig.num_classes must be >= 2, got {self.num_classes}")
         min_size = 2**self.n_blocks
         require(
@@ -70,7 +78,7 @@ class CNNHostConfig:
         _check_slot_positions("CNNHostConfig", self.slot_after, self.n_blocks, "n_blocks")
 
     def block_channels(self) -> tuple[int, ...]:
-        return tuple(self.base_channels * 2**i for i in range(self.n_blocks))
+        return tuple(self.base_channels * self.channel_factor**i for i in range(self.n_blocks))
 
     def slot_channels(self) -> tuple[int, ...]:
         channels = self.block_channels()
@@ -80,6 +88,10 @@ class CNNHostConfig:
     def preset(cls, name: str) -> CNNHostConfig:
         presets = {
             "cifar": cls(),
+            # The synthetic task's host: 16x16 images, three blocks 8 channels wide. Narrow and
+            # shallow enough to plateau within an episode, wide enough at its first block that
+            # seeds can use what it passes on (docs/tasks.md, calibration).
+            "synthetic": cls(image_size=16, base_channels=8, channel_factor=1),
             "cifar_deep": cls(n_blocks=5, slot_after=spread_positions(5)),
             "tiny": cls(image_size=8, base_channels=4),
         }
@@ -148,16 +160,33 @@ class LifecycleConfig:
 
     max_epochs: int = 25
     """Episode length in epochs; the TRAINING dwell and the probation timeout derive from it."""
-    min_training_epochs: int = 3
+    min_training_epochs: int = 1
+    """v2 (reference 3): with the seed's update withheld before BLENDING (`stages.SEED_TRAINABLE`),
+    a longer dwell only delays the seed; the germination epoch counts (a seed's age)."""
     train_dwell_fraction: float = 0.1
-    grad_ratio_threshold: float = 0.05
-    """G2: parameter-normalized seed/host gradient ratio EMA needed to start BLENDING."""
+    grad_ratio_threshold: float = 0.01
+    """G2: parameter-normalized seed/host gradient ratio EMA needed to start BLENDING. v2
+    (reference 0.05): measured at birth on the synthetic host, every blueprint with
+    parameters reads 0.046 to 1.6 (a zero-initialized layer scale leaves only the scale
+    with gradient, and the ratio divides by all of the seed's parameters), noop 0
+    (docs/architecture.md); 0.01 passes every learnable seed and no dead one."""
     grad_ratio_ema_decay: float = 0.9
-    blend_steps: int = 5
-    """BLENDING lasts this many epochs; alpha ramps k/blend_steps, k = 1..blend_steps."""
+    training_grace_epochs: int = 3
+    """v2: epochs past the TRAINING dwell a seed may wait for G2; then it is culled, so no
+    seed holds a slot (and pays rent) forever."""
+    blend_steps: int = 3
+    """BLENDING lasts this many epochs; alpha ramps k/blend_steps, k = 1..blend_steps. v2
+    (reference 5): the seed learns from the real loss from BLENDING on, and a shorter ramp
+    leaves it more of the episode at full weight (docs/architecture.md)."""
     sigmoid_steepness: float = 12.0
     fossilize_min_contribution: float = 1.0
-    """G5: counterfactual contribution (percentage points) needed to fossilize."""
+    """G5: smoothed counterfactual contribution (percentage points) needed to fossilize."""
+    contribution_ema_decay: float = 0.5
+    """v2: the contribution that G5, the probation cull and the fossil bonus read is an EMA
+    of the per-epoch measurement from the epoch alpha reached 1, not one noisy epoch."""
+    probation_judge_epochs: int = 2
+    """v2: epochs in PROBATIONARY before the automatic cull on a non-positive smoothed
+    contribution may fire (the EMA then holds judge_epochs + 1 measurements)."""
     probation_min_epochs: int = 5
     probation_timeout_fraction: float = 0.1
     embargo_epochs: int = 5
@@ -170,6 +199,11 @@ class LifecycleConfig:
             self, ("embargo_epochs", "reset_epochs"), lambda value: value >= 1, ">= 1 (each cooldown stage is observed for at least one epoch)"
         )
         require(self.min_cull_age >= 0, f"LifecycleConfig.min_cull_age must be >= 0, got {self.min_cull_age}")
+        require_fields(self, ("training_grace_epochs", "probation_judge_epochs"), lambda value: value >= 0, ">= 0")
+        require(
+            0.0 <= self.contribution_ema_decay < 1.0,
+            f"LifecycleConfig.contribution_ema_decay must be in [0, 1), got {self.contribution_ema_decay}",
+        )
         require(
             0.0 <= self.grad_ratio_ema_decay < 1.0,
             f"LifecycleConfig.grad_ratio_ema_decay must be in [0, 1), got {self.grad_ratio_ema_decay}",
@@ -185,6 +219,12 @@ class LifecycleConfig:
         return max(self.min_training_epochs, dwell)
 
     @property
+    def training_timeout(self) -> int:
+        """Seed age (epochs, the germination epoch included) at which a seed still in
+        TRAINING is culled because G2 never passed."""
+        return self.training_epochs + self.training_grace_epochs
+
+    @property
     def probation_timeout(self) -> int:
         return max(self.probation_min_epochs, int(self.probation_timeout_fraction * self.max_epochs))
 
@@ -193,19 +233,29 @@ class LifecycleConfig:
 class OptimConfig:
     """Functional SGD for host and seeds; per-env gradient clipping per parameter group."""
 
-    host_lr: float = 0.01
+    host_lr: float = 0.05
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """'cosine' anneals the host's and the seeds' rates over the episode
+    (`LifecycleConfig.max_epochs`) to `lr_floor` times their base rate."""
+    lr_floor: float = 0.02
     host_momentum: float = 0.9
     host_weight_decay: float = 5e-4
-    seed_lr: float = 0.01
+    seed_lr: float = 0.05
     seed_momentum: float = 0.9
+    seed_weight_decay: float = 0.0
     grad_clip_norm: float | None = 5.0
     """Max gradient norm per env and group (the host; each slot's seed); None disables clipping.
     Groups are clipped separately so that a seed never changes the host's update."""
 
     def __post_init__(self) -> None:
         require_fields(self, ("host_lr", "seed_lr"), lambda value: value > 0, "> 0")
+        require(
+            self.lr_schedule in ("constant", "cosine"),
+            f"OptimConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+        )
+        require(0.0 <= self.lr_floor <= 1.0, f"OptimConfig.lr_floor must be in [0, 1], got {self.lr_floor}")
         require_fields(self, ("host_momentum", "seed_momentum"), lambda value: 0.0 <= value < 1.0, "in [0, 1)")
-        require(self.host_weight_decay >= 0, "OptimConfig.host_weight_decay must be >= 0")
+        require_fields(self, ("host_weight_decay", "seed_weight_decay"), lambda value: value >= 0, ">= 0")
         require(
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             f"OptimConfig.grad_clip_norm must be > 0 or null, got {self.grad_clip_norm}",

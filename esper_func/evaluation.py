@@ -1,9 +1,11 @@
 """Vectorized evaluation with counterfactual contributions.
 
-For every env, the validation batches run under S+1 slot configurations at once: config 0
-is the model as it is; config k forces slot k-1 to identity (its alpha to 0). A slot's
-counterfactual contribution is accuracy(config 0) - accuracy(config k), in percentage
-points, measured on the same batches. Envs and configurations are two nested `vmap`s over
+For every env, the validation batches run under up to S+1 slot configurations at once:
+config 0 is the model as it is; one more config per slot that some env's seed runs in
+forces that slot to identity (its alpha to 0). A slot's counterfactual contribution is
+accuracy(config 0) - accuracy(its config), in percentage points, measured on the same
+batches; a slot with no seed running in any env is its own identity, so its contribution
+is exactly 0 and its config is not computed. Envs and configurations are two nested `vmap`s over
 one `functional_call`; nothing is read back to the host.
 """
 
@@ -83,10 +85,11 @@ def evaluate(model: Model, state: TensorDict, x: torch.Tensor, y: torch.Tensor, 
     plan = bank_plan(model, slots)
     step = steps(plan)
     controls = slot_controls(model, slots)
-    modes = counterfactual_modes(controls["mode"])
+    running = [s for s, slot_plan in enumerate(plan) if slot_plan.blueprints]
+    modes = counterfactual_modes(controls["mode"])[:, [0, *(1 + s for s in running)]]
     params, buffers = state["params"].to_dict(), state["buffers"].to_dict()
-    loss_sum = torch.zeros(n_envs, model.n_slots + 1, device=model.device)
-    correct = torch.zeros(n_envs, model.n_slots + 1, dtype=torch.int64, device=model.device)
+    loss_sum = torch.zeros(n_envs, len(running) + 1, device=model.device)
+    correct = torch.zeros(n_envs, len(running) + 1, dtype=torch.int64, device=model.device)
     for v in range(x.shape[0]):
         begin_step(model)
         batch_loss, batch_correct = step(params, buffers, controls, modes, x[v], y[v])
@@ -94,11 +97,14 @@ def evaluate(model: Model, state: TensorDict, x: torch.Tensor, y: torch.Tensor, 
         correct = correct + batch_correct
     count = y.numel()
     accuracy = 100.0 * correct.to(torch.float32) / count
+    measured = iter((accuracy[:, :1] - accuracy[:, 1:]).unbind(-1))
+    zero = torch.zeros_like(accuracy[:, 0])
+    contribution = torch.stack([next(measured) if s in running else zero for s in range(model.n_slots)], dim=-1)
     return TensorDict(
         {
             "val_loss": loss_sum[:, 0] / count,
             "val_accuracy": accuracy[:, 0],
-            "contribution": accuracy[:, :1] - accuracy[:, 1:],
+            "contribution": contribution,
         },
         batch_size=[n_envs],
     )

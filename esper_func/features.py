@@ -33,7 +33,7 @@ from esper_func.model import Model
 from esper_func.stages import HOLDS_SEED, SLOT_NAMES, Stage, stage_lookup
 from esper_func.state import seed_param_count
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
 """Bump on any change of the columns' names, order, formulas or ranges (docs/observation.md)."""
 
 HISTORY_FEATURES = 5
@@ -112,6 +112,12 @@ def _slot_spec(model: Model, slot: str) -> list[Feature]:
     spec += [
         Feature(f"{slot}.alpha", "clamp(alpha, 0, 1); NaN reads 0", 0.0, 1.0),
         Feature(f"{slot}.contribution", f"tanh(contribution / {PP_SCALE}), counterfactual contribution in pp; NaN reads 0", -1.0, 1.0),
+        Feature(
+            f"{slot}.contribution_ema",
+            f"tanh(contribution_ema / {PP_SCALE}), the smoothed contribution the gates read (pp); NaN reads 0",
+            -1.0,
+            1.0,
+        ),
         Feature(f"{slot}.grad_ratio", f"r / (r + {GRAD_RATIO_HALF}), r = max(gradient-ratio EMA, 0); NaN reads 0", 0.0, 1.0),
         Feature(f"{slot}.epochs_in_stage", "clamp(epochs_in_stage / max_epochs, 0, 1)", 0.0, 1.0),
     ]
@@ -209,6 +215,7 @@ def observe(model: Model, state: TensorDict, signals: TensorDict, max_epochs: in
     per_slot = {
         "alpha": slots["alpha"].float().nan_to_num(0.0).clamp(0.0, 1.0),
         "contribution": _signed(slots["contribution"], PP_SCALE),
+        "contribution_ema": _signed(slots["contribution_ema"], PP_SCALE),
         "grad_ratio": _ratio(slots["grad_ratio_ema"], GRAD_RATIO_HALF),
         "epochs_in_stage": _epochs(slots["epochs_in_stage"], max_epochs),
         "param_share": share,

@@ -7,13 +7,15 @@ tensor expression over all envs and slots (no Python branch on data, no host syn
 Transitions (DESIGN.md, Lifecycle):
 - action: GERMINATE (DORMANT slot) -> GERMINATED with a fresh seed and optimizer state;
   CULL (live stage, age >= min_cull_age) -> CULLED; FOSSILIZE (PROBATIONARY and G5:
-  contribution >= fossilize_min_contribution) -> FOSSILIZED. An action that is not legal
+  smoothed contribution >= fossilize_min_contribution) -> FOSSILIZED. An action that is not legal
   is not executed: the env behaves as under WAIT and `executed` is False for it.
-- tick: GERMINATED -> TRAINING; TRAINING -> BLENDING after `training_epochs` once G2
-  (gradient-ratio EMA >= threshold) holds; BLENDING -> PROBATIONARY after `blend_steps`
-  epochs (alpha has reached exactly 1); PROBATIONARY -> CULLED when the contribution is
-  <= 0 or after `probation_timeout` epochs; CULLED -> EMBARGOED -> (embargo_epochs) ->
-  RESETTING -> (reset_epochs) -> DORMANT.
+- tick: GERMINATED -> TRAINING (the seed has trained through its germination epoch);
+  TRAINING -> BLENDING once the seed is `training_epochs` old and G2 (gradient-ratio EMA
+  >= threshold) holds, TRAINING -> CULLED at `training_timeout` without G2; BLENDING ->
+  PROBATIONARY after `blend_steps` epochs (alpha has reached exactly 1); PROBATIONARY ->
+  CULLED when the smoothed contribution is <= 0 after `probation_judge_epochs`, or after
+  `probation_timeout` epochs; CULLED -> EMBARGOED -> (embargo_epochs) -> RESETTING ->
+  (reset_epochs) -> DORMANT.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def slot_op_legality(model: Model, state: TensorDict) -> torch.Tensor:
     wait = torch.ones_like(stage, dtype=torch.bool)
     germinate = stage == int(Stage.DORMANT)
     cull = stage_lookup(LIVE, stage) & (slots["epochs_total"] >= lifecycle.min_cull_age)
-    fossilize = (stage == int(Stage.PROBATIONARY)) & (slots["contribution"] >= lifecycle.fossilize_min_contribution)
+    fossilize = (stage == int(Stage.PROBATIONARY)) & (slots["contribution_ema"] >= lifecycle.fossilize_min_contribution)
     by_op = {Op.WAIT: wait, Op.GERMINATE: germinate, Op.CULL: cull, Op.FOSSILIZE: fossilize}
     return torch.stack([by_op[op] for op in Op], dim=-2)
 
@@ -110,6 +112,7 @@ def apply_action(
             "epochs_total": torch.where(germinate, 0, slots["epochs_total"]),
             "acc_at_germination": torch.where(germinate, accuracy, slots["acc_at_germination"]),
             "contribution": torch.where(germinate, zero_f, slots["contribution"]),
+            "contribution_ema": torch.where(germinate, zero_f, slots["contribution_ema"]),
             "grad_ratio_ema": torch.where(germinate, zero_f, slots["grad_ratio_ema"]),
             "grad_ratio_seen": slots["grad_ratio_seen"] & ~germinate,
         }
@@ -148,7 +151,7 @@ def tick(model: Model, state: TensorDict, metrics: TensorDict) -> TensorDict:
     accuracy = metrics["val_accuracy"].unsqueeze(-1).expand(n_envs, n_slots)
     contribution = metrics["contribution"]
 
-    ratio_tracked = (stage == int(Stage.TRAINING)) | (stage == int(Stage.BLENDING))
+    ratio_tracked = (stage == int(Stage.GERMINATED)) | (stage == int(Stage.TRAINING)) | (stage == int(Stage.BLENDING))
     seen = slots["grad_ratio_seen"]
     decay = config.grad_ratio_ema_decay
     ema = torch.where(
@@ -161,14 +164,23 @@ def tick(model: Model, state: TensorDict, metrics: TensorDict) -> TensorDict:
     epochs_total = torch.where(stage_lookup(COUNTS_AGE, stage), slots["epochs_total"] + 1, slots["epochs_total"])
 
     to_training = stage == int(Stage.GERMINATED)
-    to_blending = (
-        (stage == int(Stage.TRAINING))
-        & (epochs_in_stage >= config.training_epochs)
-        & (ema >= config.grad_ratio_threshold)
-    )
+    learning = ema >= config.grad_ratio_threshold
+    in_training = stage == int(Stage.TRAINING)
+    to_blending = in_training & (epochs_total >= config.training_epochs) & learning
+    training_timeout = in_training & (epochs_total >= config.training_timeout) & ~learning
     to_probation = (stage == int(Stage.BLENDING)) & (epochs_in_stage >= config.blend_steps)
+    # The smoothed contribution: restarted with the first measurement at alpha 1 (the last
+    # BLENDING epoch runs at alpha 1), then an EMA while PROBATIONARY or FOSSILIZED.
+    at_full_alpha = (stage == int(Stage.PROBATIONARY)) | (stage == int(Stage.FOSSILIZED))
+    smoothing = config.contribution_ema_decay
+    contribution_ema = torch.where(
+        to_probation,
+        contribution,
+        torch.where(at_full_alpha, smoothing * slots["contribution_ema"] + (1 - smoothing) * contribution, slots["contribution_ema"]),
+    )
     probation_cull = (stage == int(Stage.PROBATIONARY)) & (
-        (contribution <= 0) | (epochs_in_stage >= config.probation_timeout)
+        ((epochs_in_stage >= config.probation_judge_epochs) & (contribution_ema <= 0))
+        | (epochs_in_stage >= config.probation_timeout)
     )
     to_embargo = stage == int(Stage.CULLED)
     to_resetting = (stage == int(Stage.EMBARGOED)) & (epochs_in_stage >= config.embargo_epochs)
@@ -179,6 +191,7 @@ def tick(model: Model, state: TensorDict, metrics: TensorDict) -> TensorDict:
         (to_training, Stage.TRAINING),
         (to_blending, Stage.BLENDING),
         (to_probation, Stage.PROBATIONARY),
+        (training_timeout, Stage.CULLED),
         (probation_cull, Stage.CULLED),
         (to_embargo, Stage.EMBARGOED),
         (to_resetting, Stage.RESETTING),
@@ -201,6 +214,7 @@ def tick(model: Model, state: TensorDict, metrics: TensorDict) -> TensorDict:
             "epochs_in_stage": epochs_in_stage,
             "epochs_total": torch.where(to_dormant, 0, epochs_total),
             "contribution": contribution,
+            "contribution_ema": contribution_ema,
             "grad_ratio_ema": ema,
             "grad_ratio_seen": seen | ratio_tracked,
             "blend_step": blend_step,

@@ -79,8 +79,9 @@ def _step_peaks(model: Model, n_envs: int, x: torch.Tensor, y: torch.Tensor) -> 
     controls = slot_controls(model, empty_slots(n_envs, model.n_slots, META))
     trainable = torch.ones(n_envs, model.n_slots, dtype=torch.bool, device=META)
     counts = torch.ones(n_envs, model.n_slots, device=META)
+    lr = torch.ones(n_envs, device=META)
     with _PeakLiveBytes() as train:
-        make_train_iteration(model, plan)(params, buffers, momentum, controls, trainable, counts, x, y)
+        make_train_iteration(model, plan)(params, buffers, momentum, controls, trainable, counts, lr, x, y)
     with _PeakLiveBytes() as evaluate:
         make_eval_batch(model, plan)(params, buffers, controls, counterfactual_modes(controls["mode"]), x, y)
     return train.peak, evaluate.peak

@@ -24,15 +24,15 @@ from esper_func.blending import BlendGate
 from esper_func.blueprints import Blueprint, Topology, catalogue
 from esper_func.config import CoreConfig
 from esper_func.hosts import Host, build_host
-from esper_func.stages import BLENDED, IN_FORWARD, STRAIGHT_THROUGH, BlendMode, Stage, stage_lookup
+from esper_func.stages import BLENDED, IN_FORWARD, STRAIGHT_THROUGH, BlendMode, stage_lookup
 
 
 class SlotMode(IntEnum):
     """What a slot's output is, per env: derived from the stage (or forced for counterfactuals)."""
 
     IDENTITY = 0  # host features pass through; the seed does not run
-    STRAIGHT_THROUGH = 1  # value of the host, gradient into the seed (TRAINING)
-    BLEND = 2  # lerp(host, seed, alpha) (BLENDING, PROBATIONARY, FOSSILIZED)
+    STRAIGHT_THROUGH = 1  # value of the host, gradient into the seed (GERMINATED, TRAINING)
+    BLEND = 2  # value lerp(host, seed, alpha) (BLENDING, PROBATIONARY, FOSSILIZED)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,11 @@ class MorphogeneticNet(nn.Module):
         weight = alpha
         if plan.gated:
             weight = torch.where(gated, alpha * bank.gate(seed_input), alpha).to(h.dtype)
-        blended = torch.lerp(h, seed, weight)
+        # Value lerp(h, seed, weight). Written as a residual on the seed's own input so that
+        # the host keeps its full identity gradient when that input is detached (v2; the
+        # v1 lerp(h, s(h.detach()), alpha) scaled the gradient into every host layer before
+        # the slot by 1 - alpha, to none at alpha 1). Undetached, it equals the lerp.
+        blended = h + weight * (seed - seed_input)
         straight_through = h + (seed - seed.detach())
         return torch.where(
             mode == int(SlotMode.BLEND),
@@ -173,8 +177,10 @@ def build_model(config: CoreConfig, device: torch.device | str = "cpu") -> Model
 def slot_controls(model: Model, slots: TensorDict) -> dict[str, torch.Tensor]:
     """Forward controls `[N, S]` from the lifecycle fields: mode, detach, blueprint, gated, alpha.
 
-    The seed reads a detached input in TRAINING, and in BLENDING/PROBATIONARY for CNN
-    hosts (spatial hierarchies should not co-adapt); FOSSILIZED seeds are never detached.
+    The seed reads a detached input in GERMINATED and TRAINING, and in
+    BLENDING/PROBATIONARY for CNN hosts (spatial hierarchies should not co-adapt); the
+    host's own path keeps its full gradient in every stage. FOSSILIZED seeds are never
+    detached.
     """
     stage = slots["stage"]
     mode = torch.where(
@@ -182,7 +188,7 @@ def slot_controls(model: Model, slots: TensorDict) -> dict[str, torch.Tensor]:
         int(SlotMode.STRAIGHT_THROUGH),
         torch.where(stage_lookup(IN_FORWARD, stage), int(SlotMode.BLEND), int(SlotMode.IDENTITY)),
     )
-    detach = stage == int(Stage.TRAINING)
+    detach = stage_lookup(STRAIGHT_THROUGH, stage)
     if model.topology == "cnn":
         detach = detach | stage_lookup(BLENDED, stage)
     return {

@@ -14,7 +14,7 @@ acted-on slot's values in `prev_state`, the ones the decision saw. Every constan
 `RewardConfig` field (named in parentheses).
 
 Family "shaped" (default):
-- `attribution` = sum of `A_s` over seeds TRAINING, BLENDING or PROBATIONARY during the
+- `attribution` = sum of `A_s` over seeds GERMINATED, TRAINING, BLENDING or PROBATIONARY during the
   epoch, minus `A'_a` (contribution-based part only) when op = CULL: culling a helpful
   seed costs its attribution, culling a harmful one earns it. Contribution measured
   (BLENDING/PROBATIONARY): `A = w*c` if `c < 0`, else `w*(g*d + q)` with progress cap
@@ -23,7 +23,7 @@ Family "shaped" (default):
   `c > min_contribution` and `d >= min_discount`): `-min(cap, slope*(c/T - thr)/thr)` if
   `T > min_improvement` and `c/T > thr`, `-cap*min(1, c/flat_scale)` if
   `T <= min_improvement`, else 0 (attribution_weight, discount_steepness,
-  ratio_penalty_*). Not measured (TRAINING): `A = proxy_weight * max(acc - acc_prev, 0)`.
+  ratio_penalty_*). Not measured (GERMINATED, TRAINING): `A = proxy_weight * max(acc - acc_prev, 0)`.
 - `blending_warning` = sum over BLENDING seeds with `T_s < 0` of
   `-(base + min(slope*k_s, cap))` (blending_warning_*).
 - `probation_indecision` = sum over PROBATIONARY seeds with `k_s >= grace` and `A_s > 0`
@@ -32,7 +32,9 @@ Family "shaped" (default):
 - `pbrs` = `w*(gamma*Phi(next_state) - Phi(prev_state))`, `Phi = sum_s P[stage_s] +
   min(rate*k_s, cap)` for seeded stages (GERMINATED..FOSSILIZED) and 0 for empty or
   cooling-down ones, so stage jumps and culls are paid (pbrs_weight, potential_*,
-  progress_per_epoch, progress_cap; `k` is `epochs_in_stage` of the state).
+  progress_per_epoch, progress_cap; `k` is `epochs_in_stage` of the state). The last step
+  is a true termination: `Phi(next_state) = 0` there, so the shaping telescopes to
+  `-Phi(s_0)` over an episode and leaves no residual in the return (v2).
 - `rent` = `-min(w*ln(1 + seed_params/host_params), cap)`, seed parameters of every slot
   holding a seed (fossilized included) in next_state (rent_weight, rent_cap).
 - `action_shaping`: CULL: `-young*(1 - age'/young_age)` if `age' < young_age`; else, if
@@ -45,9 +47,10 @@ Family "shaped" (default):
   pbrs).
 - `intervention_cost` = `INTERVENTION_COST[op]`: 0 for WAIT, minus the op's cost otherwise
   (germinate_cost, cull_cost, fossilize_cost).
-- `terminal` (last step) = `w*acc + bonus*F`, F = fossilized seeds whose improvement at
-  fossilization (`acc_at_stage_start - acc_at_germination`) is at least the minimum
-  (terminal_acc_weight, terminal_fossil_bonus, contributing_min_improvement).
+- `terminal` (last step) = `w*acc + bonus*F`, F = fossilized seeds whose own smoothed
+  counterfactual contribution (`contribution_ema`) is at least the minimum at the end,
+  never the host's drift since germination (v2) (terminal_acc_weight,
+  terminal_fossil_bonus, contributing_min_contribution).
 - `governor` = `-governor_penalty` where the governor rolled the env back in this step.
 
 Family "sparse": `sparse` (last step) = `scale*clamp(acc/100 - penalty*seed_params/budget,
@@ -172,7 +175,8 @@ class RewardConfig:
     terminal_acc_weight: float = 0.05
     """Per pp of final validation accuracy."""
     terminal_fossil_bonus: float = 3.0
-    contributing_min_improvement: float = 1.0
+    contributing_min_contribution: float = 1.0
+    """Smoothed counterfactual contribution (pp) a fossil needs at the end to earn the bonus."""
 
     governor_penalty: float = 10.0
 
@@ -307,10 +311,14 @@ def potential(config: RewardConfig, slots: TensorDict) -> torch.Tensor:
     return phi.sum(-1)
 
 
-def pbrs_shaping(config: RewardConfig, prev_slots: TensorDict, next_slots: TensorDict) -> torch.Tensor:
-    """`[N]` w*(gamma*Phi(next) - Phi(prev)): telescopes over an episode, whatever the stages."""
+def pbrs_shaping(
+    config: RewardConfig, prev_slots: TensorDict, next_slots: TensorDict, is_last: torch.Tensor
+) -> torch.Tensor:
+    """`[N]` w*(gamma*Phi(next) - Phi(prev)), with Phi(next) = 0 where `is_last` (the
+    terminal state): telescopes over an episode to -w*Phi(s_0), whatever the stages."""
     weight = config.loss_pbrs_weight if config.family == "loss" else config.pbrs_weight
-    return weight * (config.gamma * potential(config, next_slots) - potential(config, prev_slots))
+    next_potential = torch.where(is_last, 0.0, potential(config, next_slots))
+    return weight * (config.gamma * next_potential - potential(config, prev_slots))
 
 
 # -- the transition as the components see it ------------------------------------------------
@@ -464,7 +472,7 @@ def _probation_indecision(config: RewardConfig, t: Transition) -> torch.Tensor:
 def _pbrs(config: RewardConfig, t: Transition) -> torch.Tensor:
     if not config.pbrs:
         return torch.zeros_like(t.accuracy)
-    return pbrs_shaping(config, t.prev, t.next)
+    return pbrs_shaping(config, t.prev, t.next, t.is_last)
 
 
 def _rent(t: Transition, weight: float, cap: float, params: torch.Tensor) -> torch.Tensor:
@@ -532,9 +540,9 @@ def _intervention_cost(config: RewardConfig, t: Transition) -> torch.Tensor:
 
 
 def _contributing_fossils(config: RewardConfig, t: Transition) -> torch.Tensor:
-    """`[N]` fossilized seeds that had improved accuracy enough when they were fossilized."""
-    at_fossilization = t.next["acc_at_stage_start"] - t.next["acc_at_germination"]
-    contributing = (t.next["stage"] == int(Stage.FOSSILIZED)) & (at_fossilization >= config.contributing_min_improvement)
+    """`[N]` fossilized seeds whose own smoothed counterfactual contribution reaches the minimum."""
+    own = t.next["contribution_ema"]
+    contributing = (t.next["stage"] == int(Stage.FOSSILIZED)) & (own >= config.contributing_min_contribution)
     return contributing.sum(-1).to(torch.float32)
 
 

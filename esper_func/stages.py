@@ -112,14 +112,20 @@ def _transition_table() -> torch.Tensor:
 LEGAL_TRANSITION = _transition_table()
 """`[11, 11]` bool: `LEGAL_TRANSITION[from, to]` is True when the move is allowed."""
 
-IN_FORWARD = stage_mask(Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
-"""The seed runs in the forward pass (GERMINATED is built but not executed)."""
+IN_FORWARD = stage_mask(Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
+"""The seed runs in the forward pass. v2: GERMINATED too, straight-through like TRAINING,
+so a seed trains from the epoch it is germinated in instead of idling for one."""
 
-SEED_TRAINABLE = IN_FORWARD
-"""The seed's parameters receive optimizer updates (fossilized seeds keep training)."""
+SEED_TRAINABLE = stage_mask(Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
+"""The seed's parameters receive optimizer updates: once its output is in the value
+(fossilized seeds keep training). v2: not in GERMINATED/TRAINING, where the straight-through
+gradient is a linear objective with no curvature (the loss never sees the seed's output),
+so applying it drives the seed's features along the host's gradient without bound; blended
+in after that, they cost accuracy (docs/architecture.md: 70.4 % against 80.8 % with the
+update withheld). TRAINING is a probe: G2 checks that gradient reaches the seed."""
 
-STRAIGHT_THROUGH = stage_mask(Stage.TRAINING)
-"""Output is the host's value; the seed gets the full output gradient."""
+STRAIGHT_THROUGH = stage_mask(Stage.GERMINATED, Stage.TRAINING)
+"""Output is the host's value; the seed reads a detached input and gets the full output gradient."""
 
 BLENDED = stage_mask(Stage.BLENDING, Stage.PROBATIONARY)
 """Output is lerp(host, seed, alpha); CNN seeds read a detached input."""

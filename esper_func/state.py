@@ -42,6 +42,7 @@ SLOT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "acc_at_germination": (torch.float32, "validation accuracy (%) when the seed was germinated"),
     "acc_at_stage_start": (torch.float32, "validation accuracy (%) when the current stage began"),
     "contribution": (torch.float32, "counterfactual contribution (pp): accuracy minus accuracy with this slot off"),
+    "contribution_ema": (torch.float32, "EMA of the contribution (pp) since alpha reached 1 (PROBATIONARY, FOSSILIZED): what G5, the probation cull and the fossil bonus read"),
     "grad_ratio_ema": (torch.float32, "EMA of the parameter-normalized seed/host gradient-norm ratio"),
     "grad_ratio_seen": (torch.bool, "the EMA has been initialized since germination"),
     "embargo_remaining": (torch.int64, "epochs of embargo left (EMBARGOED only)"),

@@ -50,20 +50,37 @@ def _per_env_sq_norm(tensors: Tensors, names: tuple[str, ...], like: torch.Tenso
 
 
 def _sgd(
-    param: torch.Tensor, grad_: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float, weight_decay: float
+    param: torch.Tensor, grad_: torch.Tensor, buf: torch.Tensor, lr: float | torch.Tensor, momentum: float, weight_decay: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.optim.SGD (dampening 0, no Nesterov) as a function; a zero buffer is a fresh one."""
+    """torch.optim.SGD (dampening 0, no Nesterov) as a function; a zero buffer is a fresh one.
+    `lr` is a float, or an `[N]` tensor of per-env rates."""
     step = grad_ + weight_decay * param if weight_decay else grad_
     buf = momentum * buf + step
+    if isinstance(lr, torch.Tensor):
+        return param - lr.view((-1,) + (1,) * (param.dim() - 1)) * buf, buf
     return torch.add(param, buf, alpha=-lr), buf
+
+
+def lr_factor(optim: OptimConfig, epoch: torch.Tensor, max_epochs: int) -> torch.Tensor:
+    """`[N]` multiplier of the host's and the seeds' learning rates for the epoch each env
+    is in (0-indexed `epoch`).
+
+    'cosine' anneals from 1 to `lr_floor` over the episode, so the final accuracy is the
+    network's settled value at its size rather than a sample of a noisy constant-rate
+    trajectory (docs/tasks.md). Seeds follow the same schedule: they are part of the
+    network, and a seed left at a high rate keeps the end of the episode noisy."""
+    if optim.lr_schedule == "constant":
+        return torch.ones_like(epoch, dtype=torch.float32)
+    progress = (epoch.to(torch.float32) / max_epochs).clamp(0.0, 1.0)
+    return optim.lr_floor + (1 - optim.lr_floor) * 0.5 * (1 + torch.cos(torch.pi * progress))
 
 
 def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Tensors, Tensors, Tensors, Tensors]]:
     """The pure train iteration for a static bank plan.
 
     Signature: `(params, buffers, momentum, controls, seed_trainable [N,S], seed_counts
-    [N,S], x, y) -> (params, buffers, momentum, stats)` with `stats = {"loss": [N],
-    "grad_ratio": [N, S]}`. Batches `x`, `y` are shared by all envs.
+    [N,S], lr_scale [N], x, y) -> (params, buffers, momentum, stats)` with `stats = {"loss":
+    [N], "grad_ratio": [N, S]}`. Batches `x`, `y` are shared by all envs.
     """
     net = model.net_train
     optim: OptimConfig = model.config.optim
@@ -92,6 +109,7 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
         controls: Tensors,
         seed_trainable: torch.Tensor,
         seed_counts: torch.Tensor,
+        lr_scale: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> tuple[Tensors, Tensors, Tensors, Tensors]:
@@ -119,12 +137,12 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
         new_params, new_momentum = dict(params), dict(momentum)
         for name in host_names:
             new_params[name], new_momentum[name] = _sgd(
-                params[name], grads[name], momentum[name], optim.host_lr, optim.host_momentum, optim.host_weight_decay
+                params[name], grads[name], momentum[name], optim.host_lr * lr_scale, optim.host_momentum, optim.host_weight_decay
             )
         for s, names in enumerate(slot_names):
             trains = seed_trainable[:, s]
             for name in names:
-                p, buf = _sgd(params[name], grads[name], momentum[name], optim.seed_lr, optim.seed_momentum, 0.0)
+                p, buf = _sgd(params[name], grads[name], momentum[name], optim.seed_lr * lr_scale, optim.seed_momentum, optim.seed_weight_decay)
                 keep = trains.view((-1,) + (1,) * (p.dim() - 1))
                 new_params[name] = torch.where(keep, p, params[name])
                 new_momentum[name] = torch.where(keep, buf, momentum[name])
@@ -209,6 +227,7 @@ def train_epoch(
     controls = slot_controls(model, slots)
     trainable = stage_lookup(SEED_TRAINABLE, slots["stage"])
     counts = seed_param_count(model, slots).to(torch.float32)
+    lr = lr_factor(model.config.optim, state["epoch"], model.config.lifecycle.max_epochs)
     params = state["params"].to_dict()
     buffers = state["buffers"].to_dict()
     momentum = state["momentum"].to_dict()
@@ -216,7 +235,7 @@ def train_epoch(
     ratio_sum = torch.zeros(slots.batch_size, device=model.device)
     for i in range(x.shape[0]):
         begin_step(model)
-        params, buffers, momentum, stats = step(params, buffers, momentum, controls, trainable, counts, x[i], y[i])
+        params, buffers, momentum, stats = step(params, buffers, momentum, controls, trainable, counts, lr, x[i], y[i])
         params, buffers, momentum = (keep_outside_graphs(model, tensors) for tensors in (params, buffers, momentum))
         loss_sum = loss_sum + stats["loss"]
         ratio_sum = ratio_sum + stats["grad_ratio"]

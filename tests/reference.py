@@ -7,14 +7,20 @@ the core: the per-stage forward is spelled out here from the specification (DESI
 Lifecycle), so a disagreement with the vectorized core points at one of the two.
 
 Forward at a slot, host features `h`, seed `s = blueprint(x_s)`:
-- TRAINING: `x_s = h.detach()`, out = `h + (s - s.detach())`.
-- BLENDING / PROBATIONARY: out = `lerp(h, s, a)`; `x_s` detached for CNN hosts only.
-- FOSSILIZED: out = `lerp(h, s, a)`, `x_s = h` (never detached).
+- GERMINATED, TRAINING: `x_s = h.detach()`, out = `h + (s - s.detach())`; the seed is not
+  in the optimizer (its gradient exists, and is not applied).
+- BLENDING / PROBATIONARY: out = `h + a (s - x_s)`; `x_s` detached for CNN hosts only.
+- FOSSILIZED: out = `h + a (s - x_s)` with `x_s = h` (never detached), i.e. `lerp(h, s, a)`.
 - `a = alpha`, or `alpha * gate(x_s)` when the blend mode is GATED.
 - any other stage: out = `h`, the seed does not run.
+
+Learning rates: host and seeds at their base rate times the cosine factor of the env's
+epoch, `floor + (1 - floor) (1 + cos(pi min(epoch / max_epochs, 1))) / 2`.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -34,7 +40,8 @@ DORMANT, GERMINATED, TRAINING, BLENDING, PROBATIONARY, FOSSILIZED, CULLED, EMBAR
     1, 2, 3, 4, 6, 7, 8, 9, 10,
 )
 GATED = 2
-SEED_RUNS = (TRAINING, BLENDING, PROBATIONARY, FOSSILIZED)
+SEED_RUNS = (GERMINATED, TRAINING, BLENDING, PROBATIONARY, FOSSILIZED)
+STRAIGHT_THROUGH = (GERMINATED, TRAINING)
 BLEND_STAGES = (BLENDING, PROBATIONARY, FOSSILIZED)
 
 
@@ -83,21 +90,26 @@ class RefEnv:
             alpha = state["slots", "alpha"][n, s].detach().clone()
             self.slots.append(RefSlot(stage, name, gated, alpha, seed, gate, prefix))
 
-        # Parameters by their state name; host first, then the trained seeds.
+        # Parameters by their state name; host first, then the trained (blended-in) seeds.
         self.host_params = {f"host.{k}": p for k, p in self.host.named_parameters()}
         self.seed_params: dict[str, nn.Parameter] = {}
         for slot in self.slots:
-            if slot.seed is not None:
+            if slot.seed is not None and slot.stage not in STRAIGHT_THROUGH:
                 bp = f"{slot.prefix}blueprints.{slot.blueprint}."
                 self.seed_params.update({bp + k: p for k, p in slot.seed.named_parameters()})
             if slot.gate is not None:
                 self.seed_params.update({f"{slot.prefix}gate.{k}": p for k, p in slot.gate.named_parameters()})
 
         optim = config.optim
+        epoch = int(state["epoch"][n])
+        factor = 1.0
+        if optim.lr_schedule == "cosine":
+            progress = min(epoch / config.lifecycle.max_epochs, 1.0)
+            factor = optim.lr_floor + (1 - optim.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
         groups = [
             {
                 "params": list(self.host_params.values()),
-                "lr": optim.host_lr,
+                "lr": optim.host_lr * factor,
                 "momentum": optim.host_momentum,
                 "weight_decay": optim.host_weight_decay,
             }
@@ -106,9 +118,9 @@ class RefEnv:
             groups.append(
                 {
                     "params": list(self.seed_params.values()),
-                    "lr": optim.seed_lr,
+                    "lr": optim.seed_lr * factor,
                     "momentum": optim.seed_momentum,
-                    "weight_decay": 0.0,
+                    "weight_decay": optim.seed_weight_decay,
                 }
             )
         self.optimizer = torch.optim.SGD(groups, lr=optim.host_lr)
@@ -124,7 +136,7 @@ class RefEnv:
 
     def slot_forward(self, s: int, h: torch.Tensor) -> torch.Tensor:
         slot = self.slots[s]
-        if slot.stage == TRAINING:
+        if slot.stage in STRAIGHT_THROUGH:
             seed_out = slot.seed(h.detach())
             self.seed_gap[s] = float((seed_out - h).detach().abs().max())
             return h + (seed_out - seed_out.detach())
@@ -138,7 +150,7 @@ class RefEnv:
             weight = slot.alpha
             if slot.gated:
                 weight = slot.alpha * slot.gate(seed_in)
-            return torch.lerp(h, seed_out, weight)
+            return h + weight * (seed_out - seed_in)
         return h
 
     def forward(self, x: torch.Tensor, off_slot: int | None = None) -> torch.Tensor:

@@ -82,8 +82,10 @@ def test_validation_errors_name_the_field_and_value(build, names) -> None:
 
 
 def test_lifecycle_derived_timings() -> None:
-    assert LifecycleConfig().training_epochs == 3  # max(3, int(0.1 * 25))
+    assert LifecycleConfig().training_epochs == 2  # max(1, int(0.1 * 25))
+    assert LifecycleConfig(min_training_epochs=3).training_epochs == 3  # the reference's dwell
     assert LifecycleConfig(max_epochs=100).training_epochs == 10
+    assert LifecycleConfig().training_timeout == 5  # 2 + 3 grace epochs
     assert LifecycleConfig().probation_timeout == 5  # max(5, int(0.1 * 25))
     assert LifecycleConfig(max_epochs=200).probation_timeout == 20
 

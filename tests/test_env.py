@@ -14,8 +14,9 @@ from torchrl.envs.utils import check_env_specs, step_mdp
 from envs import EnvConfig, MorphogeneticEnv, make_env
 from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
 from esper_func.memory import check_fits, estimate_memory
-from esper_func.rewards import RewardConfig
+from esper_func.rewards import RewardConfig, potential
 from esper_func.stages import Op, Stage
+from esper_func.state import empty_slots
 from esper_func.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -97,12 +98,23 @@ def test_partial_reset_only_resets_flagged_envs(env: MorphogeneticEnv) -> None:
     torch.testing.assert_close(env.state["params", "host.head.weight"][1], kept)
 
 
-def test_episode_truncates_after_max_epochs() -> None:
+def test_episode_terminates_after_max_epochs_with_no_potential_left() -> None:
+    """The fixed horizon is a true termination (the observation carries the epoch fraction):
+    `terminated`, never `truncated`, and the last step's PBRS term pays back the whole
+    potential of the state before it (Phi = 0 at the terminal state)."""
     env = small_env(max_epochs=3)
-    rollout = env.rollout(3, StaticPolicy())
-    assert rollout["next", "truncated"][:, -1].all() and rollout["next", "done"][:, -1].all()
+    rollout = env.rollout(3, HeuristicPolicy("cnn", N_ENVS, HeuristicConfig(min_epoch_to_germinate=0, germinate_by_epoch=0, require_stabilization=False)))
+    assert rollout["next", "terminated"][:, -1].all() and rollout["next", "done"][:, -1].all()
     assert not rollout["next", "done"][:, :-1].any()
-    assert not rollout["next", "terminated"].any()
+    assert not rollout["next", "truncated"].any()
+    before_last = rollout[:, -1]["seeds"].exclude("improvement")
+    slots = empty_slots(N_ENVS, 3, torch.device("cpu"))
+    slots["stage"] = before_last["stage"]
+    slots["epochs_in_stage"] = before_last["epochs_in_stage"]
+    config = env.config.rewards
+    assert bool((slots["stage"] != int(Stage.DORMANT)).any()), "the heuristic should have germinated"
+    expected = -config.pbrs_weight * potential(config, slots)
+    torch.testing.assert_close(rollout["next", "reward_components", "pbrs"][:, -1], expected)
 
 
 def test_runs_inside_transformed_env_with_standard_transforms() -> None:
@@ -128,7 +140,7 @@ def test_collector_gathers_whole_episodes() -> None:
     assert len(batches) == 1
     batch = batches[0]
     assert batch.batch_size == (N_ENVS, 3)
-    assert batch["next", "truncated"][:, -1].all()
+    assert batch["next", "terminated"][:, -1].all()
 
 
 def test_heuristic_germinates_blends_and_fossilizes_on_a_tiny_setting() -> None:
@@ -184,10 +196,10 @@ def test_memory_estimate_scales_with_the_batch_and_names_the_largest_count_that_
 
 def test_an_explicit_host_is_checked_against_the_task() -> None:
     task = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=1, val_batches=1)
-    deeper = CNNHostConfig(n_blocks=4, base_channels=4, slot_after=(1, 2, 4))
+    deeper = CNNHostConfig(image_size=16, n_blocks=4, base_channels=4, slot_after=(1, 2, 4))
     env = MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=deeper, n_envs=2))
     assert env.config.core.host == deeper
-    with pytest.raises(ConfigError, match=r"EnvConfig.host.image_size=8 does not fit task 'synthetic', which needs 32"):
+    with pytest.raises(ConfigError, match=r"EnvConfig.host.image_size=8 does not fit task 'synthetic', which needs 16"):
         MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=CNNHostConfig.preset("tiny"), n_envs=2))
     with pytest.raises(ConfigError, match="both host and host_preset"):
         EnvConfig(task=task, host=deeper, host_preset="cifar")

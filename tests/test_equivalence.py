@@ -46,12 +46,14 @@ CNN_LAYOUT = [
     [(F, "conv_light", LIN, 1.0), (C, "attention", SIG, 0.7), (E, "conv_heavy", LIN, 0.3)],
     [(D, "noop", LIN, 0.0), (B, "noop", LIN, 0.6), (G, "conv_heavy", GAT, 0.0)],
     [(R, "norm", LIN, 0.0), (T, "conv_heavy", LIN, 0.0), (F, "attention", GAT, 1.0)],
+    [(B, "conv_wide", LIN, 0.5), (G, "conv_wide", SIG, 0.0), (P, "conv_wide", SIG, 1.0)],
 ]
 TRANSFORMER_LAYOUT = [
     [(T, "lora", LIN, 0.0), (B, "attention", SIG, 0.4), (P, "mlp", GAT, 1.0)],
     [(F, "norm", LIN, 1.0), (D, "noop", LIN, 0.0), (T, "mlp", SIG, 0.0)],
     [(B, "mlp", GAT, 0.5), (C, "lora", LIN, 0.5), (F, "attention", LIN, 1.0)],
     [(P, "norm", LIN, 1.0), (E, "attention", GAT, 0.0), (F, "lora", GAT, 1.0)],
+    [(G, "lora", LIN, 0.0), (R, "mlp", LIN, 0.0), (B, "lora", LIN, 0.8)],
 ]
 
 ITERATIONS = 3
@@ -83,12 +85,12 @@ def transformer_config(bank_mode: str, clip: float | None = 5.0) -> CoreConfig:
 
 
 def trained_names(model: Model, layout_env: list[tuple]) -> set[str]:
-    """State names of the params that receive gradients: host, each running seed's
-    blueprint, and its gate when gated and blending (a TRAINING seed's gate sits in the
-    reference's optimizer too, but gets no gradient, so it never moves)."""
+    """State names of the params that are updated: host, each blended-in seed's blueprint,
+    and its gate when gated (a GERMINATED or TRAINING seed has a gradient that is not
+    applied, so it never moves)."""
     names = set(model.host_param_names)
     for s, (stage, blueprint, blend, _alpha) in enumerate(layout_env):
-        if stage in SEED_RUNS:
+        if stage in BLEND_STAGES:
             names |= {n for n in model.slot_param_names[s] if n.startswith(f"banks.{s}.blueprints.{blueprint}.")}
             if blend == GAT and stage in BLEND_STAGES:
                 names |= {n for n in model.slot_param_names[s] if n.startswith(f"banks.{s}.gate.")}
@@ -106,6 +108,8 @@ def make_state(config: CoreConfig, layout: list[list[tuple]], seed: int, noise: 
     generator = torch.Generator().manual_seed(seed)
     n_envs = len(layout)
     state = init_state(model, n_envs, generator)
+    # Envs at different epochs: each runs at its own point of the cosine learning-rate schedule.
+    state["epoch"] = torch.arange(n_envs) * (config.lifecycle.max_epochs // max(1, n_envs - 1))
     for n, env in enumerate(layout):
         for s, (stage, blueprint, blend, alpha) in enumerate(env):
             state["slots", "stage"][n, s] = stage
@@ -173,9 +177,13 @@ def assert_training_equivalent(
                 assert torch.equal(core["params", name][n], initial["params", name][n]), f"{where}: {name} moved"
                 assert torch.equal(core["momentum", name][n], initial["momentum", name][n]), f"{where}: {name} momentum"
 
-        # Non-vacuity: every running seed trained, and its output is not the host's.
+        # Non-vacuity: every blended-in seed trained, and every running seed's output is not
+        # the host's.
         for s, (stage, blueprint, blend, _) in enumerate(env):
             if stage not in SEED_RUNS or blueprint == "noop":
+                continue
+            assert ref.seed_gap[s] > 1e-3, f"{where}: seed at slot {s} outputs the host's features"
+            if stage not in BLEND_STAGES:
                 continue
             moved = [
                 (core["params", name][n] - initial["params", name][n]).abs().max()
@@ -183,7 +191,6 @@ def assert_training_equivalent(
                 if name.startswith(f"banks.{s}.")
             ]
             assert max(moved) > 1e-4, f"{where}: seed at slot {s} did not train"
-            assert ref.seed_gap[s] > 1e-3, f"{where}: seed at slot {s} outputs the host's features"
     return norms
 
 
@@ -194,7 +201,7 @@ def assert_clipping_exercised(norms: list[list[float]], clip: float) -> None:
 
 # --- CNN -------------------------------------------------------------------------------
 
-CNN_CLIP = 2.0
+CNN_CLIP = 2.5
 
 
 @pytest.mark.parametrize("bank_mode", BANK_MODES)
@@ -309,7 +316,7 @@ def test_layouts_cover_every_stage_and_blend_mode() -> None:
     cnn = {(stage, blueprint, blend) for env in CNN_LAYOUT for stage, blueprint, blend, _ in env}
     assert {stage for stage, _, _ in cnn} == set(Stage)
     assert {blend for stage, _, blend in cnn if stage in BLEND_STAGES} == set(BlendMode)
-    assert {b for _, b, _ in cnn} >= {"norm", "attention", "depthwise", "conv_light", "conv_heavy"}
+    assert {b for _, b, _ in cnn} >= {"norm", "attention", "depthwise", "conv_light", "conv_heavy", "conv_wide"}
     transformer = {(stage, blueprint, blend) for env in TRANSFORMER_LAYOUT for stage, blueprint, blend, _ in env}
     assert {stage for stage, _, _ in transformer} >= set(SEED_RUNS)
     assert {blend for stage, _, blend in transformer if stage in BLEND_STAGES} == set(BlendMode)

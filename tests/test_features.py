@@ -70,10 +70,10 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_schema_version_and_pinned_sizes() -> None:
-    assert FEATURE_SCHEMA_VERSION == 1
+    assert FEATURE_SCHEMA_VERSION == 2
     # Pinned: a change here is a schema change (bump the version, update docs/observation.md).
-    assert len(feature_names(model("cnn"))) == 78
-    assert len(feature_names(model("transformer"))) == 75
+    assert len(feature_names(model("cnn"))) == 84
+    assert len(feature_names(model("transformer"))) == 78
     for topology in ("cnn", "transformer"):
         names = feature_names(model(topology))
         assert len(set(names)) == len(names)

@@ -1,13 +1,17 @@
 """Seed isolation on the CNN `tiny` host, through the real forward (`functional_call`).
 
-- TRAINING: the network's output is exactly the host-only output, even when the seed is
-  far from the identity; the seed still receives a non-zero gradient; no gradient from the
-  seed path reaches the host (host gradients are bit-identical to those with the slot
-  DORMANT, and to a host that has no seed at all).
-- A seed that is not in the forward (GERMINATED, CULLED, EMBARGOED, RESETTING, DORMANT)
-  has no effect on the output and receives no gradient, whatever its parameters and alpha.
+- GERMINATED and TRAINING: the network's output is exactly the host-only output, even when
+  the seed is far from the identity; the seed still receives a non-zero gradient; no
+  gradient from the seed path reaches the host (host gradients are bit-identical to those
+  with the slot DORMANT, and to a host that has no seed at all).
+- A seed that is not in the forward (CULLED, EMBARGOED, RESETTING, DORMANT) has no effect on
+  the output and receives no gradient, whatever its parameters and alpha.
 - The same holds through `train_epoch`: an env whose slot is TRAINING ends an epoch with the
-  same host weights, BatchNorm statistics and momentum as a twin env whose slot is DORMANT.
+  same host weights, BatchNorm statistics and momentum as a twin env whose slot is DORMANT,
+  and its seed is not updated (the straight-through gradient is read by G2, not applied).
+- BLENDING, PROBATIONARY, FOSSILIZED: the host layers upstream of the slot keep a
+  non-zero gradient at every alpha, 1 included (v1's `lerp(h, s(h.detach()), alpha)` gave
+  them none at alpha 1).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from esper_func.training import TrainStepCache, task_loss, train_epoch
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-NOT_IN_FORWARD = (Stage.DORMANT, Stage.GERMINATED, Stage.CULLED, Stage.EMBARGOED, Stage.RESETTING)
+NOT_IN_FORWARD = (Stage.DORMANT, Stage.CULLED, Stage.EMBARGOED, Stage.RESETTING)
+STRAIGHT_THROUGH = (Stage.GERMINATED, Stage.TRAINING)
 
 
 def tiny_model(grad_clip_norm: float | None = 5.0) -> Model:
@@ -99,13 +104,14 @@ def bank_names(model: Model, slot: int, blueprint: int) -> list[str]:
     return [n for n in model.slot_param_names[slot] if n.startswith(prefix)]
 
 
+@pytest.mark.parametrize("stage", STRAIGHT_THROUGH)
 @pytest.mark.parametrize("slot", range(3))
 @pytest.mark.parametrize("blueprint", range(N_BLUEPRINTS))
-def test_training_output_equals_the_host_output_exactly(slot: int, blueprint: int) -> None:
+def test_training_output_equals_the_host_output_exactly(stage: Stage, slot: int, blueprint: int) -> None:
     params, (x, _) = perturbed_params(MODEL, seed=slot), batch()
     host = forward(MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x, host_only_plan(MODEL))
     dormant = forward(MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x)
-    training = forward(MODEL, params, controls_for(MODEL, slot, Stage.TRAINING, blueprint), x)
+    training = forward(MODEL, params, controls_for(MODEL, slot, stage, blueprint), x)
     # Sanity: the perturbed seed is not an identity, so blending it in would change the output.
     blended = forward(MODEL, params, controls_for(MODEL, slot, Stage.BLENDING, blueprint, alpha=1.0), x)
     assert torch.equal(dormant, host)
@@ -124,12 +130,13 @@ def test_training_output_ignores_alpha_and_blend_mode(blend: BlendMode, alpha: f
     assert torch.equal(training, host)
 
 
+@pytest.mark.parametrize("stage", STRAIGHT_THROUGH)
 @pytest.mark.parametrize("slot", range(3))
 @pytest.mark.parametrize("blueprint", SEEDED_BLUEPRINTS)
-def test_training_seed_gets_gradient_and_host_gradient_is_untouched(slot: int, blueprint: int) -> None:
+def test_training_seed_gets_gradient_and_host_gradient_is_untouched(stage: Stage, slot: int, blueprint: int) -> None:
     params, (x, y) = perturbed_params(MODEL, seed=10 + slot), batch(2)
     dormant = gradients(MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x, y)
-    training = gradients(MODEL, params, controls_for(MODEL, slot, Stage.TRAINING, blueprint), x, y)
+    training = gradients(MODEL, params, controls_for(MODEL, slot, stage, blueprint), x, y)
     host_only = gradients(MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x, y, host_only_plan(MODEL))
 
     seed_grad = sum(training[n].abs().sum() for n in bank_names(MODEL, slot, blueprint))
@@ -202,7 +209,32 @@ def test_train_epoch_host_trajectory_is_independent_of_a_training_seed(slot: int
     for name in model.buffer_names:
         assert torch.equal(new["buffers", name][0], new["buffers", name][1]), f"buffer {name} diverged"
     assert torch.equal(stats["train_loss"][0], stats["train_loss"][1])
-    trained = bank_names(model, slot, blueprint)
-    assert any(not torch.equal(new["params", n][0], state["params", n][0]) for n in trained), "seed did not train"
-    assert all(torch.equal(new["params", n][1], state["params", n][1]) for n in trained), "DORMANT seed trained"
+    seed = bank_names(model, slot, blueprint)
+    assert all(torch.equal(new["params", n][0], state["params", n][0]) for n in seed), "TRAINING seed was updated"
+    assert all(torch.equal(new["params", n][1], state["params", n][1]) for n in seed), "DORMANT seed was updated"
     assert float(stats["grad_ratio"][0, slot]) > 0 and float(stats["grad_ratio"][1, slot]) == 0.0
+
+    # The same seed blended in trains (from the real loss).
+    blending = state.clone()
+    blending["slots", "stage"][0, slot] = int(Stage.BLENDING)
+    blending["slots", "alpha"][0, slot] = 0.5
+    new, _ = train_epoch(model, blending, x, y, TrainStepCache(model))
+    assert any(not torch.equal(new["params", n][0], state["params", n][0]) for n in seed), "BLENDING seed did not train"
+
+
+BLENDED_STAGES = ((Stage.BLENDING, 0.5), (Stage.BLENDING, 1.0), (Stage.PROBATIONARY, 1.0), (Stage.FOSSILIZED, 1.0))
+
+
+@pytest.mark.parametrize(("stage", "alpha"), BLENDED_STAGES)
+@pytest.mark.parametrize("slot", range(3))
+def test_upstream_host_layers_keep_their_gradient_in_every_stage(stage: Stage, alpha: float, slot: int) -> None:
+    params, (x, y) = perturbed_params(MODEL, seed=20 + slot), batch(4)
+    blueprint = SEEDED_BLUEPRINTS[-1]
+    grads = gradients(MODEL, params, controls_for(MODEL, slot, stage, blueprint, alpha=alpha), x, y)
+    before = host_names_before(MODEL, slot)
+    assert before
+    for name in before:
+        if name.endswith("weight") and grads[name].dim() == 4:  # the convolutions before the slot
+            assert grads[name].abs().sum() > 0, f"{stage.name} at alpha {alpha}: no gradient reaches upstream {name}"
+    seed_grad = sum(grads[n].abs().sum() for n in bank_names(MODEL, slot, blueprint))
+    assert seed_grad > 0

@@ -52,6 +52,9 @@ lifecycle_configs = st.builds(
     grad_ratio_threshold=st.sampled_from([0.0, 0.05, 0.3]),
     blend_steps=st.integers(1, 4),
     fossilize_min_contribution=st.sampled_from([1.0, 0.5]),
+    training_grace_epochs=st.integers(0, 3),
+    contribution_ema_decay=st.sampled_from([0.0, 0.5]),
+    probation_judge_epochs=st.integers(0, 2),
     probation_min_epochs=st.integers(1, 3),
     probation_timeout_fraction=st.sampled_from([0.0, 0.1, 0.2]),
     embargo_epochs=st.integers(1, 3),
@@ -98,7 +101,7 @@ def oracle_legal(model: Model, table: dict, env: int, op: int, slot: int, bp: in
     if op == Op.CULL:
         return stage in LIVE and table["epochs_total"][env][slot] >= model.config.lifecycle.min_cull_age
     if op == Op.FOSSILIZE:
-        contribution = table["contribution"][env][slot]  # float32 value, exactly as stored
+        contribution = table["contribution_ema"][env][slot]  # float32 value, exactly as stored
         return stage == Stage.PROBATIONARY and contribution >= model.config.lifecycle.fossilize_min_contribution
     return False
 
@@ -245,6 +248,7 @@ class Run:
     ticks: int = 0  # consecutive tick outputs that showed `stage`
     alphas: list = field(default_factory=list)
     ema: float | None = None  # reference grad-ratio EMA (float64)
+    cema: float | None = None  # reference contribution EMA since alpha reached 1 (float64)
 
 
 @dataclass
@@ -348,8 +352,8 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
             contribution = float(metrics["contribution"][env, slot])
             alpha = float(slots_a["alpha"][env, slot])
             cov.stages[sa.name] += 1
-            # Reference EMA of the gradient ratio while TRAINING/BLENDING.
-            if sb in (Stage.TRAINING, Stage.BLENDING):
+            # Reference EMA of the gradient ratio from germination through BLENDING.
+            if sb in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING):
                 ratio = float(metrics["grad_ratio"][env, slot])
                 run.ema = ratio if run.ema is None else config.grad_ratio_ema_decay * run.ema + (1 - config.grad_ratio_ema_decay) * ratio
                 assert abs(float(ema_after[env, slot]) - run.ema) <= 1e-6 + 1e-5 * abs(run.ema), where
@@ -359,19 +363,30 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
             elif sb == Stage.GERMINATED:
                 assert sa == Stage.TRAINING, where
             elif sb == Stage.TRAINING:
-                due = ticks_before >= config.training_epochs
+                age = ticks_before + 1  # the germination epoch, then every TRAINING tick, this one included
+                due = age >= config.training_epochs
                 g2 = bool(ema_after[env, slot] >= thr)
-                assert sa == (Stage.BLENDING if due and g2 else Stage.TRAINING), f"{where}: due={due} g2={g2}"
+                timeout = age >= config.training_timeout and not g2
+                expected = Stage.BLENDING if due and g2 else (Stage.CULLED if timeout else Stage.TRAINING)
+                assert sa == expected, f"{where}: due={due} g2={g2} age={age}"
+                assert age <= config.training_timeout, where
+                if timeout:
+                    cov.exits["training_timeout"] += 1
             elif sb == Stage.BLENDING:
                 assert sa == (Stage.PROBATIONARY if ticks_before >= config.blend_steps else Stage.BLENDING), where
             elif sb == Stage.PROBATIONARY:
-                cull = contribution <= 0 or ticks_before >= config.probation_timeout
-                assert sa == (Stage.CULLED if cull else Stage.PROBATIONARY), f"{where}: contribution {contribution}"
+                decay = config.contribution_ema_decay
+                run.cema = decay * run.cema + (1 - decay) * contribution
+                judged = ticks_before >= config.probation_judge_epochs and float(slots_a["contribution_ema"][env, slot]) <= 0
+                cull = judged or ticks_before >= config.probation_timeout
+                assert sa == (Stage.CULLED if cull else Stage.PROBATIONARY), f"{where}: contribution EMA {run.cema}"
                 assert ticks_before <= config.probation_timeout, where
                 if cull:
-                    cov.exits["probation_cull_contribution" if contribution <= 0 else "probation_timeout"] += 1
+                    cov.exits["probation_cull_contribution" if judged else "probation_timeout"] += 1
             elif sb == Stage.FOSSILIZED:
                 assert sa == Stage.FOSSILIZED, where
+                decay = config.contribution_ema_decay
+                run.cema = decay * run.cema + (1 - decay) * contribution
             elif sb == Stage.CULLED:
                 assert sa == Stage.EMBARGOED, where
             elif sb == Stage.EMBARGOED:
@@ -393,11 +408,12 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
                     assert ticks_before == config.blend_steps, where
                     assert len(run.alphas) == config.blend_steps and run.alphas[-1] == 1.0, f"{where}: {run.alphas}"
                     cov.exits["blend"] += 1
-                if sb == Stage.TRAINING:
-                    assert ticks_before >= config.training_epochs, where
+                if sb == Stage.TRAINING and sa == Stage.BLENDING:
+                    assert ticks_before + 1 >= config.training_epochs, where
                 if sa == Stage.PROBATIONARY:
                     assert alpha == 1.0, where
-                runs[env][slot] = Run(sa, ticks=1, ema=run.ema if sa == Stage.BLENDING else None)
+                carried = run.ema if sa in (Stage.TRAINING, Stage.BLENDING) else None
+                runs[env][slot] = Run(sa, ticks=1, ema=carried, cema=contribution if sa == Stage.PROBATIONARY else None)
                 run = runs[env][slot]
             else:
                 run.ticks += 1
@@ -408,6 +424,9 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
                 assert abs(alpha - float(expected)) <= 1e-6, f"{where}: alpha {alpha} at blend step {k}, schedule {float(expected)}"
                 assert not run.alphas or alpha >= run.alphas[-1], f"{where}: alpha decreased {run.alphas} -> {alpha}"
                 run.alphas.append(alpha)
+            if sa in (Stage.PROBATIONARY, Stage.FOSSILIZED):
+                cema = float(slots_a["contribution_ema"][env, slot])
+                assert abs(cema - run.cema) <= 1e-5 + 1e-5 * abs(run.cema), f"{where}: contribution EMA {cema} vs {run.cema}"
     assert torch.equal(slots_a["contribution"], metrics["contribution"])
 
 
@@ -435,8 +454,8 @@ def walk(model: Model, n_envs: int, chooser: Chooser, n_steps: int, seed: int, c
         for env, (row_b, row_a) in enumerate(zip(stage_rows(state), stage_rows(new))):
             for slot, (sb, sa) in enumerate(zip(row_b, row_a)):
                 cov.stages[sa.name] += 1
-                if sa != sb:
-                    runs[env][slot] = Run(sa)
+                if sa != sb:  # a fossil keeps its contribution EMA
+                    runs[env][slot] = Run(sa, cema=runs[env][slot].cema if sa == Stage.FOSSILIZED else None)
 
         metrics = draw_metrics(chooser, model, n_envs)
         new_snapshot, metrics_snapshot = new.clone(), metrics.clone()
@@ -503,7 +522,8 @@ def test_illegal_actions_are_exact_noops_and_leave_other_envs_alone(
 def test_a_seeded_walk_reaches_every_stage_and_exit() -> None:
     """Guards the properties against vacuity: a fixed random walk visits the whole lifecycle."""
     lifecycle = LifecycleConfig(
-        max_epochs=10, min_training_epochs=1, blend_steps=2, probation_min_epochs=2, embargo_epochs=2, reset_epochs=1
+        max_epochs=10, min_training_epochs=1, training_grace_epochs=1, blend_steps=2, probation_min_epochs=2,
+        embargo_epochs=2, reset_epochs=1,
     )
     model = small_model(lifecycle)
     cov = Coverage()
@@ -512,5 +532,5 @@ def test_a_seeded_walk_reaches_every_stage_and_exit() -> None:
     assert set(cov.stages) == {s.name for s in Stage}, cov.stages
     assert set(cov.executed) == {"GERMINATE", "CULL", "FOSSILIZE"}, cov.executed
     assert cov.refused > 0
-    for exit_ in ("embargo", "reset", "blend", "probation_cull_contribution", "probation_timeout"):
+    for exit_ in ("embargo", "reset", "blend", "training_timeout", "probation_cull_contribution", "probation_timeout"):
         assert cov.exits[exit_] > 0, cov.exits

@@ -182,10 +182,12 @@ def test_fossilize_only_where_the_gate_holds() -> None:
     model = small_model()
     state = init_state(model, 2, torch.Generator().manual_seed(0))
     slots = state["slots"]
-    # env 0: mid is PROBATIONARY with contribution 1.5 (G5 holds), late PROBATIONARY at 0.5 (it does not).
+    # env 0: mid is PROBATIONARY with smoothed contribution 1.5 (G5 holds), late at 0.5 (it does
+    # not); this epoch's measurements say the opposite, and G5 does not read them.
     for slot, contribution in ((1, 1.5), (2, 0.5)):
         slots["stage"][0, slot] = int(Stage.PROBATIONARY)
-        slots["contribution"][0, slot] = contribution
+        slots["contribution_ema"][0, slot] = contribution
+        slots["contribution"][0, slot] = 2.0 - contribution
         slots["alpha"][0, slot] = 1.0
         slots["epochs_total"][0, slot] = 10
     masks = action_masks(model, state)

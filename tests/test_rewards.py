@@ -232,8 +232,8 @@ def test_training_seeds_earn_no_attribution_by_default():
 
 
 def test_attribution_covers_every_seed_that_ran():
-    """With the reference's proxy (0.3), TRAINING seeds earn 0.3 * max(delta acc, 0);
-    fossilized and germinated ones nothing."""
+    """With the reference's proxy (0.3), GERMINATED and TRAINING seeds earn 0.3 * max(delta
+    acc, 0), fossilized ones nothing; under the default proxy 0, nothing."""
     prev, nxt = states(2, acc=52.0)
     for env in range(2):
         seed(prev, env, 0, Stage.BLENDING, 1, alpha=0.4)
@@ -251,7 +251,9 @@ def test_attribution_covers_every_seed_that_ran():
     prev, nxt = states(1, acc=52.0)
     seed(nxt, 0, 0, Stage.TRAINING, 0, epochs_total=1, acc_at_germination=52.0, alpha=0.0)
     got = reward(prev, nxt, epoch_metrics([60.0]), actions([Op.GERMINATE], [0]), config=reference)
-    assert values(got, "attribution") == [0.0]  # the seed was GERMINATED during the epoch: it did not run
+    # v2: a seed GERMINATED during the epoch ran straight-through, as in TRAINING: the same proxy.
+    assert values(got, "attribution") == pytest.approx([0.3 * (60.0 - 52.0)])
+    assert values(reward(prev, nxt, epoch_metrics([60.0]), actions([Op.GERMINATE], [0])), "attribution") == [0.0]
 
 
 def test_probation_indecision_is_linear_and_capped():
@@ -355,10 +357,13 @@ def test_fossilize_and_germinate_shaping():
 
 
 def test_terminal_and_governor():
+    """The fossil bonus rests on each fossil's own smoothed contribution, never on the host's
+    drift since germination: slot 2's fossil rode a 20 pp host gain but contributes 0.5 pp."""
     prev, nxt = states(2)
     for env in range(2):
-        seed(nxt, env, 0, Stage.FOSSILIZED, 4, acc_at_stage_start=55.0)  # improved 5 pp: contributing
-        seed(nxt, env, 1, Stage.FOSSILIZED, 4, acc_at_stage_start=50.5)  # 0.5 pp: not
+        seed(nxt, env, 0, Stage.FOSSILIZED, 4, contribution_ema=1.0, acc_at_stage_start=50.0)  # own 1 pp: contributing
+        seed(nxt, env, 1, Stage.FOSSILIZED, 4, contribution_ema=0.99, acc_at_stage_start=55.0)  # just under: not
+        seed(nxt, env, 2, Stage.FOSSILIZED, 4, contribution_ema=0.5, acc_at_stage_start=70.0)  # host drift only: not
     metrics = epoch_metrics([60.0, 60.0])
     got = reward(prev, nxt, metrics, is_last=[True, False], rollback=torch.tensor([True, False]))
     assert values(got, "terminal") == pytest.approx([0.05 * 60 + 3.0, 0.0])
@@ -544,7 +549,9 @@ def test_potential_by_hand():
     st.sampled_from(("shaped", "loss")),
 )
 def test_pbrs_telescopes_over_an_episode(episode, gamma, weight, family):
-    """sum_t gamma^t F_t = w (gamma^T Phi(s_T) - Phi(s_0)) for any sequence of slot states."""
+    """sum_t gamma^t F_t = w (gamma^T Phi(s_T) - Phi(s_0)) for any sequence of slot states
+    that does not end the episode, and exactly -w Phi(s_0) for one that does: the terminal
+    state's potential is 0, so nothing of it is left in the return."""
     config = RewardConfig(family=family, gamma=gamma, pbrs_weight=weight, loss_pbrs_weight=weight)
     n = len(episode[0][0])
 
@@ -555,15 +562,17 @@ def test_pbrs_telescopes_over_an_episode(episode, gamma, weight, family):
         return slots
 
     horizon = len(episode) - 1
-    discounted = torch.zeros(n, dtype=torch.float64)
-    for t in range(horizon):
-        shaping = pbrs_shaping(config, slots_of(episode[t]), slots_of(episode[t + 1]))
-        discounted += gamma**t * shaping.double()
     progress = family != "loss"
     first = phi_by_hand(*episode[0], progress)
     last = phi_by_hand(*episode[-1], progress)
-    expected = [weight * (gamma**horizon * b - a) for a, b in zip(first, last)]
-    assert discounted.tolist() == pytest.approx(expected, abs=1e-4)
+    for terminal in (False, True):
+        discounted = torch.zeros(n, dtype=torch.float64)
+        for t in range(horizon):
+            is_last = torch.full((n,), terminal and t == horizon - 1)
+            shaping = pbrs_shaping(config, slots_of(episode[t]), slots_of(episode[t + 1]), is_last)
+            discounted += gamma**t * shaping.double()
+        expected = [weight * ((0.0 if terminal else gamma**horizon * b) - a) for a, b in zip(first, last)]
+        assert discounted.tolist() == pytest.approx(expected, abs=1e-4)
 
 
 def test_registered_reward_families_get_the_governor_term_and_are_strict() -> None:
