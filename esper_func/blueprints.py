@@ -144,6 +144,30 @@ class ConvHeavy(LayerScaled):
         return self.block(x)
 
 
+class ConvWide(LayerScaled):
+    """Adds width inside the block: a seed at C channels computes 2C features at its slot's
+    resolution before projecting back to C, which a narrow host lacks (docs/tasks.md)."""
+
+    name = "conv_wide"
+    description = "x + g * (conv3x3 C->2C -GN-ReLU, conv3x3 2C->C -GN-ReLU)(x)"
+    expansion: ClassVar[int] = 2
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        hidden = self.expansion * channels
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+            nn.GroupNorm(group_count(hidden), hidden),
+            nn.ReLU(),
+            nn.Conv2d(hidden, channels, 3, padding=1, bias=False),
+            nn.GroupNorm(group_count(channels), channels),
+            nn.ReLU(),
+        )
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
 # --- Transformer ---------------------------------------------------------------------
 
 
@@ -229,7 +253,7 @@ class MLPSeed(Blueprint):
 
 
 CATALOGUE: dict[Topology, tuple[type[Blueprint], ...]] = {
-    "cnn": (Noop, ConvNormScale, SqueezeExcite, Depthwise, ConvLight, ConvHeavy),
+    "cnn": (Noop, ConvNormScale, SqueezeExcite, Depthwise, ConvLight, ConvHeavy, ConvWide),
     "transformer": (Noop, TokenNormScale, LoRA, SelfAttentionSeed, MLPSeed),
 }
 """The default blueprints per topology; a blueprint's index is its position here, unless

@@ -39,14 +39,15 @@ class Fp32BatchNorm2d(nn.BatchNorm2d):
 
 
 class ConvBlock(nn.Sequential):
-    """conv3x3 (no bias) -> BatchNorm -> ReLU -> maxpool 2x2."""
+    """conv3x3 (no bias) -> BatchNorm -> ReLU -> maxpool 2x2 (the pool deferred past the
+    slot when the slot sits before it)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
             Fp32BatchNorm2d(out_channels),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            nn.MaxPool2d(2) if pool else nn.Identity(),
         )
 
 
@@ -56,8 +57,14 @@ class CNNHost(Host):
     def __init__(self, config: CNNHostConfig) -> None:
         super().__init__()
         channels = config.block_channels()
+        self.slot_before_pool = config.slot_before_pool
+        slot_blocks = {p - 1 for p in config.slot_after}
         blocks = [
-            ConvBlock(config.in_channels if i == 0 else channels[i - 1], channels[i])
+            ConvBlock(
+                config.in_channels if i == 0 else channels[i - 1],
+                channels[i],
+                pool=not (config.slot_before_pool and i in slot_blocks),
+            )
             for i in range(config.n_blocks)
         ]
         bounds = (0, *config.slot_after)
@@ -65,7 +72,14 @@ class CNNHost(Host):
         self.rest = nn.Sequential(*blocks[config.slot_after[-1] :])
         self.head = nn.Linear(channels[-1], config.num_classes)
 
+    def segment(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.slot_before_pool and index > 0:
+            x = F.max_pool2d(x, 2)  # the pool of the block before the previous slot
+        return self.segments[index](x)
+
     def tail(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot_before_pool:
+            x = F.max_pool2d(x, 2)
         return self.head(self.rest(x).mean(dim=(-2, -1)))
 
 

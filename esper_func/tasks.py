@@ -79,9 +79,9 @@ class TaskConfig:
     synthetic: must be None."""
     batch_size: int = 64
     """Examples per training iteration (and per validation batch), shared by all envs."""
-    train_iters: int = 16
+    train_iters: int = 64
     """Training iterations per epoch (= per env step)."""
-    val_batches: int = 8
+    val_batches: int = 32
     """Fixed validation batches evaluated after every epoch."""
     seed: int = 0
     """Seeds data generation (synthetic) and nothing else: batch sampling follows the
@@ -90,8 +90,14 @@ class TaskConfig:
     """cifar10 only: random crop (pad 4) and horizontal flip of the training batches."""
     n_train: int = 10_000
     """synthetic only: training images generated."""
-    n_val: int = 512
+    n_val: int = 2048
     """synthetic only: validation images generated (>= val_batches * batch_size)."""
+    n_test: int = 4096
+    """synthetic only: held-out test images (a third stream), never seen by training or by
+    the gates; what the growth benchmark's final accuracies are measured on."""
+    image_size: int = 16
+    """synthetic only: image side in pixels. Images are rendered at 32x32 and area-averaged
+    down by 32 // image_size (anti-aliased, so fine patterns blur rather than alias)."""
     context: int = 256
     """tinystories only: window length in bytes (the host's context); windows hold context + 1 bytes."""
 
@@ -111,6 +117,11 @@ class TaskConfig:
                 "from the seed); set data_dir to null, or pick name 'cifar10' or 'tinystories'",
             )
             require(self.n_train >= 1, f"TaskConfig.n_train must be >= 1, got {self.n_train}")
+            require(self.n_test >= 1, f"TaskConfig.n_test must be >= 1, got {self.n_test}")
+            require(
+                self.image_size in SYNTHETIC_SIZES,
+                f"TaskConfig.image_size={self.image_size} must be one of {list(SYNTHETIC_SIZES)} (32 divided by a power of 2)",
+            )
             require(
                 self.n_val >= val_examples,
                 f"TaskConfig.n_val={self.n_val} is smaller than val_batches * batch_size = {val_examples}; "
@@ -197,6 +208,10 @@ class Task:
     val_x: torch.Tensor
     """`[V, B, ...]` validation inputs, built once: the same tensor every epoch."""
     val_y: torch.Tensor
+    test_x: torch.Tensor
+    """`[T, B, ...]` held-out test inputs (T may be 0): never used by training or by any
+    gate; for final accuracies that no decision was tuned on."""
+    test_y: torch.Tensor
 
     def sample_batches(self, generator: torch.Generator) -> Batches:
         """One epoch: `train_iters` batches drawn uniformly with replacement, and the fixed validation batches.
@@ -218,16 +233,24 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
     device = torch.device(device)
     if config.name == "tinystories":
         return _build_text_task(config, device)
+    n_val = config.val_batches * config.batch_size
     if config.name == "synthetic":
-        train_images, train_labels = generate_synthetic(config.n_train, config.seed)
-        val_images, val_labels = generate_synthetic(config.n_val, config.seed, stream=1)
+        factor = SYNTHETIC_RENDER_SIZE // config.image_size
+        train_images, train_labels = downsample(*generate_synthetic(config.n_train, config.seed), factor)
+        val_images, val_labels = downsample(*generate_synthetic(config.n_val, config.seed, stream=1), factor)
+        test_images, test_labels = downsample(*generate_synthetic(config.n_test, config.seed, stream=2), factor)
         mean, std = channel_stats(train_images)
         augment = False
+        host = CNNHostConfig.preset("synthetic")
+        host = replace(host, image_size=config.image_size)
     else:
         assert config.data_dir is not None  # validated by TaskConfig
         train_images, train_labels, val_images, val_labels = load_cifar10(config.data_dir)
+        # The test images past the validation ones are held out from every decision.
+        test_images, test_labels = val_images[n_val:], val_labels[n_val:]
         mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
         augment = config.augment
+        host = CNNHostConfig.preset("cifar")
     data = ImageData(
         images=train_images.to(device),
         labels=train_labels.to(device),
@@ -235,17 +258,21 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
         std=std.to(device, torch.float32).view(-1, 1, 1),
         augment=augment,
     )
-    n_val = config.val_batches * config.batch_size
     val_x = normalize(val_images[:n_val].to(device), data.mean, data.std)
     val_shape = (config.val_batches, config.batch_size)
+    n_test = test_labels.numel() // config.batch_size * config.batch_size
+    test_x = normalize(test_images[:n_test].to(device), data.mean, data.std)
+    test_shape = (n_test // config.batch_size, config.batch_size)
     return Task(
         config=config,
         device=device,
-        host_config=CNNHostConfig.preset("cifar"),
+        host_config=host,
         num_classes=NUM_IMAGE_CLASSES,
         data=data,
         val_x=val_x.view(*val_shape, *val_x.shape[1:]),
         val_y=val_labels[:n_val].to(device).view(val_shape),
+        test_x=test_x.view(*test_shape, *test_x.shape[1:]),
+        test_y=test_labels[:n_test].to(device).view(test_shape),
     )
 
 
@@ -263,6 +290,8 @@ def _build_text_task(config: TaskConfig, device: torch.device) -> Task:
         data=TextData(tokens=train.to(device), context=config.context),
         val_x=val_x.view(val_shape),
         val_y=val_y.view(val_shape),
+        test_x=val_x.view(val_shape)[:0],
+        test_y=val_y.view(val_shape)[:0],
     )
 
 
@@ -347,6 +376,18 @@ def sample_windows(
 
 
 # --- Synthetic images -----------------------------------------------------------------------
+
+
+SYNTHETIC_RENDER_SIZE = 32
+SYNTHETIC_SIZES: tuple[int, ...] = (32, 16, 8)
+
+
+def downsample(images: torch.Tensor, labels: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images `[n, C, H, W]` area-averaged by `factor` (1: unchanged), labels passed through."""
+    if factor == 1:
+        return images, labels
+    pooled = torch.nn.functional.avg_pool2d(images.to(torch.float32), factor)
+    return pooled.round().to(torch.uint8), labels
 
 
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", "diamond")
@@ -647,12 +688,15 @@ class StaticRun:
 def train_static_host(task: Task, host: HostConfig, epochs: int, n_envs: int, seed: int) -> StaticRun:
     """Train `n_envs` fresh hosts on `task` for `epochs` env steps with the core, no seeds.
 
-    Uses `training.train_epoch` and `evaluation.evaluate` (eager; `OptimConfig` defaults),
-    so the figures are what the core gives. Initialization draws from `seed`, batch
-    sampling from `seed + 1`: two hosts run with the same seed see the same batches.
+    Uses `training.train_epoch` and `evaluation.evaluate` (eager; `OptimConfig` defaults,
+    the learning-rate schedule spanning `epochs`), so the figures are what the core gives.
+    Initialization draws from `seed`, batch sampling from `seed + 1`: two hosts run with
+    the same seed see the same batches.
     """
     start = time.perf_counter()
-    steps = Steps(build_model(CoreConfig(host=host, compile=False), task.device))
+    core = CoreConfig(host=host, compile=False)
+    core = replace(core, lifecycle=replace(core.lifecycle, max_epochs=epochs))
+    steps = Steps(build_model(core, task.device))
     state = init_state(steps.model, n_envs, torch.Generator(task.device).manual_seed(seed))
     sampler = torch.Generator(task.device).manual_seed(seed + 1)
     accuracy = []
@@ -669,14 +713,16 @@ def calibrate(
 ) -> list[dict[str, Any]]:
     """Final validation accuracy of static CNN hosts of each base width, per task seed.
 
-    For every seed the task is generated from that seed and every width trains on the
-    same batches (a paired comparison); the figure is the mean over the `n_envs` envs.
+    For every seed the task is generated from that seed and every width (the task's own
+    host with `base_channels` set) trains on the same batches (a paired comparison); the
+    figure is the mean over the `n_envs` envs.
     """
     rows = []
     for seed in seeds:
         task = build_task(replace(config, seed=seed), device)
         for width in widths:
-            host = replace(CNNHostConfig.preset("cifar"), base_channels=width)
+            assert isinstance(task.host_config, CNNHostConfig)
+            host = replace(task.host_config, base_channels=width)
             run = train_static_host(task, host, epochs, n_envs, seed)
             rows.append(
                 {
@@ -704,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--envs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--widths", type=int, nargs="+", default=[8, 32], help="CNN base_channels to compare")
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32], help="CNN base_channels to compare")
     parser.add_argument("--train-iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 on a busy 2-core CPU)")
     parser.add_argument("--device", default="cpu")

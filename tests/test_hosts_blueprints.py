@@ -81,7 +81,7 @@ def test_blueprint_parameter_counts() -> None:
 
 
 def test_blueprint_catalogues_are_topology_specific() -> None:
-    assert blueprint_names("cnn") == ("noop", "norm", "attention", "depthwise", "conv_light", "conv_heavy")
+    assert blueprint_names("cnn") == ("noop", "norm", "attention", "depthwise", "conv_light", "conv_heavy", "conv_wide")
     assert blueprint_names("transformer") == ("noop", "norm", "lora", "attention", "mlp")
     with pytest.raises(KeyError, match="unknown transformer blueprint 'conv_light'"):
         blueprint_index("transformer", "conv_light")

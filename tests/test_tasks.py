@@ -34,7 +34,7 @@ from esper_func.tasks import (
     train_static_host,
 )
 
-SMALL_SYNTHETIC = TaskConfig(batch_size=16, train_iters=3, val_batches=2, n_train=200, n_val=40)
+SMALL_SYNTHETIC = TaskConfig(batch_size=16, train_iters=3, val_batches=2, n_train=200, n_val=40, n_test=40)
 CIFAR_PER_FILE = 50
 CIFAR_FILES = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
 
@@ -70,7 +70,7 @@ def test_presets_and_defaults() -> None:
         ({"val_batches": 0}, "TaskConfig.val_batches must be >= 1"),
         ({"seed": -1}, "TaskConfig.seed must be >= 0"),
         ({"n_train": 0}, "TaskConfig.n_train must be >= 1"),
-        ({"n_val": 100}, r"TaskConfig.n_val=100 is smaller than val_batches \* batch_size = 512; set n_val >= 512"),
+        ({"n_val": 100}, r"TaskConfig.n_val=100 is smaller than val_batches \* batch_size = 2048; set n_val >= 2048"),
         ({"data_dir": "/data"}, "data_dir='/data' is not used by the synthetic task.*set data_dir to null"),
         ({"augment": True}, "augment applies to cifar10 only; set augment to false"),
         ({"name": "cifar10"}, "data_dir is required for cifar10: set it to the folder holding data_batch_1"),
@@ -124,16 +124,19 @@ def test_prototype_table_needs_conjunctions() -> None:
 
 def test_synthetic_task_batches() -> None:
     task = build_task(SMALL_SYNTHETIC)
-    assert task.host_config == CNNHostConfig.preset("cifar")
+    assert task.host_config == CNNHostConfig.preset("synthetic")
     assert task.num_classes == 10 and random_guess_loss(task.host_config) == pytest.approx(math.log(10))
     batches = task.sample_batches(gen(0))
-    assert batches.train_x.shape == (3, 16, 3, 32, 32) and batches.train_x.dtype == torch.float32
+    assert batches.train_x.shape == (3, 16, 3, 16, 16) and batches.train_x.dtype == torch.float32
     assert batches.train_y.shape == (3, 16) and batches.train_y.dtype == torch.int64
-    assert batches.val_x.shape == (2, 16, 3, 32, 32) and batches.val_y.shape == (2, 16)
-    for labels in (batches.train_y, batches.val_y):
+    assert batches.val_x.shape == (2, 16, 3, 16, 16) and batches.val_y.shape == (2, 16)
+    # held out: 40 test images make 2 whole batches of 16, drawn from a third stream
+    assert task.test_x.shape == (2, 16, 3, 16, 16) and task.test_y.shape == (2, 16)
+    assert not torch.equal(task.test_x[0], task.val_x[0])
+    for labels in (batches.train_y, batches.val_y, task.test_y):
         assert 0 <= labels.min() and labels.max() <= 9
     # normalized with the training set's own channel statistics
-    assert task.data.images.shape == (200, 3, 32, 32)
+    assert task.data.images.shape == (200, 3, 16, 16)
     assert batches.train_x.mean().abs() < 0.3 and 0.6 < batches.train_x.std() < 1.4
 
 
@@ -340,12 +343,12 @@ def test_text_errors(tmp_path: Path) -> None:
 
 def test_synthetic_capacity_matters_on_a_reduced_budget() -> None:
     """The full-budget figures are in docs/tasks.md; here a few epochs must already show the
-    ordering: the narrow cifar host learns (well above 10 % chance) and a host four times as
-    wide is clearly ahead on the same batches."""
-    task = build_task(TaskConfig(n_train=4000, n_val=256, val_batches=4))
-    epochs = 8  # measured: narrow 28-40 %, wide 49-54 % per env (seeds 0, 1)
-    narrow = train_static_host(task, CNNHostConfig.preset("cifar"), epochs, n_envs=2, seed=0)
-    wide = train_static_host(task, CNNHostConfig(base_channels=32), epochs, n_envs=2, seed=0)
+    ordering: the narrow synthetic host learns (well above 10 % chance) and a host four times
+    as wide is clearly ahead on the same batches."""
+    task = build_task(TaskConfig(n_train=4000, n_val=256, n_test=64, val_batches=4, train_iters=16))
+    epochs = 8
+    narrow = train_static_host(task, task.host_config, epochs, n_envs=2, seed=0)
+    wide = train_static_host(task, replace(task.host_config, base_channels=32), epochs, n_envs=2, seed=0)
     narrow_acc, wide_acc = narrow.accuracy[-1].mean().item(), wide.accuracy[-1].mean().item()
     assert narrow_acc > 20.0, narrow_acc
     assert wide_acc > narrow_acc + 8.0, (narrow_acc, wide_acc)
