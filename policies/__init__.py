@@ -1,5 +1,5 @@
-"""Controllers as TensorDict modules: heuristic, random, static (and, later, PPO)."""
+"""Controllers as TensorDict modules: heuristic, scripted growth, random, static (and, later, PPO)."""
 
-from policies.controllers import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
+from policies.controllers import HeuristicConfig, HeuristicPolicy, RandomPolicy, ScriptedGrowthPolicy, StaticPolicy
 
-__all__ = ["HeuristicConfig", "HeuristicPolicy", "RandomPolicy", "StaticPolicy"]
+__all__ = ["HeuristicConfig", "HeuristicPolicy", "RandomPolicy", "ScriptedGrowthPolicy", "StaticPolicy"]

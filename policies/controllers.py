@@ -74,20 +74,63 @@ class RandomPolicy(TensorDictModuleBase):
         return tensordict
 
 
+class ScriptedGrowthPolicy(TensorDictModuleBase):
+    """"Grow early and keep": germinate `blueprint` in every empty slot as soon as legal
+    (one per epoch, in `slot_order`), fossilize as soon as the gate (G5) allows, never
+    cull. The lifecycle's own rules (TRAINING timeout, probation cull) still apply, and a
+    slot they free is grown again once it is DORMANT. An upper reference for what growing
+    one blueprint everywhere buys, with no judgement about when or where."""
+
+    in_keys = MASK_KEYS
+    out_keys = ACTION_KEYS
+
+    def __init__(self, blueprint: int, slot_order: tuple[int, ...] = (0, 1, 2), blend: int = int(BlendMode.SIGMOID)) -> None:
+        super().__init__()
+        if sorted(slot_order) != list(range(len(slot_order))) or not slot_order:
+            raise ValueError(f"slot_order must list each slot index once, got {slot_order}")
+        self.blueprint = blueprint
+        self.register_buffer("slot_order", torch.tensor(slot_order, dtype=torch.int64))
+        self.blend = blend
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        slot_mask = tensordict["action_mask", "slot"]
+        if not bool(tensordict["action_mask", "blueprint"][:, self.blueprint].all()):
+            raise ValueError(f"blueprint index {self.blueprint} is masked out in some env; pick a blueprint the model offers")
+        order = self.slot_order
+        fossilizable = slot_mask[:, int(Op.FOSSILIZE)]
+        empty = slot_mask[:, int(Op.GERMINATE)][:, order]
+        fossilize = fossilizable.any(-1)
+        germinate = ~fossilize & empty.any(-1)
+        op = torch.where(fossilize, int(Op.FOSSILIZE), torch.where(germinate, int(Op.GERMINATE), int(Op.WAIT)))
+        tensordict["action", "op"] = op
+        tensordict["action", "slot"] = torch.where(fossilize, first_true(fossilizable), order[first_true(empty)])
+        tensordict["action", "blueprint"] = torch.full_like(op, self.blueprint)
+        tensordict["action", "blend"] = torch.full_like(op, self.blend)
+        return tensordict
+
+
 @dataclass(frozen=True)
 class HeuristicConfig:
     """The reference's rule constants (Tamiyo)."""
 
     require_stabilization: bool = True
     """Germinate only after the host's loss has stabilized (the signals' latch)."""
-    min_epoch_to_germinate: int = 5
-    plateau_epochs_to_germinate: int = 3
-    germinate_by_epoch: int | None = 10
-    """With no live seed, germinate from this epoch on even if the host has not plateaued.
+    min_epoch_to_germinate: int = 3
+    plateau_epochs_to_germinate: int = 2
+    germinate_by_epoch: int | None = 6
+    """Germinate from this epoch on even if the host has not plateaued.
 
-    Not in the reference, whose epochs were ~12k samples: with short epochs the host is
-    still improving when the episode ends, so the plateau rule alone never grows anything
-    in time (a seed needs about 10 epochs from germination to fossilization)."""
+    Not in the reference, whose epochs were ~12k samples: under the default cosine rate the
+    host is still improving when the episode ends, so the plateau rule alone grows too late
+    to pay (a seed needs about 6 epochs from germination to fossilization, and what it adds
+    shows over the epochs after that). v2 values (reference 5, 3, and no deadline):
+    docs/architecture.md."""
+    slot_order: tuple[int, ...] = (0, 1, 2)
+    """Slots in the order empty ones are germinated (v1 always took the first empty slot in
+    canonical order, and could take no other)."""
+    max_live_seeds: int = 2
+    """Germinate only while fewer seeds than this are live (the reference: one at a time,
+    which leaves a 25-epoch episode room for about two seeds)."""
     cull_after_epochs: int = 5
     cull_below_improvement: float = -2.0
     blueprint_penalty_on_cull: float = 2.0
@@ -98,10 +141,14 @@ class HeuristicConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.blueprint_penalty_decay <= 1.0:
             raise ConfigError("HeuristicConfig.blueprint_penalty_decay must be in [0, 1]")
+        if sorted(self.slot_order) != list(range(len(self.slot_order))) or not self.slot_order:
+            raise ConfigError(f"HeuristicConfig.slot_order must list each slot index once, got {self.slot_order}")
+        if self.max_live_seeds < 1:
+            raise ConfigError(f"HeuristicConfig.max_live_seeds must be >= 1, got {self.max_live_seeds}")
 
 
 ROTATION: dict[Topology, tuple[str, ...]] = {
-    "cnn": ("conv_light", "conv_heavy", "attention", "norm", "depthwise"),
+    "cnn": ("conv_wide", "conv_heavy", "conv_light", "attention", "depthwise", "norm"),
     "transformer": ("lora", "attention", "mlp", "norm"),
 }
 
@@ -109,23 +156,24 @@ ROTATION: dict[Topology, tuple[str, ...]] = {
 class HeuristicPolicy(TensorDictModuleBase):
     """The reference heuristic, per env, as tensor operations.
 
-    With no live seed: germinate in the first empty slot once the host has stabilized, after
-    `min_epoch_to_germinate`, on a plateau of `plateau_epochs_to_germinate` epochs, or in
-    any case from `germinate_by_epoch` on; the
+    One op per env and epoch, by priority: fossilize a PROBATIONARY seed the gate (G5, on
+    the smoothed contribution) allows; cull a TRAINING/BLENDING seed that has been in its
+    stage 5 epochs while accuracy fell more than 2 pp since the stage began; germinate,
+    while fewer than `max_live_seeds` seeds are live, in the first empty slot of
+    `slot_order`, once the host has stabilized, after `min_epoch_to_germinate`, on a
+    plateau of `plateau_epochs_to_germinate` epochs, or in any case from
+    `germinate_by_epoch` on. PROBATIONARY seeds that do not contribute are left to the
+    lifecycle's own probation cull (on the smoothed contribution, not one noisy epoch). The
     blueprint rotates through `ROTATION` (those the model carries, then any other blueprint
     of `blueprint_names` the masks offer), skipping blueprints whose penalty (+2 per cull,
-    halved each epoch) is at least 3. With a live seed (the first in canonical order):
-    cull it in TRAINING/BLENDING after 5 epochs in stage if accuracy fell more than 2 pp
-    since the stage began; in PROBATIONARY fossilize when the gate allows it, cull when the
-    contribution is not positive, otherwise wait for the timeout. Its memory (rotation
-    position, penalties) is per env and starts over when an env's epoch is 0.
+    halved each epoch) is at least 3. Its memory (rotation position, penalties) is per env
+    and starts over when an env's epoch is 0.
     """
 
     in_keys = MASK_KEYS + [
         ("seeds", "stage"),
         ("seeds", "blueprint"),
         ("seeds", "epochs_in_stage"),
-        ("seeds", "contribution"),
         ("seeds", "improvement"),
         ("metrics", "epoch"),
         ("signals", "stabilized"),
@@ -151,6 +199,7 @@ class HeuristicPolicy(TensorDictModuleBase):
         if not rotation:
             raise ValueError(f"no blueprint to germinate among {list(names)}")
         self.register_buffer("rotation", torch.tensor(rotation, dtype=torch.int64, device=device))
+        self.register_buffer("slot_order", torch.tensor(config.slot_order, dtype=torch.int64, device=device))
         self.register_buffer("next_pick", torch.zeros(n_envs, dtype=torch.int64, device=device))
         self.register_buffer("penalty", torch.zeros(n_envs, len(rotation), device=device))
         self.register_buffer("last_epoch", torch.full((n_envs,), -1, dtype=torch.int64, device=device))
@@ -177,25 +226,15 @@ class HeuristicPolicy(TensorDictModuleBase):
 
         stage = tensordict["seeds", "stage"]
         live = stage_lookup(LIVE, stage)
-        has_live = live.any(-1)
-        first = first_true(live)
-        at = first.unsqueeze(-1)
-        live_stage = stage.gather(1, at).squeeze(-1)
-        eis = tensordict["seeds", "epochs_in_stage"].gather(1, at).squeeze(-1)
-        improvement = tensordict["seeds", "improvement"].gather(1, at).squeeze(-1)
-        contribution = tensordict["seeds", "contribution"].gather(1, at).squeeze(-1)
         slot_mask = tensordict["action_mask", "slot"]
-
-        def legal_at(op: Op, slot: torch.Tensor) -> torch.Tensor:
-            return slot_mask[:, int(op)].gather(1, slot.unsqueeze(-1)).squeeze(-1)
-
-        growing = (live_stage == int(Stage.TRAINING)) | (live_stage == int(Stage.BLENDING))
-        cull_growing = growing & (eis >= config.cull_after_epochs) & (improvement < config.cull_below_improvement)
-        probation = live_stage == int(Stage.PROBATIONARY)
-        fossilize = has_live & probation & legal_at(Op.FOSSILIZE, first)
-        cull = has_live & (cull_growing | (probation & (contribution <= 0))) & legal_at(Op.CULL, first)
-
-        empty = slot_mask[:, int(Op.GERMINATE)]
+        growing = (stage == int(Stage.TRAINING)) | (stage == int(Stage.BLENDING))
+        declining = (tensordict["seeds", "epochs_in_stage"] >= config.cull_after_epochs) & (
+            tensordict["seeds", "improvement"] < config.cull_below_improvement
+        )
+        fossilizable = (stage == int(Stage.PROBATIONARY)) & slot_mask[:, int(Op.FOSSILIZE)]
+        cullable = growing & declining & slot_mask[:, int(Op.CULL)]
+        order = self.slot_order
+        empty_in_order = slot_mask[:, int(Op.GERMINATE)][:, order]
         plateaued = (
             (tensordict["signals", "stabilized"] | (not config.require_stabilization))
             & (epoch >= config.min_epoch_to_germinate)
@@ -203,16 +242,21 @@ class HeuristicPolicy(TensorDictModuleBase):
         )
         no_deadline = config.germinate_by_epoch is None
         deadline = torch.zeros_like(plateaued) if no_deadline else epoch >= config.germinate_by_epoch
-        germinate = ~has_live & empty.any(-1) & (plateaued | deadline)
+        room = live.sum(-1) < config.max_live_seeds
+        fossilize = fossilizable.any(-1)
+        cull = ~fossilize & cullable.any(-1)
+        germinate = ~fossilize & ~cull & room & empty_in_order.any(-1) & (plateaued | deadline)
         blueprint, position = self._choose_blueprint()
 
         op = torch.full_like(epoch, int(Op.WAIT))
         op = torch.where(germinate, int(Op.GERMINATE), op)
         op = torch.where(cull, int(Op.CULL), op)
         op = torch.where(fossilize, int(Op.FOSSILIZE), op)
-        slot = torch.where(germinate, first_true(empty), first)
+        slot = torch.where(
+            fossilize, first_true(fossilizable), torch.where(cull, first_true(cullable), order[first_true(empty_in_order)])
+        )
 
-        culled_blueprint = tensordict["seeds", "blueprint"].gather(1, at).squeeze(-1)
+        culled_blueprint = tensordict["seeds", "blueprint"].gather(1, slot.unsqueeze(-1)).squeeze(-1)
         culled_position = (self.rotation.unsqueeze(0) == culled_blueprint.unsqueeze(-1)).long().argmax(-1)
         in_rotation = (self.rotation.unsqueeze(0) == culled_blueprint.unsqueeze(-1)).any(-1)
         bump = torch.nn.functional.one_hot(culled_position, self.rotation.numel()) * (cull & in_rotation).unsqueeze(-1)
