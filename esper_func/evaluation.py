@@ -86,7 +86,8 @@ def evaluate(model: Model, state: TensorDict, x: torch.Tensor, y: torch.Tensor, 
     step = steps(plan)
     controls = slot_controls(model, slots)
     running = [s for s, slot_plan in enumerate(plan) if slot_plan.blueprints]
-    modes = counterfactual_modes(controls["mode"])[:, [0, *(1 + s for s in running)]]
+    every = counterfactual_modes(controls["mode"])  # configs picked by plain indexing: no index tensor to copy
+    modes = torch.stack([every[:, 0], *(every[:, 1 + s] for s in running)], dim=1)
     params, buffers = state["params"].to_dict(), state["buffers"].to_dict()
     loss_sum = torch.zeros(n_envs, len(running) + 1, device=model.device)
     correct = torch.zeros(n_envs, len(running) + 1, dtype=torch.int64, device=model.device)
@@ -97,9 +98,9 @@ def evaluate(model: Model, state: TensorDict, x: torch.Tensor, y: torch.Tensor, 
         correct = correct + batch_correct
     count = y.numel()
     accuracy = 100.0 * correct.to(torch.float32) / count
-    measured = iter((accuracy[:, :1] - accuracy[:, 1:]).unbind(-1))
+    measured = dict(zip(running, (accuracy[:, :1] - accuracy[:, 1:]).unbind(-1)))
     zero = torch.zeros_like(accuracy[:, 0])
-    contribution = torch.stack([next(measured) if s in running else zero for s in range(model.n_slots)], dim=-1)
+    contribution = torch.stack([measured.get(s, zero) for s in range(model.n_slots)], dim=-1)
     return TensorDict(
         {
             "val_loss": loss_sum[:, 0] / count,

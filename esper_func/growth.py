@@ -42,7 +42,8 @@ from esper_func.blueprints import blueprint_index  # noqa: E402
 from esper_func.config import CNNHostConfig, CoreConfig, from_dict, to_dict  # noqa: E402
 from esper_func.episodes import play_episode  # noqa: E402
 from esper_func.evaluation import evaluate  # noqa: E402
-from esper_func.stages import LIVE, Stage, stage_lookup  # noqa: E402
+from esper_func.stages import HOLDS_SEED, LIVE, Stage, stage_lookup  # noqa: E402
+from esper_func.state import seed_param_count  # noqa: E402
 from esper_func.hosts import build_host  # noqa: E402
 from esper_func.tasks import TaskConfig, build_task  # noqa: E402
 from policies import HeuristicPolicy, ScriptedGrowthPolicy, StaticPolicy  # noqa: E402
@@ -119,9 +120,10 @@ def run_controller(name: str, config: EnvConfig, blueprint: str, static_params: 
     model = env.model
     result = play_episode(env, make_controller(name, env, blueprint), name, 0, model.blueprint_names, model.host_param_count)
     test = evaluate(model, env.state, env.task.test_x, env.task.test_y, env.steps.eval)["val_accuracy"].cpu()
-    stage = env.state["slots", "stage"]
-    live = int(stage_lookup(LIVE, stage).sum())
-    seed_params = result.param_growth * model.host_param_count
+    slots = env.state["slots"]
+    live = int(stage_lookup(LIVE, slots["stage"]).sum())
+    held = torch.where(stage_lookup(HOLDS_SEED, slots["stage"]), seed_param_count(model, slots), 0)
+    seed_params = held.sum(-1).double().mean().item()
     return GrowthRun(
         controller=name,
         seed=config.seed,

@@ -9,7 +9,8 @@ Transitions (DESIGN.md, Lifecycle):
   CULL (live stage, age >= min_cull_age) -> CULLED; FOSSILIZE (PROBATIONARY and G5:
   smoothed contribution >= fossilize_min_contribution) -> FOSSILIZED. An action that is not legal
   is not executed: the env behaves as under WAIT and `executed` is False for it.
-- tick: GERMINATED -> TRAINING (the seed has trained through its germination epoch);
+- tick: GERMINATED -> TRAINING (the seed ran straight-through in its germination epoch;
+  its update is withheld until BLENDING, `stages.SEED_TRAINABLE`);
   TRAINING -> BLENDING once the seed is `training_epochs` old and G2 (gradient-ratio EMA
   >= threshold) holds, TRAINING -> CULLED at `training_timeout` without G2; BLENDING ->
   PROBATIONARY after `blend_steps` epochs (alpha has reached exactly 1); PROBATIONARY ->

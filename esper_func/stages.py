@@ -114,7 +114,8 @@ LEGAL_TRANSITION = _transition_table()
 
 IN_FORWARD = stage_mask(Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
 """The seed runs in the forward pass. v2: GERMINATED too, straight-through like TRAINING,
-so a seed trains from the epoch it is germinated in instead of idling for one."""
+so the seed runs (and G2 reads its gradient) from the epoch it is germinated in instead of
+idling for one."""
 
 SEED_TRAINABLE = stage_mask(Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED)
 """The seed's parameters receive optimizer updates: once its output is in the value

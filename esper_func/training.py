@@ -50,15 +50,13 @@ def _per_env_sq_norm(tensors: Tensors, names: tuple[str, ...], like: torch.Tenso
 
 
 def _sgd(
-    param: torch.Tensor, grad_: torch.Tensor, buf: torch.Tensor, lr: float | torch.Tensor, momentum: float, weight_decay: float
+    param: torch.Tensor, grad_: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor, momentum: float, weight_decay: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.optim.SGD (dampening 0, no Nesterov) as a function; a zero buffer is a fresh one.
-    `lr` is a float, or an `[N]` tensor of per-env rates."""
+    """torch.optim.SGD (dampening 0, no Nesterov) as a function, at per-env rates `lr` `[N]`;
+    a zero buffer is a fresh one."""
     step = grad_ + weight_decay * param if weight_decay else grad_
     buf = momentum * buf + step
-    if isinstance(lr, torch.Tensor):
-        return param - lr.view((-1,) + (1,) * (param.dim() - 1)) * buf, buf
-    return torch.add(param, buf, alpha=-lr), buf
+    return param - lr.view((-1,) + (1,) * (param.dim() - 1)) * buf, buf
 
 
 def lr_factor(optim: OptimConfig, epoch: torch.Tensor, max_epochs: int) -> torch.Tensor:

@@ -29,6 +29,12 @@ def first_true(mask: torch.Tensor) -> torch.Tensor:
     return mask.long().argmax(-1)
 
 
+def check_slot_order(slot_order: tuple[int, ...], owner: str) -> None:
+    """A germination order must list each slot index exactly once."""
+    if not slot_order or sorted(slot_order) != list(range(len(slot_order))):
+        raise ConfigError(f"{owner}.slot_order must list each slot index once, got {slot_order}")
+
+
 def slot_row(slot_mask: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
     """`[N, S]` slot mask for each env's op, from the op-conditioned `[N, 4, S]` mask."""
     return slot_mask.gather(1, op.view(-1, 1, 1).expand(-1, 1, slot_mask.shape[-1])).squeeze(1)
@@ -86,16 +92,13 @@ class ScriptedGrowthPolicy(TensorDictModuleBase):
 
     def __init__(self, blueprint: int, slot_order: tuple[int, ...] = (0, 1, 2), blend: int = int(BlendMode.SIGMOID)) -> None:
         super().__init__()
-        if sorted(slot_order) != list(range(len(slot_order))) or not slot_order:
-            raise ValueError(f"slot_order must list each slot index once, got {slot_order}")
+        check_slot_order(slot_order, "ScriptedGrowthPolicy")
         self.blueprint = blueprint
         self.register_buffer("slot_order", torch.tensor(slot_order, dtype=torch.int64))
         self.blend = blend
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         slot_mask = tensordict["action_mask", "slot"]
-        if not bool(tensordict["action_mask", "blueprint"][:, self.blueprint].all()):
-            raise ValueError(f"blueprint index {self.blueprint} is masked out in some env; pick a blueprint the model offers")
         order = self.slot_order
         fossilizable = slot_mask[:, int(Op.FOSSILIZE)]
         empty = slot_mask[:, int(Op.GERMINATE)][:, order]
@@ -141,8 +144,7 @@ class HeuristicConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.blueprint_penalty_decay <= 1.0:
             raise ConfigError("HeuristicConfig.blueprint_penalty_decay must be in [0, 1]")
-        if sorted(self.slot_order) != list(range(len(self.slot_order))) or not self.slot_order:
-            raise ConfigError(f"HeuristicConfig.slot_order must list each slot index once, got {self.slot_order}")
+        check_slot_order(self.slot_order, "HeuristicConfig")
         if self.max_live_seeds < 1:
             raise ConfigError(f"HeuristicConfig.max_live_seeds must be >= 1, got {self.max_live_seeds}")
 

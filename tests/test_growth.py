@@ -18,7 +18,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_func.config import CoreConfig
+from esper_func.config import ConfigError, CoreConfig
 from esper_func.growth import base_env_config, controller_env, longest_training, main, run_controller
 from esper_func.hosts import build_host
 from esper_func.model import build_model
@@ -26,6 +26,7 @@ from esper_func.stages import BlendMode, Op, Stage
 from esper_func.state import init_state
 from esper_func.step import Steps, env_step
 from esper_func.tasks import TaskConfig, build_task
+from policies import HeuristicConfig, ScriptedGrowthPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -115,3 +116,10 @@ def test_growth_cli_writes_its_json_and_plots(tmp_path: Path) -> None:
     assert (out / "growth_seed0.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="static"):
         main(["--controllers", "scripted", "--out", str(out)])
+
+
+def test_germination_orders_must_name_each_slot_once() -> None:
+    with pytest.raises(ConfigError, match=r"ScriptedGrowthPolicy.slot_order must list each slot index once, got \(0, 0, 2\)"):
+        ScriptedGrowthPolicy(blueprint=6, slot_order=(0, 0, 2))
+    with pytest.raises(ConfigError, match="HeuristicConfig.slot_order"):
+        HeuristicConfig(slot_order=(1, 2))
