@@ -121,9 +121,10 @@ SEED_TRAINABLE = stage_mask(Stage.BLENDING, Stage.PROBATIONARY, Stage.FOSSILIZED
 """The seed's parameters receive optimizer updates: once its output is in the value
 (fossilized seeds keep training). v2: not in GERMINATED/TRAINING, where the straight-through
 gradient is a linear objective with no curvature (the loss never sees the seed's output),
-so applying it drives the seed's features along the host's gradient without bound; blended
-in after that, they cost accuracy (docs/architecture.md: 70.4 % against 80.8 % with the
-update withheld). TRAINING is a probe: G2 checks that gradient reaches the seed."""
+so applying it drives the seed's features along the host's gradient without bound. It cost
+accuracy in probes with a 3-epoch dwell and slots before the pool; on the default host and
+timings it makes no measurable difference (docs/architecture.md). TRAINING is a probe: G2
+checks that gradient reaches the seed."""
 
 STRAIGHT_THROUGH = stage_mask(Stage.GERMINATED, Stage.TRAINING)
 """Output is the host's value; the seed reads a detached input and gets the full output gradient."""
