@@ -369,7 +369,9 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
                 timeout = age >= config.training_timeout and not g2
                 expected = Stage.BLENDING if due and g2 else (Stage.CULLED if timeout else Stage.TRAINING)
                 assert sa == expected, f"{where}: due={due} g2={g2} age={age}"
-                assert age <= config.training_timeout, where
+                # The first TRAINING tick comes at age 2 (the germination tick is GERMINATED's),
+                # so no seed is older than that or the timeout when it is judged.
+                assert age <= max(2, config.training_timeout), where
                 if timeout:
                     cov.exits["training_timeout"] += 1
             elif sb == Stage.BLENDING:
