@@ -100,24 +100,33 @@ from esper_func.state import init_state
 from esper_func.step_profile import (
     PROFILE_CONFIGS,
     CollectorOverhead,
+    EpisodeTiming,
     StepProfile,
     collector_overhead,
+    format_episodes,
     format_profiles,
+    main_job_episodes,
     profile_env_steps,
     timed,
 )
 from esper_func.training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
-VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs")
+VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs", "packed")
 CUDA_ONLY_VARIANTS: tuple[str, ...] = ("vmap_cudagraphs",)
 COMPILE_SETTINGS: dict[str, tuple[bool, str]] = {
     "baseline": (False, "default"),
     "vmap_eager": (False, "default"),
     "vmap_compiled": (True, "default"),
     "vmap_cudagraphs": (True, "reduce-overhead"),
+    "packed": (False, "default"),
 }
 """`CoreConfig.compile` and `compile_mode` of each variant."""
+
+
+def env_batching(variant: str) -> str:
+    """`CoreConfig.env_batching` of each variant: the vmapped ones run vmap, `packed` packs."""
+    return "packed" if variant == "packed" else "vmap"
 
 
 def compile_mode_name(variant: str) -> str:
@@ -152,6 +161,8 @@ class Settings:
     """Env step configurations to profile (`step_profile.PROFILE_CONFIGS`; empty: none)."""
     profile_steps: int = 4
     collector: bool = False
+    main_job: bool = False
+    """Also time whole episodes of the default main job's env, vmapped and packed."""
     amp: bool = False
     """Also run every vmapped variant under bf16 autocast, and measure its accuracy effect."""
     amp_epochs: int = 3
@@ -210,9 +221,11 @@ class ParamCheck:
 # --- The workload: configuration, state, data --------------------------------------------
 
 
-def core_config(host_preset: str, compile: bool, compile_mode: str = "default", amp: bool = False, vmap_chunk_size: int | None = None) -> CoreConfig:
+def core_config(
+    host_preset: str, compile: bool, compile_mode: str = "default", amp: bool = False, vmap_chunk_size: int | None = None, batching: str = "vmap"
+) -> CoreConfig:
     host = CNNHostConfig.preset(host_preset)
-    return CoreConfig(host=host, compile=compile, compile_mode=compile_mode, amp=amp, vmap_chunk_size=vmap_chunk_size)  # type: ignore[arg-type]
+    return CoreConfig(host=host, compile=compile, compile_mode=compile_mode, amp=amp, vmap_chunk_size=vmap_chunk_size, env_batching=batching)  # type: ignore[arg-type]
 
 
 def scenario_state(model: Model, scenario: str, n_envs: int, seed: int) -> TensorDict:
@@ -296,6 +309,9 @@ def cases(settings: Settings) -> list[Case]:
         if variant == "baseline":
             out.append(Case(variant))
             continue
+        if variant == "packed":  # no vmap, so no chunks
+            out += [Case(variant, amp) for amp in ((False, True) if settings.amp else (False,))]
+            continue
         for chunk in settings.vmap_chunk_sizes:
             out += [Case(variant, amp, chunk) for amp in ((False, True) if settings.amp else (False,))]
     return out
@@ -304,7 +320,7 @@ def cases(settings: Settings) -> list[Case]:
 def epoch_runner(settings: Settings, scenario: str, case: Case, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], int]:
     """A closure that trains all N envs for one epoch (state carried across calls), and params per env."""
     compile, compile_mode = COMPILE_SETTINGS[case.variant]
-    config = core_config(settings.host_preset, compile, compile_mode, case.amp, case.vmap_chunk_size)
+    config = core_config(settings.host_preset, compile, compile_mode, case.amp, case.vmap_chunk_size, env_batching(case.variant))
     model = build_model(config, settings.device)
     state = scenario_state(model, scenario, settings.n_envs, settings.seed)
     baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
@@ -434,6 +450,7 @@ class Measurements:
     amp: AmpEffect | None = None
     ppo_update: PPOUpdateTiming | None = None
     collector: CollectorOverhead | None = None
+    main_job: list[EpisodeTiming] = field(default_factory=list)
 
 
 def report(settings: Settings, measured: Measurements, argv: Sequence[str], load_at_start: list[float] | None, complete: bool) -> dict:
@@ -466,6 +483,7 @@ def report(settings: Settings, measured: Measurements, argv: Sequence[str], load
         "results": [asdict(r) for r in measured.results],
         "step_profiles": [asdict(p) for p in measured.profiles],
         "collector_overhead": asdict(measured.collector) if measured.collector is not None else None,
+        "main_job_episodes": [asdict(t) for t in measured.main_job],
         "scaling": [asdict(c) for c in scaling_curves(measured.results)],
         "amp_effect": asdict(measured.amp) if measured.amp is not None else None,
         "ppo_update": asdict(measured.ppo_update) if measured.ppo_update is not None else None,
@@ -530,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also profile whole env steps (parts and controller share) of these configurations (default: all)",
     )
     parser.add_argument("--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand")
+    parser.add_argument(
+        "--main-job", action="store_true",
+        help="also time whole episodes of the default main job's env (static and heuristic control), vmapped against packed, side by side",
+    )
     parser.add_argument("--amp", action="store_true", help="also run the vmapped variants under bf16 autocast, and measure its accuracy effect")
     parser.add_argument("--amp-epochs", type=positive_int, help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick {QUICK_DEFAULTS['amp_epochs']})")
     parser.add_argument("--bound", action="store_true", help="profile one more epoch of each variant: what bounds it")
@@ -585,6 +607,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         sweep_n=tuple(dict.fromkeys(args.sweep_n or ())),
         profile_step=() if args.profile_step is None else tuple(dict.fromkeys(args.profile_step or PROFILE_CONFIGS)),
         collector=args.collector,
+        main_job=args.main_job,
         profile_steps=args.repeats if args.repeats is not None else defaults["repeats"] + 1,
         amp=args.amp,
         amp_epochs=args.amp_epochs if args.amp_epochs is not None else defaults["amp_epochs"],
@@ -658,6 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         save()
         print(format_collector_overhead(measured.collector))
+    if settings.main_job:
+        print(f"[bench] default main job: whole episodes of {settings.n_envs} envs, vmapped and packed ({settings.repeats} each, interleaved) ...")
+        measured.main_job = main_job_episodes(settings.device, settings.n_envs, settings.repeats)
+        save()
+        print(format_episodes(measured.main_job))
     save(complete=True)
     return 0
 

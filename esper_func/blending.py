@@ -8,11 +8,16 @@ learned per-sample gate (per token for transformers, so no future token leaks in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from esper_func.initialization import ZERO, Init, Initialized
 from esper_func.stages import BlendMode
+
+if TYPE_CHECKING:
+    from esper_func.packed import Packed
 
 
 def alpha_schedule(blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float | torch.Tensor) -> torch.Tensor:
@@ -52,3 +57,8 @@ class BlendGate(Initialized):
             gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(-2, -1))))))
             return gate[..., None, None]
         return torch.sigmoid(self.fc2(torch.relu(self.fc1(x))))
+
+    def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """The spatial gate of all envs on packed features: `[B, N*C, H, W]` -> `[B, N]`."""
+        hidden = torch.relu(packed.linear(prefix + "fc1.", packed.pooled(x)))
+        return torch.sigmoid(packed.linear(prefix + "fc2.", hidden)).squeeze(-1)

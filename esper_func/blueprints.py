@@ -9,7 +9,7 @@ position in its topology's catalogue; that index is what state and actions carry
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import nn
 
 from esper_func.initialization import ONE, ZERO, Init, Initialized
 from esper_func.layers import CausalSelfAttention, group_count
+
+if TYPE_CHECKING:
+    from esper_func.packed import Packed
 
 Topology = Literal["cnn", "transformer"]
 
@@ -31,12 +34,26 @@ class Blueprint(Initialized):
         super().__init__()
         self.channels = channels
 
+    def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """The forward of all envs at once on packed features `[B, N*C, H, W]`
+        (`esper_func/packed.py`), parameters under `prefix` in `packed`. CNN blueprints
+        define it; a blueprint without it runs under `CoreConfig.env_batching="vmap"`."""
+        raise NotImplementedError(f"blueprint {self.name!r} has no packed_forward")
+
+    @classmethod
+    def packs(cls) -> bool:
+        """Whether this blueprint runs on packed envs (it defines `packed_forward`)."""
+        return cls.packed_forward is not Blueprint.packed_forward
+
 
 class Noop(Blueprint):
     name = "noop"
     description = "identity; no parameters"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
@@ -60,6 +77,10 @@ class ConvNormScale(Blueprint):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + torch.tanh(self.sigma) * (self.norm(x) - x)
 
+    def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        pull = packed.run(self.norm, prefix + "norm.", x) - x
+        return x + packed.scale_envs(pull, torch.tanh(packed.param(prefix + "sigma")))
+
 
 class SqueezeExcite(Blueprint):
     """Channel attention x * 2 sigmoid(W2 ReLU(W1 avgpool x)); W2 = 0 gives scale exactly 1."""
@@ -80,6 +101,11 @@ class SqueezeExcite(Blueprint):
         scale = 2 * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(-2, -1))))))
         return x * scale[..., None, None]
 
+    def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(packed.linear(prefix + "fc1.", packed.pooled(x)))
+        scale = 2 * torch.sigmoid(packed.linear(prefix + "fc2.", hidden))  # [B, N, C]
+        return x * scale.flatten(1)[..., None, None]
+
 
 class LayerScaled(Blueprint):
     """Residual x + gamma * branch(x) with a per-channel gamma that starts at zero."""
@@ -96,6 +122,13 @@ class LayerScaled(Blueprint):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gamma[:, None, None] * self.branch(x)
+
+    def packed_branch(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """`branch` on packed features; the default runs the `block` layers."""
+        return packed.run(self.block, prefix + "block.", x)
+
+    def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        return x + packed.param(prefix + "gamma").flatten()[:, None, None] * self.packed_branch(packed, prefix, x)
 
 
 def conv_norm_relu(channels: int) -> nn.Sequential:
@@ -118,6 +151,10 @@ class Depthwise(LayerScaled):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.norm(self.pw(self.dw(x))))
+
+    def packed_branch(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        h = packed.run(self.pw, prefix + "pw.", packed.run(self.dw, prefix + "dw.", x))
+        return F.relu(packed.run(self.norm, prefix + "norm.", h))
 
 
 class ConvLight(LayerScaled):

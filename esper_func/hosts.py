@@ -8,6 +8,7 @@ core calls them through `torch.func.functional_call` with one env's parameters.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from esper_func.blueprints import Topology, gpt_linear_overrides
 from esper_func.config import CNNHostConfig, HostConfig, TransformerHostConfig
 from esper_func.initialization import Init, Initialized
 from esper_func.layers import CausalSelfAttention
+
+if TYPE_CHECKING:
+    from esper_func.packed import Packed
 
 
 class Host(Initialized):
@@ -81,6 +85,18 @@ class CNNHost(Host):
         if self.slot_before_pool:
             x = F.max_pool2d(x, 2)
         return self.head(self.rest(x).mean(dim=(-2, -1)))
+
+    def packed_segment(self, packed: Packed, index: int, x: torch.Tensor) -> torch.Tensor:
+        """`segment` of all envs on packed features (`esper_func/packed.py`)."""
+        if self.slot_before_pool and index > 0:
+            x = F.max_pool2d(x, 2)
+        return packed.run(self.segments[index], f"host.segments.{index}.", x)
+
+    def packed_tail(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+        """`tail` of all envs: packed features -> logits `[B, N, classes]`."""
+        if self.slot_before_pool:
+            x = F.max_pool2d(x, 2)
+        return packed.linear("host.head.", packed.pooled(packed.run(self.rest, "host.rest.", x)))
 
 
 class TransformerBlock(nn.Module):

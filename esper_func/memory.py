@@ -25,10 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from esper_func.config import ConfigError, CoreConfig
-from esper_func.evaluation import counterfactual_modes, make_eval_batch
+from esper_func.evaluation import make_eval_batch
 from esper_func.model import Model, build_model, full_plan, slot_controls
 from esper_func.state import empty_slots
-from esper_func.training import make_train_iteration
+from esper_func.training import make_train_iteration, update_groups
 
 META = torch.device("meta")
 SAFETY_FACTOR = 1.1
@@ -75,15 +75,18 @@ def _step_peaks(model: Model, n_envs: int, x: torch.Tensor, y: torch.Tensor) -> 
     plan = full_plan(model)
     params = {name: torch.empty(n_envs, *p.shape, device=META) for name, p in net.named_parameters()}
     buffers = {name: torch.empty(n_envs, *b.shape, dtype=b.dtype, device=META) for name, b in net.named_buffers()}
-    momentum = {name: torch.empty_like(p) for name, p in params.items()}
     controls = slot_controls(model, empty_slots(n_envs, model.n_slots, META))
     trainable = torch.ones(n_envs, model.n_slots, dtype=torch.bool, device=META)
     counts = torch.ones(n_envs, model.n_slots, device=META)
     lr = torch.ones(n_envs, device=META)
+    groups = update_groups(model, plan)
+    trained = {name for group in groups for name in group.names}
+    frozen = {name: value for name, value in params.items() if name not in trained}
+    flat = tuple(group.flatten(params, lr) for group in groups)
     with _PeakLiveBytes() as train:
-        make_train_iteration(model, plan)(params, buffers, momentum, controls, trainable, counts, lr, x, y)
+        make_train_iteration(model, plan)(flat, frozen, buffers, tuple(map(torch.empty_like, flat)), trainable, counts, lr, controls, x, y)
     with _PeakLiveBytes() as evaluate:
-        make_eval_batch(model, plan)(params, buffers, controls, counterfactual_modes(controls["mode"]), x, y)
+        make_eval_batch(model, plan)(params, buffers, controls, x, y)
     return train.peak, evaluate.peak
 
 

@@ -134,6 +134,9 @@ class Model:
     gate_param_count: torch.Tensor
     """`[S]` int64: parameters of each slot's blend gate."""
     host_param_count: int
+    packed: bool
+    """Whether training and evaluation run the envs packed (`CoreConfig.env_batching`,
+    `esper_func/packed.py`) rather than under `vmap`."""
 
     @property
     def topology(self) -> Topology:
@@ -171,6 +174,7 @@ def build_model(config: CoreConfig, device: torch.device | str = "cpu") -> Model
             [sum(p.numel() for p in bank.gate.parameters()) for bank in net.banks], device=device
         ),
         host_param_count=sum(p.numel() for p in net.host.parameters()),
+        packed=config.packs_envs(device),
     )
 
 

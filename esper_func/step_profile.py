@@ -13,6 +13,11 @@ host may run ahead of the device, so this bounds the share from above). With com
 steps, the profiled steps are played once beforehand from the same RNG state, so that
 every bank plan they meet is compiled before the profiler starts.
 
+`main_job_episodes` times whole episodes of the default main job's env
+(`TrainingConfig.preset("default")`) under static and heuristic control, with the envs
+vmapped and packed (`CoreConfig.env_batching`), side by side and interleaved: the
+speed-up a user of `python -m esper_func.train` gets from packing.
+
 `collector_overhead` plays the same number of env steps twice, by hand (policy, `env.step`,
 `step_mdp`) and through a TorchRL `Collector` (as the PPO trainer does), and reports the
 collector's extra wall time as a fraction of its own.
@@ -23,7 +28,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -33,9 +38,11 @@ from torchrl.envs.utils import step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv
 from esper_func.config import CoreConfig, LifecycleConfig
+from esper_func.evaluate import baseline_controller
 from esper_func.rewards import RewardConfig
 from esper_func.stages import IN_FORWARD, stage_lookup
 from esper_func.tasks import TaskConfig
+from esper_func.training_config import TrainingConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 T = TypeVar("T")
@@ -228,3 +235,60 @@ def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int
     hand_s = statistics.median(hand for hand, _ in pairs)
     collector_s = statistics.median(collected_s for _, collected_s in pairs)
     return CollectorOverhead(n_envs, steps, hand_s, collector_s, (collector_s - hand_s) / collector_s)
+
+
+@dataclass(frozen=True)
+class EpisodeTiming:
+    """Whole episodes of the default main job's env under one controller and one env batching."""
+
+    controller: str
+    env_batching: str
+    n_envs: int
+    steps: int
+    episode_s: list[float]
+    env_steps_per_s: float
+    """N * steps / median episode seconds (reset included)."""
+    speedup_vs_vmap: float
+
+
+def main_job_episodes(device: torch.device, n_envs: int, repeats: int) -> list[EpisodeTiming]:
+    """`repeats` episodes per (controller, env batching) after one untimed episode each, in
+    turns so that drift in a shared machine's speed hits all alike."""
+    base = TrainingConfig.preset("default").env
+    cases = [(controller, batching) for controller in ("static", "heuristic") for batching in ("vmap", "packed")]
+    envs = {
+        case: MorphogeneticEnv(replace(base, n_envs=n_envs, core=replace(base.core, env_batching=case[1])), device)
+        for case in cases
+    }
+
+    def episode(case: tuple[str, str]) -> float:
+        env = envs[case]
+        policy = baseline_controller(case[0], env, seed=0)
+
+        def play() -> None:
+            td = env.reset()
+            for _ in range(env.max_epochs):
+                td = step_mdp(env.step(policy(td)))
+
+        return timed(play, device)[0]
+
+    times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    for case in cases:
+        episode(case)  # warm-up
+    for _ in range(repeats):
+        for case in cases:
+            times[case].append(episode(case))
+    rates = {case: n_envs * envs[case].max_epochs / statistics.median(times[case]) for case in cases}
+    return [
+        EpisodeTiming(controller, batching, n_envs, envs[controller, batching].max_epochs, times[controller, batching], rates[controller, batching],
+                      rates[controller, batching] / rates[controller, "vmap"])
+        for controller, batching in cases
+    ]
+
+
+def format_episodes(timings: list[EpisodeTiming]) -> str:
+    header = f"{'controller':<11} {'env batching':<13} {'episode s':>10} {'env-steps/s':>12} {'vs vmap':>8}"
+    rows = [header, "-" * len(header)]
+    for t in timings:
+        rows.append(f"{t.controller:<11} {t.env_batching:<13} {statistics.median(t.episode_s):>10.2f} {t.env_steps_per_s:>12.1f} {t.speedup_vs_vmap:>7.2f}x")
+    return "\n".join(rows)

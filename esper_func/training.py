@@ -1,18 +1,22 @@
 """Vectorized training: one iteration trains all N envs' hosts and seeds in one call.
 
-`train_iteration` is a pure function of plain tensor dicts (what `torch.compile` traces):
-`vmap` over envs of `grad` of the cross-entropy through `functional_call`, then per-env
+`train_iteration` is a pure function of plain tensors (what `torch.compile` traces): every
+env's gradient of its cross-entropy (`vmap` over envs of `grad` through `functional_call`,
+or one backward through the packed forward, `CoreConfig.env_batching`), then per-env
 gradient clipping of the host and of each slot's seed as separate groups, the per-slot
 parameter-normalized gradient ratio from the same backward, and functional SGD (host:
-momentum and weight decay; seeds: momentum, and only in stages whose seed trains).
-`train_epoch` loops over iterations, never over envs.
+momentum and weight decay; seeds: momentum, and only in stages whose seed trains). Each
+group's parameters travel as one flat `[N, P]` tensor (`FlatGroup`), so the update is a
+handful of ops per group. `train_epoch` loops over iterations, never over envs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
+
 import torch
 import torch._dynamo
 import torch.nn.functional as F
@@ -21,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 from esper_func.config import OptimConfig
 from esper_func.model import BankPlan, Model, SlotPlan, bank_plan, slot_controls
+from esper_func.packed import Packed, packed_logits, per_env_cross_entropy
 from esper_func.stages import SEED_TRAINABLE, stage_lookup
 from esper_func.state import seed_param_count
 
@@ -39,14 +44,6 @@ def host_autocast(model: Model) -> contextlib.AbstractContextManager[None]:
     if not model.config.amp:
         return contextlib.nullcontext()
     return torch.autocast(model.device.type, dtype=torch.bfloat16)
-
-
-def _per_env_sq_norm(tensors: Tensors, names: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:
-    """Sum of squares per env over the named `[N, ...]` tensors (zeros `like` when none)."""
-    total = torch.zeros_like(like)
-    for name in names:
-        total = total + tensors[name].pow(2).reshape(like.shape[0], -1).sum(1)
-    return total
 
 
 def _sgd(
@@ -73,22 +70,52 @@ def lr_factor(optim: OptimConfig, epoch: torch.Tensor, max_epochs: int) -> torch
     return optim.lr_floor + (1 - optim.lr_floor) * 0.5 * (1 + torch.cos(torch.pi * progress))
 
 
-def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Tensors, Tensors, Tensors, Tensors]]:
-    """The pure train iteration for a static bank plan.
+@dataclass(frozen=True)
+class FlatGroup:
+    """One update group's parameters as one flat `[..., P]` tensor: the host, or one slot's
+    planned seed. An iteration updates, clips and measures a group with a handful of ops on
+    its flat tensor instead of a few ops per parameter; the named parameters the forward
+    reads are views into it, so a gradient with respect to the flat tensor is the group's."""
 
-    Signature: `(params, buffers, momentum, controls, seed_trainable [N,S], seed_counts
-    [N,S], lr_scale [N], x, y) -> (params, buffers, momentum, stats)` with `stats = {"loss":
-    [N], "grad_ratio": [N, S]}`. Batches `x`, `y` are shared by all envs.
-    """
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    """Per-env shapes of the named parameters."""
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(shape.numel() for shape in self.shapes)
+
+    def flatten(self, tensors: Tensors, like: torch.Tensor) -> torch.Tensor:
+        """`[N, P]` from the named `[N, ...]` tensors (`like`: an `[N, ...]` parameter, for an empty group)."""
+        if not self.names:
+            return like.new_zeros(like.shape[0], 0)
+        return torch.cat([tensors[name].reshape(like.shape[0], -1) for name in self.names], dim=1)
+
+    def views(self, flat: torch.Tensor) -> Tensors:
+        """The named parameters as views of `flat` `[..., P]` (`[N, P]`, or one env's `[P]` under vmap)."""
+        batch = flat.shape[:-1]
+        return {name: chunk.view((*batch, *shape)) for name, chunk, shape in zip(self.names, flat.split(self.sizes, dim=-1), self.shapes)}
+
+
+def update_groups(model: Model, plan: BankPlan) -> tuple[FlatGroup, ...]:
+    """The host, then each slot's planned seed parameters (`planned_param_names`)."""
+    named = dict(model.net_train.named_parameters())
+    groups = [model.host_param_names, *(planned_param_names(model, s, slot_plan) for s, slot_plan in enumerate(plan))]
+    return tuple(FlatGroup(names, tuple(named[name].shape for name in names)) for names in groups)
+
+
+GradientFn = Callable[[tuple[torch.Tensor, ...], Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor], tuple[tuple[torch.Tensor, ...], torch.Tensor, Tensors]]
+"""`(flat, frozen, buffers, controls, x, y) -> (flat grads, loss [N], new_buffers)`: every
+env's gradient of its own mean loss with respect to its trained groups' flat parameters."""
+
+
+def vmapped_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...]) -> GradientFn:
+    """`vmap` over envs of `grad` of one env's loss through `functional_call`."""
     net = model.net_train
-    optim: OptimConfig = model.config.optim
-    host_names = model.host_param_names
-    slot_names = tuple(planned_param_names(model, s, slot_plan) for s, slot_plan in enumerate(plan))
-    trained_names = host_names + tuple(name for names in slot_names for name in names)
-    host_count = float(model.host_param_count)
 
-    def env_loss(trained: Tensors, frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
+    def env_loss(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
         buffers = {name: value.clone() for name, value in buffers.items()}  # BN writes stay local
+        trained = {name: value for group, values in zip(groups, flat) for name, value in group.views(values).items()}
         with host_autocast(model):
             logits = functional_call(
                 net,
@@ -100,24 +127,65 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
 
     env_grad = vmap(grad(env_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, None), chunk_size=model.config.vmap_chunk_size)
 
+    def gradients(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
+        grads, (loss, new_buffers) = env_grad(flat, frozen, buffers, controls, x, y)
+        return tuple(grads), loss, new_buffers
+
+    return gradients
+
+
+def packed_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...]) -> GradientFn:
+    """All envs' losses in one packed forward (`esper_func/packed.py`), one backward of their
+    sum: env k's loss depends on env k's parameters only, so each gradient is its own."""
+    net = model.net_train
+
+    def gradients(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
+        leaves = tuple(values.detach().requires_grad_() for values in flat)
+        trained = {name: value for group, values in zip(groups, leaves) for name, value in group.views(values).items()}
+        packed = Packed({**frozen, **trained}, buffers, controls["mode"].shape[0], training=True)
+        with torch.enable_grad():
+            with host_autocast(model):
+                logits = packed_logits(net, packed, x, controls, controls["mode"], plan)
+            loss = per_env_cross_entropy(logits.float(), y)
+            grads = torch.autograd.grad(loss.sum(), leaves, materialize_grads=True)
+        return grads, loss.detach(), {**buffers, **packed.new_buffers}
+
+    return gradients
+
+
+TrainIteration = Callable[..., tuple[tuple[torch.Tensor, ...], Tensors, tuple[torch.Tensor, ...], Tensors]]
+
+
+def make_train_iteration(model: Model, plan: BankPlan) -> TrainIteration:
+    """The pure train iteration for a static bank plan, on the flat groups of `update_groups`.
+
+    Signature: `(flat_params, frozen, buffers, flat_momentum, seed_trainable [N,S],
+    seed_counts [N,S], lr_scale [N], controls, x, y) -> (flat_params, buffers,
+    flat_momentum, stats)` with `stats = {"loss": [N], "grad_ratio": [N, S]}`; `flat_*`
+    hold one `[N, P]` tensor per group (host first), `frozen` the parameters no group
+    trains. Batches `x`, `y` are shared by all envs.
+    """
+    optim: OptimConfig = model.config.optim
+    groups = update_groups(model, plan)
+    seed_sizes = [float(sum(group.sizes)) for group in groups[1:]]
+    host_count = float(model.host_param_count)
+    gradients = (packed_gradients if model.packed else vmapped_gradients)(model, plan, groups)
+
     def train_iteration(
-        params: Tensors,
+        flat_params: tuple[torch.Tensor, ...],
+        frozen: Tensors,
         buffers: Tensors,
-        momentum: Tensors,
-        controls: Tensors,
+        flat_momentum: tuple[torch.Tensor, ...],
         seed_trainable: torch.Tensor,
         seed_counts: torch.Tensor,
         lr_scale: torch.Tensor,
+        controls: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
-    ) -> tuple[Tensors, Tensors, Tensors, Tensors]:
-        trained = {name: params[name] for name in trained_names}
-        frozen = {name: value for name, value in params.items() if name not in trained}
-        grads, (loss, new_buffers) = env_grad(trained, frozen, buffers, controls, x, y)
-
-        host_sq = _per_env_sq_norm(grads, host_names, loss)
-        seed_sq = torch.stack([_per_env_sq_norm(grads, names, loss) for names in slot_names], dim=-1)
-        host_norm, seed_norm = host_sq.sqrt(), seed_sq.sqrt()
+    ) -> tuple[tuple[torch.Tensor, ...], Tensors, tuple[torch.Tensor, ...], Tensors]:
+        grads, loss, new_buffers = gradients(flat_params, frozen, buffers, controls, x, y)
+        norms = torch.stack([g.pow(2).sum(-1) for g in grads], dim=-1).sqrt()  # [N, 1 + S]
+        host_norm, seed_norm = norms[:, 0], norms[:, 1:]
         per_param = (seed_norm / seed_counts.clamp(min=1).sqrt()) / (host_norm / host_count**0.5 + RATIO_EPS).unsqueeze(-1)
         valid = (seed_norm >= RATIO_EPS) & (host_norm >= RATIO_EPS).unsqueeze(-1) & (seed_counts > 0)
         ratio = torch.where(valid, per_param, 0.0)
@@ -125,26 +193,22 @@ def make_train_iteration(model: Model, plan: BankPlan) -> Callable[..., tuple[Te
         if optim.grad_clip_norm is not None:
             # Host and each slot's seed are clipped as separate groups, so a seed's gradient
             # never changes the host's update (isolation holds with clipping active).
-            host_scale = (optim.grad_clip_norm / (host_norm + 1e-6)).clamp(max=1.0)
-            seed_scale = (optim.grad_clip_norm / (seed_norm + 1e-6)).clamp(max=1.0)
-            scales = {name: host_scale for name in host_names}
-            for s, names in enumerate(slot_names):
-                scales.update({name: seed_scale[:, s] for name in names})
-            grads = {name: g * scales[name].view((-1,) + (1,) * (g.dim() - 1)) for name, g in grads.items()}
+            scale = (optim.grad_clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            grads = tuple(g * scale[:, k : k + 1] for k, g in enumerate(grads))
 
-        new_params, new_momentum = dict(params), dict(momentum)
-        for name in host_names:
-            new_params[name], new_momentum[name] = _sgd(
-                params[name], grads[name], momentum[name], optim.host_lr * lr_scale, optim.host_momentum, optim.host_weight_decay
-            )
-        for s, names in enumerate(slot_names):
-            trains = seed_trainable[:, s]
-            for name in names:
-                p, buf = _sgd(params[name], grads[name], momentum[name], optim.seed_lr * lr_scale, optim.seed_momentum, optim.seed_weight_decay)
-                keep = trains.view((-1,) + (1,) * (p.dim() - 1))
-                new_params[name] = torch.where(keep, p, params[name])
-                new_momentum[name] = torch.where(keep, buf, momentum[name])
-        return new_params, new_buffers, new_momentum, {"loss": loss, "grad_ratio": ratio}
+        host, host_buf = _sgd(flat_params[0], grads[0], flat_momentum[0], optim.host_lr * lr_scale, optim.host_momentum, optim.host_weight_decay)
+        new_params, new_momentum = [host], [host_buf]
+        for s, size in enumerate(seed_sizes):
+            p, buf = flat_params[1 + s], flat_momentum[1 + s]
+            if size == 0:
+                new_params.append(p)
+                new_momentum.append(buf)
+                continue
+            stepped, stepped_buf = _sgd(p, grads[1 + s], buf, optim.seed_lr * lr_scale, optim.seed_momentum, optim.seed_weight_decay)
+            keep = seed_trainable[:, s : s + 1]
+            new_params.append(torch.where(keep, stepped, p))
+            new_momentum.append(torch.where(keep, stepped_buf, buf))
+        return tuple(new_params), new_buffers, tuple(new_momentum), {"loss": loss, "grad_ratio": ratio}
 
     return train_iteration
 
@@ -189,11 +253,14 @@ def begin_step(model: Model) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def keep_outside_graphs(model: Model, tensors: Tensors) -> Tensors:
-    """Copies of CUDA-graph outputs, outside the graphs' memory pool (the tensors themselves when no graphs are captured)."""
-    if captures_graphs(model):
-        return {name: value.clone() for name, value in tensors.items()}
-    return tensors
+def keep_outside_graphs(model: Model, tensors: T) -> T:
+    """Copies of CUDA-graph outputs (a dict or a tuple of tensors), outside the graphs' memory
+    pool (the tensors themselves when no graphs are captured)."""
+    if not captures_graphs(model):
+        return tensors
+    if isinstance(tensors, dict):
+        return {name: value.clone() for name, value in tensors.items()}  # type: ignore[return-value]
+    return tuple(value.clone() for value in tensors)  # type: ignore[return-value]
 
 
 class TrainStepCache:
@@ -201,9 +268,9 @@ class TrainStepCache:
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        self._steps: dict[BankPlan, Callable[..., tuple[Tensors, Tensors, Tensors, Tensors]]] = {}
+        self._steps: dict[BankPlan, TrainIteration] = {}
 
-    def __call__(self, plan: BankPlan) -> Callable[..., tuple[Tensors, Tensors, Tensors, Tensors]]:
+    def __call__(self, plan: BankPlan) -> TrainIteration:
         if plan not in self._steps:
             step = make_train_iteration(self.model, plan)
             config = self.model.config
@@ -217,26 +284,36 @@ def train_epoch(
     """Train every env for `x.shape[0]` iterations on the shared batches `x[i]`, `y[i]`.
 
     Returns the new state and `[N]` stats: `train_loss` (epoch mean) and `grad_ratio`
-    `[N, S]` (epoch mean of the per-iteration ratio).
+    `[N, S]` (epoch mean of the per-iteration ratio). The groups' parameters and momentum
+    are flattened once per epoch and written back to the state's names at its end.
     """
     slots = state["slots"]
     plan = bank_plan(model, slots)
     step = steps(plan)
+    groups = update_groups(model, plan)
     controls = slot_controls(model, slots)
     trainable = stage_lookup(SEED_TRAINABLE, slots["stage"])
     counts = seed_param_count(model, slots).to(torch.float32)
     lr = lr_factor(model.config.optim, state["epoch"], model.config.lifecycle.max_epochs)
     params = state["params"].to_dict()
-    buffers = state["buffers"].to_dict()
     momentum = state["momentum"].to_dict()
+    buffers = state["buffers"].to_dict()
+    trained = {name for group in groups for name in group.names}
+    frozen = {name: value for name, value in params.items() if name not in trained}
+    like = params[model.host_param_names[0]]
+    flat_params = tuple(group.flatten(params, like) for group in groups)
+    flat_momentum = tuple(group.flatten(momentum, like) for group in groups)
     loss_sum = torch.zeros(slots.batch_size[0], device=model.device)
     ratio_sum = torch.zeros(slots.batch_size, device=model.device)
     for i in range(x.shape[0]):
         begin_step(model)
-        params, buffers, momentum, stats = step(params, buffers, momentum, controls, trainable, counts, lr, x[i], y[i])
-        params, buffers, momentum = (keep_outside_graphs(model, tensors) for tensors in (params, buffers, momentum))
+        flat_params, buffers, flat_momentum, stats = step(flat_params, frozen, buffers, flat_momentum, trainable, counts, lr, controls, x[i], y[i])
+        flat_params, buffers, flat_momentum = (keep_outside_graphs(model, tensors) for tensors in (flat_params, buffers, flat_momentum))
         loss_sum = loss_sum + stats["loss"]
         ratio_sum = ratio_sum + stats["grad_ratio"]
+    for group, flat_p, flat_m in zip(groups, flat_params, flat_momentum):
+        params.update({name: value.clone() for name, value in group.views(flat_p).items()})
+        momentum.update({name: value.clone() for name, value in group.views(flat_m).items()})
     n_envs = slots.batch_size[0]
     new_state = state.clone(recurse=False)
     new_state["params"] = TensorDict(params, batch_size=[n_envs])
@@ -246,4 +323,3 @@ def train_epoch(
         {"train_loss": loss_sum / x.shape[0], "grad_ratio": ratio_sum / x.shape[0]}, batch_size=[n_envs]
     )
     return new_state, stats
-

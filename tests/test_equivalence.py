@@ -76,8 +76,12 @@ CNN_BASE = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False)
 TRANSFORMER_BASE = CoreConfig(host=TransformerHostConfig.preset("tiny"), compile=False)
 
 
-def cnn_config(bank_mode: str, clip: float | None = 5.0) -> CoreConfig:
-    return dataclasses.replace(CNN_BASE, bank_mode=bank_mode, optim=OptimConfig(grad_clip_norm=clip))
+ENV_BATCHINGS = ("vmap", "packed")
+"""Both ways the core trains a CNN host's envs in one call (`CoreConfig.env_batching`)."""
+
+
+def cnn_config(bank_mode: str, clip: float | None = 5.0, env_batching: str = "vmap") -> CoreConfig:
+    return dataclasses.replace(CNN_BASE, bank_mode=bank_mode, optim=OptimConfig(grad_clip_norm=clip), env_batching=env_batching)
 
 
 def transformer_config(bank_mode: str, clip: float | None = 5.0) -> CoreConfig:
@@ -204,23 +208,26 @@ def assert_clipping_exercised(norms: list[list[float]], clip: float) -> None:
 CNN_CLIP = 2.5
 
 
+@pytest.mark.parametrize("env_batching", ENV_BATCHINGS)
 @pytest.mark.parametrize("bank_mode", BANK_MODES)
-def test_cnn_training_matches_per_env_reference(bank_mode: str) -> None:
-    """CNN host, 6 envs covering every stage, 5 blueprints and 3 blend modes: after 3
-    iterations, params, momentum, BN buffers and train loss equal the plain per-env loop."""
+def test_cnn_training_matches_per_env_reference(bank_mode: str, env_batching: str) -> None:
+    """CNN host, 7 envs covering every stage, every blueprint and 3 blend modes: after 3
+    iterations, params, momentum, BN buffers and train loss equal the plain per-env loop,
+    vmapped or packed."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(ITERATIONS, 16, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (ITERATIONS, 16), generator=g)
-    norms = assert_training_equivalent(cnn_config(bank_mode, CNN_CLIP), CNN_LAYOUT, x, y, seed=0, noise=0.1)
+    norms = assert_training_equivalent(cnn_config(bank_mode, CNN_CLIP, env_batching), CNN_LAYOUT, x, y, seed=0, noise=0.1)
     assert_clipping_exercised(norms, CNN_CLIP)
 
 
-def test_cnn_training_matches_reference_without_clipping() -> None:
+@pytest.mark.parametrize("env_batching", ENV_BATCHINGS)
+def test_cnn_training_matches_reference_without_clipping(env_batching: str) -> None:
     """With `grad_clip_norm=None` the core applies raw gradients, like the unclipped loop."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 8, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (2, 8), generator=g)
-    assert_training_equivalent(cnn_config("active", None), CNN_LAYOUT, x, y, seed=3, noise=0.1)
+    assert_training_equivalent(cnn_config("active", None, env_batching), CNN_LAYOUT, x, y, seed=3, noise=0.1)
 
 
 # --- Transformer -----------------------------------------------------------------------
@@ -266,10 +273,10 @@ def calibrate_batchnorm(config: CoreConfig, state: TensorDict, x: torch.Tensor) 
             state["buffers", name][n] = value
 
 
-def eval_case(topology: str, bank_mode: str):
+def eval_case(topology: str, bank_mode: str, env_batching: str):
     g = torch.Generator().manual_seed(6)
     if topology == "cnn":
-        config, layout, noise = cnn_config(bank_mode), CNN_LAYOUT, 0.3
+        config, layout, noise = cnn_config(bank_mode, env_batching=env_batching), CNN_LAYOUT, 0.3
         x = torch.randn(2, 64, 3, 8, 8, generator=g)
         y = torch.randint(0, 10, (2, 64), generator=g)
     else:
@@ -281,11 +288,11 @@ def eval_case(topology: str, bank_mode: str):
 
 
 @pytest.mark.parametrize("bank_mode", BANK_MODES)
-@pytest.mark.parametrize("topology", ("cnn", "transformer"))
-def test_evaluation_matches_per_env_reference(topology: str, bank_mode: str) -> None:
+@pytest.mark.parametrize(("topology", "env_batching"), [("cnn", "vmap"), ("cnn", "packed"), ("transformer", "vmap")])
+def test_evaluation_matches_per_env_reference(topology: str, env_batching: str, bank_mode: str) -> None:
     """`evaluate`'s val_loss and val_accuracy equal the eval-mode reference forward, and
     contribution[:, s] = accuracy as is - accuracy with slot s forced to identity."""
-    config, layout, noise, x, y = eval_case(topology, bank_mode)
+    config, layout, noise, x, y = eval_case(topology, bank_mode, env_batching)
     model, state = make_state(config, layout, seed=7, noise=noise)
     calibrate_batchnorm(config, state, x)
     metrics = evaluate(model, state, x, y, EvalStepCache(model))
