@@ -20,6 +20,14 @@ Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated
 - `("reward_components", name)` `[N]`: the reward is exactly their sum.
 Actions `("action", head)` `[N]` int64 for heads op, slot, blueprint, blend. An action
 the masks forbid is executed as WAIT, rewarded as WAIT and counted in `illegal_actions`.
+
+The action spec's op, blueprint and blend `Categorical`s carry the current masks (TorchRL
+masked specs, updated at every reset and step), so `env.rand_action()` and
+`env.rollout(k)` without a policy draw only legal values of those heads. The slot's
+legality depends on the op drawn (`[N, 4, S]`), which a spec cannot hold: a random slot
+can still be illegal. A `TransformedEnv` keeps its own copy of the specs; TorchRL's
+`ActionMask(("action", head), ("action_mask", head))` transforms keep that copy's masks
+current.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from esper_func.tasks import Task, TaskConfig, build_task
 SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "contribution_ema", "improvement")
 METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")
 SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
+SPEC_MASKED_HEADS: tuple[str, ...] = ("op", "blueprint", "blend")
+"""Heads whose mask the action spec carries; the slot's depends on the op."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,14 @@ def resolve_host(task: Task, preset: str | None, host: HostConfig | None = None)
             f"{task.config.context} tokens; set the task's context <= {host.context}"
         )
     return host
+
+
+def fit_context(task: TaskConfig, host_preset: str | None) -> TaskConfig:
+    """`task` with its text windows shortened to the context of `host_preset` when they are
+    longer (a transformer preset's context bounds the windows); other tasks unchanged."""
+    if host_preset is None or task.name != "tinystories":
+        return task
+    return replace(task, context=min(task.context, TransformerHostConfig.preset(host_preset).context))
 
 
 def _checked_host(task: Task, host: HostConfig) -> HostConfig:
@@ -195,6 +213,13 @@ def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device
     return action, observation, reward, done
 
 
+def update_action_masks(action_spec: Composite, masks: TensorDictBase) -> None:
+    """Put the `SPEC_MASKED_HEADS` rows of `masks` (`action_masks`) into `action_spec`,
+    so that its random draws take only legal values of those heads."""
+    for head in SPEC_MASKED_HEADS:
+        action_spec["action", head].update_mask(masks[head])
+
+
 def canonical_device(device: torch.device | str) -> torch.device:
     """`device` as tensors on it report theirs (`cuda` -> `cuda:0`), so that comparing a
     tensor's device with the env's, or looking up a copy cached per device, matches."""
@@ -224,6 +249,7 @@ class MorphogeneticEnv(EnvBase):
         self.batches = BatchPrefetcher(self.task, self.generator, config.prefetch_batches)
         self.state: TensorDict = self._fresh_state()
         self._make_specs()
+        update_action_masks(self.full_action_spec, action_masks(self.model, self.state))
 
     def _memory_estimate(self) -> MemoryEstimate:
         """Worst case (every blueprint running), checked before the N envs are allocated."""
@@ -316,6 +342,7 @@ class MorphogeneticEnv(EnvBase):
         )
         for key in ("done", "terminated", "truncated"):
             out[key] = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        update_action_masks(self.full_action_spec, out["action_mask"])
         self.batches.prefetch()
         return out
 
@@ -342,6 +369,7 @@ class MorphogeneticEnv(EnvBase):
         out["done"] = done
         out["terminated"] = done
         out["truncated"] = torch.zeros_like(done)
+        update_action_masks(self.full_action_spec, out["action_mask"])
         self.batches.prefetch()
         return out
 
@@ -380,9 +408,7 @@ def make_env(
     """
     device = torch.device(device)
     overrides = {"data_dir": data_dir, "batch_size": batch_size, "train_iters": train_iters}
-    task_config = TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None})
-    if preset is not None and task == "tinystories":
-        task_config = replace(task_config, context=min(task_config.context, TransformerHostConfig.preset(preset).context))
+    task_config = fit_context(TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None}), preset)
     core = CoreConfig(compile=device.type == "cuda" if compile is None else compile)
     if max_epochs is not None:
         core = replace(core, lifecycle=replace(core.lifecycle, max_epochs=max_epochs))

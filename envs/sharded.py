@@ -2,7 +2,8 @@
 
 Shard k is a `MorphogeneticEnv` of `sizes[k]` envs on `devices[k]`, seeded `seed + k`, so
 the sharded batch is exactly the concatenation of K independent env batches (each shard
-draws its own batches and seeds). Outputs are gathered on the first device.
+draws its own batches and seeds). Outputs are gathered on the first device, and the
+action spec carries the gathered op, blueprint and blend masks, as `MorphogeneticEnv`'s does.
 
 On CUDA each shard steps on its own stream, entered outside the shard's (compiled) step:
 the host enqueues shard 0's work, then shard 1's, without waiting, so devices run
@@ -24,8 +25,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import EnvBase
 
-from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device, make_specs
+from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device, make_specs, update_action_masks
 from esper_func.config import ConfigError
+from esper_func.masks import action_masks
 
 
 def shard_sizes(n_envs: int, n_shards: int) -> tuple[int, ...]:
@@ -59,6 +61,8 @@ class ShardedEnv(EnvBase):
         self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
             self.model, self.config.rewards, config.n_envs, self.device
         )
+        initial = torch.cat([action_masks(shard.model, shard.state).to(self.device) for shard in self.shards])
+        update_action_masks(self.full_action_spec, initial)
 
     # -- RNG (checkpointed by the trainer) ----------------------------------------------------
 
@@ -113,12 +117,17 @@ class ShardedEnv(EnvBase):
     # -- EnvBase ----------------------------------------------------------------------------------
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        return self._run(TensorDict({"action": tensordict["action"]}, batch_size=self.batch_size), "_step")
+        out = self._run(TensorDict({"action": tensordict["action"]}, batch_size=self.batch_size), "_step")
+        update_action_masks(self.full_action_spec, out["action_mask"])
+        return out
 
     def _reset(self, tensordict: TensorDictBase | None, **kwargs: object) -> TensorDictBase:
         if tensordict is not None and "_reset" in tensordict.keys():
-            return self._run(TensorDict({"_reset": tensordict["_reset"]}, batch_size=self.batch_size), "_reset")
-        return self._run(None, "_reset")
+            out = self._run(TensorDict({"_reset": tensordict["_reset"]}, batch_size=self.batch_size), "_reset")
+        else:
+            out = self._run(None, "_reset")
+        update_action_masks(self.full_action_spec, out["action_mask"])
+        return out
 
     def _set_seed(self, seed: int | None) -> None:
         for k, shard in enumerate(self.shards):

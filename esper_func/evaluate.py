@@ -64,7 +64,7 @@ def compare_controllers(
         base = build_env(env_config, config.device, config.devices)
         if name == "ppo":
             env = policy_env(base, nets)
-            normalizers = Normalizers(base.observation_spec["observation"].shape[-1], config.ppo.gamma, base.device)
+            normalizers = Normalizers(base.observation_spec["observation"].shape[-1], config.ppo, base.device)
             normalizers.load_state_dict(normalizer_state)
             normalizers.apply(*norm_transforms(env))
             controller: TensorDictModuleBase = nets.actor

@@ -5,7 +5,8 @@ update: GAE (bootstrapping from the next state at truncation), several passes of
 minibatches (whole sequences with the LSTM), a KL stop checked before each optimizer
 step, gradient clipping. Observation normalization and reward scaling are TorchRL
 transforms whose statistics are frozen during a rollout and refreshed after the update,
-so the observations stored in a batch are exactly what the policy saw.
+so the observations stored in a batch are exactly what the policy saw; one that its
+`PPOConfig` setting turns off stays the identity.
 
 The loop calls hooks at four points with one `TrainerState`:
 - `after_rollout`: `state.rollout` holds the batch's statistics;
@@ -19,6 +20,8 @@ Register with `trainer.register_hook(point, fn)`; a hook may set `state.stop = T
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,17 +36,17 @@ from torchrl.envs import Compose, InitTracker, ObservationNorm, RewardScaling, T
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
-from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
+from torchrl.record.loggers import Logger, get_logger
 from tqdm import tqdm
 
 from envs.morphogenetic import MorphogeneticEnv, canonical_device
 from envs.sharded import ShardedEnv, build_env
 from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
-from esper_func.config import ConfigError
+from esper_func.config import require, to_dict
 from esper_func.stages import Op
 from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
-from esper_func.training_config import TELEMETRY_LEVELS, TelemetryConfig, TrainingConfig
+from esper_func.training_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
 from policies.ppo import ENTROPY_KEYS, HEADS, LOG_PROB_KEYS, NORMALIZED_OBSERVATION, ActorCritic, make_actor_critic
 
 HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
@@ -92,17 +95,29 @@ class Normalizers:
     """Statistics behind the ObservationNorm and RewardScaling transforms.
 
     Observation moments are of raw observations; reward scale is the std of discounted
-    returns accumulated per env along the batch (the usual PPO reward scaling).
+    returns accumulated per env along the batch (the usual PPO reward scaling). A setting
+    that is off (`PPOConfig.normalize_observations`, `PPOConfig.scale_rewards`) gathers
+    no statistics and leaves its transform the identity (loc 0, scale 1), even when loaded
+    with statistics: the policy then reads the raw observation under
+    `NORMALIZED_OBSERVATION` and GAE the raw reward under `reward_scaled`. Keys, transforms
+    and checkpoint layout stay the same either way.
     """
 
-    def __init__(self, observation_size: int, gamma: float, device: torch.device) -> None:
+    def __init__(self, observation_size: int, ppo: PPOConfig, device: torch.device) -> None:
         self.observations = RunningMoments((observation_size,), device)
         self.returns = RunningMoments((), device)
-        self.gamma = gamma
+        self.gamma = ppo.gamma
+        self.normalize_observations = ppo.normalize_observations
+        self.scale_rewards = ppo.scale_rewards
 
     def update(self, batch: TensorDictBase) -> None:
-        self.observations.update(batch["observation"])
-        rewards = batch["next", "reward"].squeeze(-1)  # [N, T]
+        if self.normalize_observations:
+            self.observations.update(batch["observation"])
+        if self.scale_rewards:
+            self._update_returns(batch["next", "reward"].squeeze(-1))
+
+    def _update_returns(self, rewards: torch.Tensor) -> None:
+        """Moments of the per-env discounted returns along a batch's rewards `[N, T]`."""
         running = torch.zeros(rewards.shape[0], dtype=torch.float64, device=rewards.device)
         discounted = []
         for t in range(rewards.shape[1]):
@@ -111,11 +126,12 @@ class Normalizers:
         self.returns.update(torch.stack(discounted, 1))
 
     def apply(self, observation_norm: ObservationNorm, reward_scaling: RewardScaling) -> None:
-        """Write the current statistics into the transforms (call between rollouts only)."""
-        if self.observations.count > 0:
+        """Write the current statistics of the enabled settings into the transforms (call
+        between rollouts only)."""
+        if self.normalize_observations and self.observations.count > 0:
             observation_norm.loc.copy_(self.observations.mean.to(observation_norm.loc.dtype))
             observation_norm.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(observation_norm.scale.dtype))
-        if self.returns.count > 1:
+        if self.scale_rewards and self.returns.count > 1:
             reward_scaling.scale.copy_(self.returns.std.clamp_min(1e-3).to(reward_scaling.scale.dtype))
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -129,7 +145,7 @@ class Normalizers:
 def policy_env(base: MorphogeneticEnv | ShardedEnv, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
     """The env as the PPO policy sees it: `extra` user transforms (followed by a check that
     they left every env a legal action), then normalized observation, scaled reward and
-    the LSTM state."""
+    the LSTM state. The normalizers start as the identity; `Normalizers.apply` sets them."""
     size = base.observation_spec["observation"].shape[-1]
     transforms = [
         *extra,
@@ -198,6 +214,7 @@ class PPOTrainer:
         """`transforms` (TorchRL) go between the env and the normalizers: a custom reward term
         added there is scaled and learned like the env's own. `env`: an env already built
         from `config.env` (the CLI builds it first so a data error creates no run directory)."""
+        require_logger_packages(config.telemetry)
         self.config = config
         self.device = canonical_device(config.device)
         torch.manual_seed(config.env.seed)
@@ -207,7 +224,7 @@ class PPOTrainer:
         self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
         self.env = policy_env(self.base_env, self.nets, transforms)
         self.observation_norm, self.reward_scaling = norm_transforms(self.env)
-        self.normalizers = Normalizers(observation_size, config.ppo.gamma, self.device)
+        self.normalizers = Normalizers(observation_size, config.ppo, self.device)
         ppo = config.ppo
         weights = {"op": ppo.entropy_weight_op, "slot": ppo.entropy_weight_slot, "blueprint": ppo.entropy_weight_blueprint, "blend": ppo.entropy_weight_blend}
         self.loss = ClipPPOLoss(
@@ -524,16 +541,57 @@ def history_record(state: TrainerState) -> dict[str, float]:
     }
 
 
+LOGGER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "csv": (),
+    "tensorboard": ("tensorboard",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow", "omegaconf"),  # MLFlowLogger.log_hparams imports omegaconf
+}
+"""What each TorchRL logger imports beyond TorchRL."""
+
+
+def uses_logger(telemetry: TelemetryConfig) -> bool:
+    """Whether a run with `telemetry` builds a logger at all."""
+    return telemetry.logger != "none" and telemetry.level != "off"
+
+
+def require_logger_packages(telemetry: TelemetryConfig) -> None:
+    """Raise `ConfigError` naming the configured logger's missing packages and their pip
+    command. Checked before a run builds anything: TorchRL would fail only when the
+    logger is built, after the env."""
+    if not uses_logger(telemetry):
+        return
+    missing = [name for name in LOGGER_PACKAGES[telemetry.logger] if importlib.util.find_spec(name) is None]
+    require(
+        not missing,
+        f"telemetry.logger={telemetry.logger!r} needs the package(s) {', '.join(missing)}, missing here; "
+        f"pip install {' '.join(missing)}, or use the 'csv' logger",
+    )
+
+
 def make_logger(config: TrainingConfig, run_dir: Path) -> Logger | None:
-    if config.telemetry.logger == "none" or config.telemetry.level == "off":
+    """TorchRL's logger named by `telemetry.logger` (`get_logger`) under `RUN_DIR/logger`,
+    with the resolved config logged once as its hyperparameters."""
+    if not uses_logger(config.telemetry):
         return None
-    if config.telemetry.logger == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ModuleNotFoundError as error:
-            raise ConfigError("telemetry.logger='tensorboard' needs the tensorboard package; pip install tensorboard, or use 'csv'") from error
-        return TensorboardLogger(exp_name="ppo", log_dir=str(run_dir / "logger"))
-    return CSVLogger(exp_name="ppo", log_dir=str(run_dir / "logger"))
+    require_logger_packages(config.telemetry)
+    logger = get_logger(config.telemetry.logger, logger_name=str(run_dir / "logger"), experiment_name="ppo")
+    logger.log_hparams(flat_hparams(config))
+    return logger
+
+
+def flat_hparams(config: TrainingConfig) -> dict[str, bool | int | float | str]:
+    """The resolved config as `section.field` scalars, the form every logger's
+    `log_hparams` accepts (lists and None as their JSON text)."""
+    flat: dict[str, bool | int | float | str] = {}
+    pending = list(to_dict(config).items())
+    while pending:
+        key, value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend((f"{key}.{name}", item) for name, item in value.items())
+        else:
+            flat[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return dict(sorted(flat.items()))
 
 
 def scalar_metrics(state: TrainerState) -> dict[str, float]:

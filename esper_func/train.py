@@ -5,7 +5,7 @@ the `default` preset (about 10 minutes on 2 CPU cores) and ends with a table of 
 policy against static and heuristic control on fresh envs. Subcommands: `ppo` (default),
 `heuristic`, `static`, `random`. Every run writes a run directory: `config.json` (the
 resolved TrainingConfig), `metrics.jsonl` (every env step), `lifecycle.jsonl` (every
-seed stage change), and for PPO `updates.jsonl`, `logger/` (TorchRL CSV or TensorBoard),
+seed stage change), and for PPO `updates.jsonl`, `logger/` (a TorchRL logger, `--logger`),
 `checkpoints/`, `comparison.json` and PNG plots.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 
-from envs.morphogenetic import MorphogeneticEnv
+from envs.morphogenetic import MorphogeneticEnv, fit_context
 from envs.sharded import ShardedEnv, build_env
 from esper_func.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.config import ConfigError
@@ -37,12 +37,13 @@ from esper_func.evaluate import (
 )
 from esper_func.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
 from esper_func.plots import plot_accuracy, plot_lifecycle, plot_returns
-from esper_func.ppo import PPOTrainer, TrainerState
+from esper_func.ppo import PPOTrainer, TrainerState, require_logger_packages
 from esper_func.rewards import RewardConfig
 from esper_func.stages import SLOT_NAMES
 from esper_func.tasks import TaskConfig, TaskDataError
 from esper_func.telemetry import JsonlWriter, RunDirError, create_run_dir
 from esper_func.training_config import (
+    LOGGERS,
     PRESETS,
     TELEMETRY_LEVELS,
     TrainingConfig,
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-json", type=Path, default=None, help="a TrainingConfig JSON file (replaces the preset)")
     parser.add_argument("--task", default=None, help="synthetic (embedded), cifar10, tinystories")
     parser.add_argument("--data-dir", default=None, help="directory (or file) of a real dataset")
-    parser.add_argument("--host", default=None, help="host preset of the task's topology (default: the task's host)")
+    parser.add_argument("--host", default=None, help="host preset of the task's topology (default: the task's host); text windows fit its context")
     parser.add_argument("--n-envs", type=int, default=None)
     parser.add_argument("--episodes", type=int, default=None, help="episode batches (PPO updates; default: the preset's), or episodes of a rule-based controller (default 1)")
     parser.add_argument("--max-epochs", type=int, default=None, help="episode length in host epochs")
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<controller>-<task>")
     parser.add_argument("--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)")
     parser.add_argument("--telemetry-level", choices=TELEMETRY_LEVELS, default=None)
+    parser.add_argument("--logger", choices=LOGGERS, default=None, help="TorchRL logger of a PPO run (default: the preset's, csv)")
     parser.add_argument("--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -108,7 +110,7 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
     elif task_overrides:
         env = replace(env, task=replace(env.task, **task_overrides))
     if args.host is not None:
-        env = replace(env, host_preset=args.host)
+        env = replace(env, task=fit_context(env.task, args.host), host_preset=args.host)
     if args.max_epochs is not None:
         env = replace(env, core=replace(env.core, lifecycle=replace(env.core.lifecycle, max_epochs=args.max_epochs)))
     core_overrides = {key: getattr(args, key) for key in ("compile", "compile_mode", "vmap_chunk_size", "amp") if getattr(args, key) is not None}
@@ -131,6 +133,8 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
     telemetry = base.telemetry
     if args.telemetry_level is not None:
         telemetry = replace(telemetry, level=args.telemetry_level)
+    if args.logger is not None:
+        telemetry = replace(telemetry, logger=args.logger)
     if args.no_progress:
         telemetry = replace(telemetry, progress_bar=False)
     return replace(base, **fields, telemetry=telemetry)
@@ -238,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             checkpoint = None
             config = resolve_config(args)
+        if config.controller == "ppo":
+            require_logger_packages(config.telemetry)
         # Data and host are checked before anything is written.
         env = build_env(config.env, config.device, config.devices)
         if checkpoint is None:

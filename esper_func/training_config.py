@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -26,6 +26,8 @@ from policies.ppo import PolicyConfig
 Controller = Literal["ppo", "heuristic", "static", "random"]
 TelemetryLevel = Literal["off", "minimal", "normal", "debug"]
 TELEMETRY_LEVELS: tuple[str, ...] = ("off", "minimal", "normal", "debug")
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow", "none"]
+LOGGERS: tuple[str, ...] = get_args(LoggerName)
 
 
 
@@ -62,9 +64,13 @@ class PPOConfig:
     entropy_weight_blueprint: float = 1.3
     entropy_weight_blend: float = 1.2
     normalize_observations: bool = True
-    """ObservationNorm whose statistics are frozen during a rollout and refreshed after it."""
+    """ObservationNorm whose statistics are frozen during a rollout and refreshed after it.
+    Off: the normalizer stays the identity, so the networks' input key
+    (`observation_norm`) holds the raw observation."""
     scale_rewards: bool = True
-    """Divide rewards by the running std of discounted returns (refreshed after each rollout)."""
+    """Divide rewards by the running std of discounted returns (refreshed after each rollout).
+    Off: the scaling stays the identity, so GAE reads the raw reward (`reward_scaled`
+    equals `reward`)."""
     compile_loss: bool = False
     """torch.compile ClipPPOLoss. Off: TensorDict construction inside the loss breaks the
     graph, and compiled was slower than eager at these batch sizes (docs/performance.md)."""
@@ -92,7 +98,10 @@ class TelemetryConfig:
     diagnostics); an anomaly raises the level to `debug` for `anomaly_debug_updates` updates."""
 
     level: TelemetryLevel = "normal"
-    logger: Literal["csv", "tensorboard", "none"] = "csv"
+    logger: LoggerName = "csv"
+    """A TorchRL logger by its `get_logger` name, under `RUN_DIR/logger` (`none`: no logger).
+    `tensorboard`, `wandb` and `mlflow` need their packages; `wandb` and `mlflow` read their
+    usual environment variables (e.g. `WANDB_MODE=offline`)."""
     plots: bool = True
     """PNG plots at the end of a run (accuracy per epoch, return per update, lifecycle timeline)."""
     anomaly_debug_updates: int = 5
@@ -103,6 +112,7 @@ class TelemetryConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        require(self.logger in LOGGERS, f"TelemetryConfig.logger must be one of {list(LOGGERS)}, got {self.logger!r}")
         require(self.anomaly_debug_updates >= 0, f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}")
         require(self.ratio_explosion > 1.0, f"TelemetryConfig.ratio_explosion must be > 1, got {self.ratio_explosion}")
         require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
@@ -148,6 +158,21 @@ class TrainingConfig:
         require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
         require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
+        if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
+            self._check_ppo()
+        for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
+            _check_device(field_name, name)
+        require(
+            not self.devices or self.devices[0] == self.device,
+            f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy runs); "
+            "reorder them or set device to the first",
+        )
+        require(
+            len(self.devices) <= self.env.n_envs,
+            f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
+        )
+
+    def _check_ppo(self) -> None:
         require(
             self.ppo.gamma == self.env.rewards.gamma,
             f"ppo.gamma={self.ppo.gamma} differs from env.rewards.gamma={self.env.rewards.gamma}: the PBRS discount must "
@@ -162,17 +187,6 @@ class TrainingConfig:
         require(
             self.ppo.minibatches <= transitions,
             f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer minibatches",
-        )
-        for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
-            _check_device(field_name, name)
-        require(
-            not self.devices or self.devices[0] == self.device,
-            f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy runs); "
-            "reorder them or set device to the first",
-        )
-        require(
-            len(self.devices) <= self.env.n_envs,
-            f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
         )
 
     @classmethod

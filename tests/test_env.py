@@ -64,6 +64,29 @@ def test_random_actions_under_masks_always_execute() -> None:
     assert (rollout["action", "op"] != int(Op.WAIT)).any(), "the random policy should act sometimes"
 
 
+def assert_random_actions_respect_the_spec_masks(rollout: TensorDict) -> None:
+    """Every drawn op, blueprint and blend was allowed by the mask observed at its step, and
+    an action failed exactly when its random slot was illegal for its op."""
+    for head in ("op", "blueprint", "blend"):
+        drawn = rollout["action", head].unsqueeze(-1)
+        assert rollout["action_mask", head].gather(-1, drawn).all(), head
+    op, slot = rollout["action", "op"], rollout["action", "slot"]
+    slot_mask = rollout["action_mask", "slot"]  # [N, T, 4, S]
+    rows = slot_mask.gather(-2, op[..., None, None].expand(*op.shape, 1, slot_mask.shape[-1])).squeeze(-2)
+    slot_legal = rows.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(rollout["next", "metrics", "action_executed"], slot_legal)
+    assert (op != int(Op.WAIT)).any(), "random actions should act sometimes"
+
+
+def test_a_rollout_without_a_policy_draws_only_legal_ops_blueprints_and_blends() -> None:
+    env = small_env(max_epochs=6, seed=2)
+    torch.manual_seed(0)
+    first_mask = env.reset()["action_mask", "op"]
+    draws = torch.stack([env.rand_action()["action", "op"] for _ in range(50)], dim=-1)  # [N, 50]
+    assert first_mask.gather(-1, draws).all() and not first_mask.all(), "fresh envs allow some ops only"
+    assert_random_actions_respect_the_spec_masks(env.rollout(5))
+
+
 def test_masked_out_action_is_executed_as_wait_and_counted(env: MorphogeneticEnv) -> None:
     td = env.reset()
     before = env.state["slots"].clone()

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from tensordict import TensorDictBase
-from torchrl.envs import Transform, TransformedEnv
+from tensordict import TensorDict, TensorDictBase
+from torchrl.envs import ObservationNorm, RewardScaling, Transform, TransformedEnv
 
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from esper_func.config import ConfigError, to_dict
 from esper_func.episodes import play_episode
 from esper_func.hooks import CheckpointHook, EarlyStopping
-from esper_func.ppo import HOOK_POINTS, PPOTrainer, TrainerState, detect_anomalies
+from esper_func.ppo import (
+    HOOK_POINTS,
+    LOGGER_PACKAGES,
+    SCALED_REWARD,
+    Normalizers,
+    PPOTrainer,
+    TrainerState,
+    detect_anomalies,
+    flat_hparams,
+    norm_transforms,
+    policy_env,
+)
 from esper_func.stages import Op
-from esper_func.training_config import TelemetryConfig, TrainingConfig
+from esper_func.training_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
 from policies import RandomPolicy
-from policies.ppo import FactoredActionDistribution
+from policies.ppo import NORMALIZED_OBSERVATION, FactoredActionDistribution
 
 QUIET = TelemetryConfig(level="off", plots=False, progress_bar=False)
 
@@ -197,6 +210,98 @@ def test_ppo_learns_the_known_best_policy_far_better_than_random(tmp_path: Path)
     first = state.history[0]["return"]
     assert learned >= 2.0, f"PPO reached {learned:.2f} of the optimum 3 (started at {first:.2f})"
     assert learned >= 3 * random_return, f"PPO {learned:.2f} vs random {random_return:.2f}"
+
+
+# --- normalization settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("normalize_observations", "scale_rewards"), [(True, False), (False, True)])
+def test_each_normalization_setting_switches_what_the_policy_and_gae_read(
+    tmp_path: Path, normalize_observations: bool, scale_rewards: bool
+) -> None:
+    """On: the batch after the first refresh holds normalized observations / scaled rewards.
+    Off: the policy reads the raw observation and GAE the raw reward, after every update."""
+    base = tiny(episodes=2)
+    config = replace(base, ppo=replace(base.ppo, normalize_observations=normalize_observations, scale_rewards=scale_rewards))
+    trainer = PPOTrainer(config, tmp_path)
+    batches: list[TensorDictBase] = []
+    update = trainer.update
+
+    def recording_update(batch: TensorDictBase) -> dict[str, object]:
+        batches.append(batch.clone())
+        return update(batch)
+
+    trainer.update = recording_update  # type: ignore[method-assign]
+    trainer.train()
+    first, second = batches
+    assert torch.equal(first[NORMALIZED_OBSERVATION], first["observation"]), "no statistics before the first update"
+    assert torch.equal(first["next", SCALED_REWARD], first["next", "reward"])
+    assert torch.equal(second[NORMALIZED_OBSERVATION], second["observation"]) is not normalize_observations
+    assert torch.equal(second["next", SCALED_REWARD], second["next", "reward"]) is not scale_rewards
+
+    # The evaluation rebuilds the normalizers from the config and the moments: the same transforms.
+    rebuilt = Normalizers(second["observation"].shape[-1], config.ppo, trainer.device)
+    rebuilt.load_state_dict(trainer.normalizers.state_dict())
+    transforms = norm_transforms(policy_env(trainer.base_env, trainer.nets))
+    rebuilt.apply(*transforms)
+    for mine, trained in zip(transforms, (trainer.observation_norm, trainer.reward_scaling)):
+        assert torch.equal(mine.loc, trained.loc) and torch.equal(mine.scale, trained.scale)
+
+
+def test_a_normalizer_turned_off_stays_the_identity_even_loaded_with_statistics() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch = TensorDict(
+        {"observation": 1 + 4 * torch.randn(2, 5, 3, generator=generator), ("next", "reward"): 3 * torch.randn(2, 5, 1, generator=generator)},
+        batch_size=[2, 5],
+    )
+    on = Normalizers(3, PPOConfig(), torch.device("cpu"))
+    on.update(batch)
+    off = Normalizers(3, PPOConfig(normalize_observations=False, scale_rewards=False), torch.device("cpu"))
+    off.load_state_dict(on.state_dict())
+    off.update(batch)
+    observation_norm = ObservationNorm(loc=torch.zeros(3), scale=torch.ones(3), in_keys=["observation"], standard_normal=True)
+    reward_scaling = RewardScaling(loc=0.0, scale=1.0, standard_normal=True)
+    off.apply(observation_norm, reward_scaling)
+    assert torch.equal(observation_norm.loc, torch.zeros(3)) and torch.equal(observation_norm.scale, torch.ones(3))
+    assert reward_scaling.scale.item() == 1.0
+    on.apply(observation_norm, reward_scaling)
+    torch.testing.assert_close(observation_norm.loc, batch["observation"].reshape(-1, 3).mean(0))
+    assert reward_scaling.scale.item() != 1.0
+
+
+# --- loggers ---------------------------------------------------------------------------------------
+
+
+def test_the_csv_logger_records_the_resolved_config_once_as_hyperparameters(tmp_path: Path) -> None:
+    config = tiny(telemetry=replace(QUIET, level="minimal", logger="csv"))
+    PPOTrainer(config, tmp_path)
+    (hparams,) = (tmp_path / "logger").rglob("hparams*.txt")
+    logged = dict(line.split(": ", 1) for line in hparams.read_text().splitlines())
+    assert logged.keys() == flat_hparams(config).keys()
+    assert logged["ppo.minibatches"] == "2" and logged["env.task.name"] == "synthetic" and logged["telemetry.logger"] == "csv"
+    assert logged["devices"] == "[]" and logged["env.host_preset"] == "null"
+    assert all(isinstance(value, (bool, int, float, str)) for value in flat_hparams(config).values())
+    assert len(flat_hparams(config)) > 50, "every field of every section"
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "mlflow"])
+def test_a_logger_without_its_package_is_a_config_error_naming_the_pip_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logger: str
+) -> None:
+    real = importlib.util.find_spec
+    missing = LOGGER_PACKAGES[logger]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in missing else real(name, *args))
+    with pytest.raises(ConfigError, match=rf"telemetry.logger='{logger}' needs the package\(s\) {', '.join(missing)}.*pip install {' '.join(missing)}"):
+        PPOTrainer(tiny(telemetry=replace(QUIET, level="minimal", logger=logger)), tmp_path)
+    assert not (tmp_path / "logger").exists()
+
+
+def test_an_unknown_logger_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"TelemetryConfig.logger must be one of \['csv', 'tensorboard', 'wandb', 'mlflow', 'none'\], got 'neptune'"):
+        TelemetryConfig(logger="neptune")  # type: ignore[arg-type]
+    data = to_dict(tiny())
+    with pytest.raises(ConfigError, match=r"TrainingConfig.telemetry.logger: 'neptune' is not one of"):
+        load_training_config({**data, "telemetry": {**data["telemetry"], "logger": "neptune"}})
 
 
 # --- checkpoints and resume ---------------------------------------------------------------------

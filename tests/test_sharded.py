@@ -12,6 +12,7 @@ from envs import EnvConfig, MorphogeneticEnv, ShardedEnv, build_env
 from esper_func.config import ConfigError, CoreConfig, LifecycleConfig
 from esper_func.tasks import TaskConfig
 from policies import RandomPolicy
+from tests.test_env import assert_random_actions_respect_the_spec_masks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -64,6 +65,11 @@ def test_a_partial_reset_leaves_shards_with_no_flagged_env_untouched() -> None:
     assert torch.equal(sharded.rng_state()["shard1"], twin.rng_state()["env"])
     action = policy(reset)
     assert_equal(sharded.step(action)["next"][3:], twin.step(action[3:].clone())["next"])
+
+
+def test_a_sharded_rollout_without_a_policy_draws_only_legal_ops_blueprints_and_blends() -> None:
+    torch.manual_seed(0)
+    assert_random_actions_respect_the_spec_masks(ShardedEnv(CONFIG, ["cpu", "cpu"]).rollout(4))
 
 
 def test_rng_state_round_trips_through_every_shard() -> None:

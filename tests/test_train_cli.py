@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from envs.morphogenetic import fit_context
+from esper_func.config import TransformerHostConfig
+from esper_func.tasks import TaskConfig
 from esper_func.train import main
 
 TINY = ["--n-envs", "2", "--max-epochs", "3", "--batch-size", "8", "--train-iters", "1", "--no-progress"]
@@ -63,6 +67,40 @@ def test_cli_rejects_bad_numbers() -> None:
         main(["static", "--n-envs", "0"])
 
 
+def test_a_rule_based_run_does_not_validate_the_ppo_settings_it_never_uses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One env of two epochs is 2 transitions, fewer than the default preset's 4 PPO minibatches."""
+    short = ["--n-envs", "1", "--max-epochs", "2", "--batch-size", "8", "--train-iters", "1", "--no-progress"]
+    assert main(["heuristic", *short, "--run-dir", str(tmp_path / "heuristic")]) == 0
+    assert json.loads((tmp_path / "heuristic" / "config.json").read_text())["ppo"]["minibatches"] == 4
+    assert main(["ppo", *short, "--run-dir", str(tmp_path / "ppo")]) == 2
+    assert "ppo.minibatches=4 exceeds the 2 transitions of one rollout" in capsys.readouterr().err
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_a_host_preset_shortens_the_text_windows_to_its_context(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["static", "--task", "tinystories", "--host", "tiny", "--n-envs", "1", "--max-epochs", "2", "--batch-size", "4", "--train-iters", "1"]
+    assert main([*args, "--no-progress", "--run-dir", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    tiny_context = TransformerHostConfig.preset("tiny").context
+    assert config["env"]["host_preset"] == "tiny" and config["env"]["task"]["context"] == tiny_context < TaskConfig.preset("tinystories").context
+    # Shorter windows stay, and tasks without windows are left alone.
+    assert fit_context(TaskConfig.preset("tinystories", context=8), "tiny").context == 8
+    assert fit_context(TaskConfig.preset("synthetic"), "tiny") == TaskConfig.preset("synthetic")
+
+
+def test_a_logger_without_its_package_stops_the_cli_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "tensorboard" else real(name, *args))
+    assert main(["ppo", "--preset", "tiny", "--logger", "tensorboard", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "telemetry.logger='tensorboard' needs the package(s) tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["ppo", "--logger", "neptune"])
+
+
 def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "ppo"
     assert main(["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--run-dir", str(run_dir), "--no-progress"]) == 0
@@ -72,6 +110,7 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
                  "accuracy_by_controller.png", "return_per_update.png", "lifecycle_timeline.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "logger").rglob("*.csv")), "the TorchRL CSV logger wrote scalars"
+    assert list((run_dir / "logger").rglob("hparams*.txt")), "and the config as hyperparameters"
     updates = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
     assert [u["update"] for u in updates] == [1]
     assert {"loss_objective", "loss_critic", "kl_approx", "clip_fraction", "explained_variance", "entropy_op"} <= set(updates[0]["losses"])
