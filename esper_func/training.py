@@ -140,10 +140,12 @@ def packed_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...]
     net = model.net_train
 
     def gradients(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
-        leaves = tuple(values.detach().requires_grad_() for values in flat)
-        trained = {name: value for group, values in zip(groups, leaves) for name, value in group.views(values).items()}
-        packed = Packed({**frozen, **trained}, buffers, controls["mode"].shape[0], training=True)
+        # Grad mode on whatever the caller's (TorchRL collectors step envs under no_grad):
+        # the views into the leaves must be recorded too, or no gradient reaches them.
         with torch.enable_grad():
+            leaves = tuple(values.detach().requires_grad_() for values in flat)
+            trained = {name: value for group, values in zip(groups, leaves) for name, value in group.views(values).items()}
+            packed = Packed({**frozen, **trained}, buffers, controls["mode"].shape[0], training=True)
             with host_autocast(model):
                 logits = packed_logits(net, packed, x, controls, controls["mode"], plan)
             loss = per_env_cross_entropy(logits.float(), y)

@@ -93,3 +93,20 @@ def test_a_user_blueprint_with_packed_forward_trains_as_under_vmap() -> None:
     for name in out["vmap"]["params"].keys():
         torch.testing.assert_close(out["packed"]["params", name], out["vmap"]["params", name], atol=1e-6, rtol=1e-5)
     assert not torch.equal(out["packed"]["params", "banks.1.blueprints.test_packs.w"][0], out["packed"]["params", "banks.1.blueprints.test_packs.w"][1])
+
+
+@pytest.mark.parametrize("env_batching", ["vmap", "packed"])
+def test_training_under_no_grad_is_training_as_usual(env_batching: str) -> None:
+    """TorchRL collectors step envs under `torch.no_grad()`: the env's host must train there
+    exactly as with grad mode on (a packed step once left its parameters untouched there)."""
+    model = build_model(CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False, env_batching=env_batching))
+    state = init_state(model, 3, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 8, 3, 8, 8, generator=g), torch.randint(0, 10, (2, 8), generator=g)
+    trained, _ = train_epoch(model, state, x, y, TrainStepCache(model))
+    with torch.no_grad():
+        trained_no_grad, _ = train_epoch(model, state, x, y, TrainStepCache(model))
+    name = model.host_param_names[0]
+    assert not torch.equal(trained["params", name], state["params", name])
+    for name in model.host_param_names:
+        torch.testing.assert_close(trained_no_grad["params", name], trained["params", name], rtol=0, atol=0)
