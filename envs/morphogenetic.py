@@ -377,6 +377,14 @@ class MorphogeneticEnv(EnvBase):
         self.batches.drop()
         self.generator.manual_seed(0 if seed is None else seed)
 
+    def test_accuracy(self) -> torch.Tensor | None:
+        """Accuracy `[N]` (percent) of every env's current network on the task's held-out
+        test split, which no reward, gate or controller ever reads; None when the task has
+        none (text). Final accuracies that no decision was selected on."""
+        if self.task.test_x.shape[0] == 0:
+            return None
+        return evaluate(self.model, self.state, self.task.test_x, self.task.test_y, self.steps.eval)["val_accuracy"]
+
     def rng_state(self) -> dict[str, torch.Tensor]:
         """The env's generator state (batches, germination draws), for checkpoints; a
         prefetched draw is not in it (it is drawn again after a restore)."""

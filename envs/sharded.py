@@ -133,6 +133,11 @@ class ShardedEnv(EnvBase):
         for k, shard in enumerate(self.shards):
             shard._set_seed(None if seed is None else seed + k)
 
+    def test_accuracy(self) -> torch.Tensor | None:
+        """`MorphogeneticEnv.test_accuracy` of every shard, on the first device."""
+        parts = [shard.test_accuracy() for shard in self.shards]
+        return None if parts[0] is None else torch.cat([part.to(self.device) for part in parts if part is not None])
+
 
 def build_env(config: EnvConfig, device: torch.device | str, devices: Sequence[str] = ()) -> MorphogeneticEnv | ShardedEnv:
     """One env batch on `device`, or sharded over `devices` when they name more than one."""

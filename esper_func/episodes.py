@@ -59,6 +59,9 @@ class EpisodeResult:
     """Each reward component summed over the episode, mean over envs."""
     stages: list[list[list[int]]] = field(default_factory=list)
     """Seed stage per epoch, env and slot `[T][N][S]` (after each epoch)."""
+    test_accuracy: float | None = None
+    """Mean over envs of the final networks' accuracy on the held-out test split (percent),
+    where the caller measured it (`MorphogeneticEnv.test_accuracy`); None otherwise."""
 
     def line(self) -> str:
         return (
@@ -72,6 +75,7 @@ class EpisodeResult:
             "episode": self.episode,
             "controller": self.controller,
             "final_accuracy": self.final_accuracy,
+            "test_accuracy": self.test_accuracy,
             "param_growth": self.param_growth,
             "episode_return": self.episode_return,
             "germinated": self.counts.germinated,

@@ -1,10 +1,13 @@
 """`python -m esper_func.evaluate RUN_DIR`: static, heuristic and the trained policy on the same fresh envs.
 
 Every controller plays the same number of episodes on envs built from the run's config
-with the same evaluation seed (fresh hosts, batches and bank draws identical across
-controllers, which differ only by their actions). Prints a table and saves it as
-`RUN_DIR/evaluation-<k>.json` plus `evaluation-<k>.png` (accuracy per epoch), never
-overwriting an earlier evaluation.
+with each evaluation seed (fresh hosts, batches and bank draws identical across
+controllers, which differ only by their actions). The table gives, per controller, the
+mean +- std over seeds of the final validation accuracy (which the reward and the
+controllers saw), the final accuracy on the held-out test split (which nothing saw),
+parameters added and seeds germinated, fossilized and culled. Prints the table and saves
+it as `RUN_DIR/evaluation-<k>.json` plus `evaluation-<k>.png` (accuracy per epoch, first
+seed), never overwriting an earlier evaluation.
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ def compare_controllers(
             controller = baseline_controller(name, base, seed)
         mode = InteractionType.DETERMINISTIC if greedy else InteractionType.RANDOM
         with set_interaction_type(mode):
-            results[name] = [
-                play_episode(env, controller, name, episode, base.model.blueprint_names, base.model.host_param_count, progress=progress)
-                for episode in range(episodes)
-            ]
+            results[name] = []
+            for episode in range(episodes):
+                result = play_episode(env, controller, name, episode, base.model.blueprint_names, base.model.host_param_count, progress=progress)
+                test = base.test_accuracy()
+                result.test_accuracy = None if test is None else test.mean().item()
+                results[name].append(result)
     return results
 
 
@@ -88,6 +93,7 @@ def summary_table(results: dict[str, list[EpisodeResult]]) -> list[dict[str, Any
             {
                 "controller": name,
                 "final_accuracy": sum(e.final_accuracy for e in episodes) / count,
+                "test_accuracy": None if any(e.test_accuracy is None for e in episodes) else sum(e.test_accuracy or 0.0 for e in episodes) / count,
                 "params_added_pct": 100 * sum(e.param_growth for e in episodes) / count,
                 "fossilized": sum(e.counts.fossilized for e in episodes) / count,
                 "culled": sum(e.counts.culled for e in episodes) / count,
@@ -100,14 +106,74 @@ def summary_table(results: dict[str, list[EpisodeResult]]) -> list[dict[str, Any
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = "| controller | final acc (%) | params added (%) | germinated | fossilized | culled | rollbacks | return |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+SEED_METRICS: tuple[str, ...] = ("final_accuracy", "test_accuracy", "params_added", "germinated", "fossilized", "culled", "return")
+"""What the comparison over seeds reports per controller, as mean and std over seeds
+(`test_accuracy` where the task has a test split)."""
+
+
+def evaluation_seeds(config: TrainingConfig) -> tuple[int, ...]:
+    """The run's comparison seeds: `compare_seeds`, else its seed + `EVAL_SEED_OFFSET`."""
+    return config.compare_seeds or (config.env.seed + EVAL_SEED_OFFSET,)
+
+
+def host_param_count(config: TrainingConfig) -> int:
+    """Parameters of the run's host (the env fits the host to its task)."""
+    return MorphogeneticEnv(replace(config.env, n_envs=1), "cpu").model.host_param_count
+
+
+def compare_over_seeds(
+    config: TrainingConfig,
+    nets: ActorCritic,
+    normalizer_state: dict[str, Any],
+    episodes: int,
+    seeds: tuple[int, ...],
+    greedy: bool = False,
+    progress: bool = False,
+) -> dict[int, dict[str, list[EpisodeResult]]]:
+    """`compare_controllers` on fresh envs of each seed."""
+    return {seed: compare_controllers(config, nets, normalizer_state, episodes, seed, greedy, progress) for seed in seeds}
+
+
+def seeds_table(by_seed: dict[int, dict[str, list[EpisodeResult]]], host_params: int) -> list[dict[str, Any]]:
+    """Per controller: each metric's mean over a seed's envs and episodes, then mean and
+    (sample) std over seeds; `params_added` in parameters."""
+    rows = []
+    for name in next(iter(by_seed.values())):
+        per_seed = []
+        for results in by_seed.values():
+            row = next(r for r in summary_table({name: results[name]}))
+            per_seed.append({**row, "params_added": row["params_added_pct"] * host_params / 100})
+        stats: dict[str, Any] = {"controller": name, "seeds": list(by_seed)}
+        for metric in SEED_METRICS:
+            if any(row[metric] is None for row in per_seed):
+                stats[metric] = stats[f"{metric}_std"] = None
+                continue
+            series = torch.tensor([row[metric] for row in per_seed], dtype=torch.float64)
+            stats[metric] = series.mean().item()
+            stats[f"{metric}_std"] = series.std().item() if len(series) > 1 else 0.0
+        rows.append(stats)
+    return rows
+
+
+def format_seeds_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: mean +- std over seeds of each `SEED_METRICS` column (test accuracy only
+    where measured)."""
+    n_seeds = len(rows[0]["seeds"])
+    with_test = all(row["test_accuracy"] is not None for row in rows)
+    columns = ["final val acc (%)", *(["test acc (%)"] if with_test else []), "params added", "germinated", "fossilized", "culled", "return"]
+    lines = [
+        f"| controller (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}) | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for row in rows:
-        lines.append(
-            f"| {row['controller']} | {row['final_accuracy']:.2f} | {row['params_added_pct']:.1f} | {row['germinated']:.1f} | "
-            f"{row['fossilized']:.1f} | {row['culled']:.1f} | {row['rollbacks']:.1f} | {row['return']:.2f} |"
-        )
+        cells = [
+            f"{row['final_accuracy']:.2f} ± {row['final_accuracy_std']:.2f}",
+            *([f"{row['test_accuracy']:.2f} ± {row['test_accuracy_std']:.2f}"] if with_test else []),
+            f"{row['params_added']:,.0f} ± {row['params_added_std']:,.0f}",
+            *(f"{row[metric]:.1f} ± {row[f'{metric}_std']:.1f}" for metric in ("germinated", "fossilized", "culled")),
+            f"{row['return']:.2f} ± {row['return_std']:.2f}",
+        ]
+        lines.append(f"| {row['controller']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -139,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m esper_func.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a PPO run directory (or a checkpoint .pt file inside one)")
     parser.add_argument("--episodes", type=int, default=1, help="episodes per controller")
-    parser.add_argument("--seed", type=int, default=None, help=f"evaluation seed (default: the run's seed + {EVAL_SEED_OFFSET})")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None,
+        help=f"evaluation seeds, each a fresh set of envs; mean +- std over them (default: the run's compare_seeds, else its seed + {EVAL_SEED_OFFSET})",
+    )
     parser.add_argument("--greedy", action="store_true", help="play the policy's most likely action instead of sampling")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -150,17 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = load_checkpoint(path)
         config = load_training_config(checkpoint["config"])
         nets = load_policy(checkpoint, config)
-        seed = config.env.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
-        results = compare_controllers(config, nets, checkpoint["normalizers"], args.episodes, seed, args.greedy, not args.no_progress)
+        seeds = tuple(args.seeds) if args.seeds is not None else evaluation_seeds(config)
+        by_seed = compare_over_seeds(config, nets, checkpoint["normalizers"], args.episodes, seeds, args.greedy, not args.no_progress)
     except (CheckpointError, ConfigError, TaskDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = summary_table(results)
-    print(format_table(rows))
+    rows = seeds_table(by_seed, host_param_count(config))
+    print(format_seeds_table(rows))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out = next_free(run_dir, "evaluation", ".json")
-    out.write_text(json.dumps({"checkpoint": str(path), "seed": seed, "greedy": args.greedy, "table": rows}, indent=2) + "\n")
-    plot_accuracy(mean_curves(results), out.with_suffix(".png"))
+    record = {"checkpoint": str(path), "seeds": list(seeds), "greedy": args.greedy, "table": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    plot_accuracy(mean_curves(by_seed[seeds[0]]), out.with_suffix(".png"))
     print(f"saved {out}")
     return 0
 

@@ -41,7 +41,6 @@ from envs.morphogenetic import EnvConfig, MorphogeneticEnv  # noqa: E402
 from esper_func.blueprints import blueprint_index  # noqa: E402
 from esper_func.config import CNNHostConfig, CoreConfig, from_dict, to_dict  # noqa: E402
 from esper_func.episodes import play_episode  # noqa: E402
-from esper_func.evaluation import evaluate  # noqa: E402
 from esper_func.stages import HOLDS_SEED, LIVE, Stage, stage_lookup  # noqa: E402
 from esper_func.state import seed_param_count  # noqa: E402
 from esper_func.hosts import build_host  # noqa: E402
@@ -119,7 +118,9 @@ def run_controller(name: str, config: EnvConfig, blueprint: str, static_params: 
     env = MorphogeneticEnv(config, device)
     model = env.model
     result = play_episode(env, make_controller(name, env, blueprint), name, 0, model.blueprint_names, model.host_param_count)
-    test = evaluate(model, env.state, env.task.test_x, env.task.test_y, env.steps.eval)["val_accuracy"].cpu()
+    test = env.test_accuracy()
+    assert test is not None, "the growth benchmark runs image tasks, which have a test split"
+    test = test.cpu()
     slots = env.state["slots"]
     live = int(stage_lookup(LIVE, slots["stage"]).sum())
     held = torch.where(stage_lookup(HOLDS_SEED, slots["stage"]), seed_param_count(model, slots), 0)

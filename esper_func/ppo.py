@@ -1,7 +1,7 @@
 """PPO training of the controller with TorchRL parts: `Collector`, `GAE`, `ClipPPOLoss`.
 
 One episode batch = one rollout of a whole episode in every env (`[N, T]`), then one
-update: GAE (bootstrapping from the next state at truncation), several passes of
+update: GAE (the episode's last epoch terminates it: nothing is bootstrapped past it), several passes of
 minibatches (whole sequences with the LSTM), a KL stop checked before each optimizer
 step, gradient clipping. Observation normalization and reward scaling are TorchRL
 transforms whose statistics are frozen during a rollout and refreshed after the update,

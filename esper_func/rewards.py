@@ -65,6 +65,14 @@ clip)` and `n' = regression_scale*n` where `n > 0` (a loss decrease is rewarded)
 `rent` = `-min(w*ln(1 + growth), cap)` over seeds at least `loss_rent_min_age` epochs old,
 `terminal` = `clamp((baseline - val_loss)/(baseline - target), 0, 1)`, `governor`.
 
+Family "accuracy" (the learning preset's): `accuracy_progress` = `w*(acc - acc_prev)`,
+whose sum over an episode is `w` times the final accuracy minus the first reading, so the
+return is the accuracy the controller's network ends with, paid as it is earned
+(accuracy_progress_weight); `rent` = `-r * sum_s seed_params_s / host_params`, every
+step, for every slot holding a seed in next_state (fossils included): a seed must earn
+`r / w` pp per host-size of parameters per epoch it lives (accuracy_rent_weight);
+`governor`.
+
 Ablations: `pbrs=False` zeroes `pbrs`, `terminal=False` zeroes `terminal` (the sparse
 family's reward is its own terminal and is unaffected), `anti_gaming=False` zeroes the
 ratio penalty `q`.
@@ -204,6 +212,12 @@ class RewardConfig:
     """Validation loss that earns no terminal reward (random guessing; task-aware)."""
     loss_target: float = 0.3
     """Validation loss that earns the full terminal reward (task-aware)."""
+    accuracy_progress_weight: float = 1.0
+    """Family "accuracy": reward per pp of validation accuracy gained in an epoch."""
+    accuracy_rent_weight: float = 0.05
+    """Family "accuracy": rent per epoch per host-size of seed parameters (in the units of
+    one pp of accuracy at weight 1). At 0.05 a seed the size of the host must add more
+    than about 1 pp over a 25-epoch episode to pay for itself."""
 
     def __post_init__(self) -> None:
         require(
@@ -580,6 +594,14 @@ def _sparse(config: RewardConfig, t: Transition) -> torch.Tensor:
     return torch.where(t.is_last, config.sparse_scale * base.clamp(-1.0, 1.0), 0.0)
 
 
+def _accuracy_progress(config: RewardConfig, t: Transition) -> torch.Tensor:
+    return config.accuracy_progress_weight * (t.accuracy - t.prev_accuracy)
+
+
+def _accuracy_rent(config: RewardConfig, t: Transition) -> torch.Tensor:
+    return -config.accuracy_rent_weight * t.seed_params.sum(-1).to(torch.float32) / t.host_params
+
+
 def _governor(config: RewardConfig, t: Transition) -> torch.Tensor:
     return torch.where(t.rollback, -config.governor_penalty, 0.0)
 
@@ -613,6 +635,7 @@ _COMPONENTS: dict[str, dict[str, Component]] = {
         "terminal": _loss_terminal,
         "governor": _governor,
     },
+    "accuracy": {"accuracy_progress": _accuracy_progress, "rent": _accuracy_rent, "governor": _governor},
 }
 
 FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {family: tuple(fns) for family, fns in _COMPONENTS.items()}

@@ -27,12 +27,13 @@ from esper_func.checkpoints import CheckpointError, load_checkpoint, resolve_che
 from esper_func.config import ConfigError
 from esper_func.episodes import play_episode
 from esper_func.evaluate import (
-    EVAL_SEED_OFFSET,
     baseline_controller,
-    compare_controllers,
-    format_table,
+    compare_over_seeds,
+    evaluation_seeds,
+    format_seeds_table,
     mean_curves,
     next_free,
+    seeds_table,
     summary_table,
 )
 from esper_func.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
@@ -214,20 +215,21 @@ def run_ppo(
         )
         return 128 + stop.received
     if config.compare_episodes > 0:
-        seed = config.env.seed + EVAL_SEED_OFFSET
-        print(f"comparing static, heuristic and the trained policy on fresh envs (seed {seed}) ...")
-        results = compare_controllers(
-            config, trainer.nets, trainer.normalizers.state_dict(), config.compare_episodes, seed, progress=config.telemetry.progress_bar
+        seeds = evaluation_seeds(config)
+        print(f"comparing static, heuristic and the trained policy on fresh envs (seeds {list(seeds)}) ...")
+        by_seed = compare_over_seeds(
+            config, trainer.nets, trainer.normalizers.state_dict(), config.compare_episodes, seeds, progress=config.telemetry.progress_bar
         )
-        rows = summary_table(results)
-        state.evaluation = {"seed": seed, "table": rows}
+        rows = seeds_table(by_seed, trainer.base_env.model.host_param_count)
+        state.evaluation = {"seeds": list(seeds), "table": rows, "per_seed": {seed: summary_table(results) for seed, results in by_seed.items()}}
         out = run_dir / "comparison.json"
         out = next_free(run_dir, "comparison", ".json") if out.exists() else out  # a resumed run keeps the first
         out.write_text(json.dumps(state.evaluation, indent=2) + "\n")
-        print(format_table(rows))
+        print(format_seeds_table(rows))
         if config.telemetry.plots:
-            plot_accuracy(mean_curves(results), run_dir / "accuracy_by_controller.png")
-            plot_lifecycle(results["ppo"][0].stages, SLOT_NAMES[: trainer.base_env.model.n_slots], run_dir / "lifecycle_timeline.png")
+            first = by_seed[seeds[0]]
+            plot_accuracy(mean_curves(first), run_dir / "accuracy_by_controller.png")
+            plot_lifecycle(first["ppo"][0].stages, SLOT_NAMES[: trainer.base_env.model.n_slots], run_dir / "lifecycle_timeline.png")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`TrainingConfig`: the one source of truth of a run (env, task, rewards, PPO, policy, telemetry).
 
 Presets (`TrainingConfig.preset(name)`): `default` (a CPU-sized PPO run on the embedded
-synthetic task, about 10 minutes on 2 cores), `cifar10`, `cifar10_deep`, `tinystories`
+synthetic task, under 10 minutes on 2 cores), `learn` (the learning run: the full
+budget, about an hour on 2 cores, evaluated over 3 seeds), `cifar10`, `cifar10_deep`, `tinystories`
 (the reference's settings; they need `--data-dir`), and `tiny` (tests and smoke runs).
 JSON loading is strict (`load_training_config`): an unknown or mistyped key is an error
 that names it, missing keys take the dataclass defaults, and the resolved config a run
@@ -151,13 +152,23 @@ class TrainingConfig:
     checkpoint_every: int = 1
     """Write a checkpoint every this many updates (and always at the end); 0: only at the end."""
     compare_episodes: int = 1
-    """After PPO training: episodes per controller (static, heuristic, trained policy) on fresh
-    envs with the same seeds; 0 skips the comparison."""
+    """After PPO training: episodes per controller (static, heuristic, trained policy) and
+    evaluation seed on fresh envs with the same seeds; 0 skips the comparison."""
+    compare_seeds: tuple[int, ...] = ()
+    """Env seeds of the final comparison, each a fresh set of `env.n_envs` envs (a table of
+    mean +- std over seeds); empty: the one seed `env.seed + 10_000`. They should differ
+    from `env.seed`, so the policy is judged on envs it never trained on."""
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
         require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
+        require(
+            self.env.seed not in self.compare_seeds,
+            f"TrainingConfig.compare_seeds {list(self.compare_seeds)} include the training seed env.seed={self.env.seed}; "
+            "evaluate on seeds the policy never trained on",
+        )
+        require(len(set(self.compare_seeds)) == len(self.compare_seeds), f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}")
         if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
             self._check_ppo()
         for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
@@ -201,15 +212,30 @@ class TrainingConfig:
 
 def _default() -> TrainingConfig:
     # A quarter of the calibrated training iterations (16 of 64) and validation images (512
-    # of 2,048), so 7 episode batches of 8 envs and the comparison fit 10 minutes on 2 CPU
-    # cores; `python -m esper_func.growth` measures growth on the full budget.
+    # of 2,048), so 40 episode batches of 8 envs and the comparison fit 10 minutes on 2 CPU
+    # cores; `--preset learn` and `python -m esper_func.growth` use the full budget.
     task = replace(TaskConfig.preset("synthetic"), train_iters=16, val_batches=8)
-    # Eager, all 8 envs in one vmapped call: on the 16x16 synthetic host that beat slices of
-    # 4 (1.66 against 2.09 s per env step of 8 envs on 2 CPU cores, full budget).
+    # Eager, all 8 envs packed into one call (`CoreConfig.env_batching`, auto: packed on a CPU).
     core = CoreConfig(compile=False)
-    env = EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=8)
-    ppo = PPOConfig(epochs=4, minibatches=4, entropy_coeff=0.05, entropy_coeff_end=0.01, entropy_anneal_updates=7)
-    return TrainingConfig(env=env, ppo=ppo, episodes=7)
+    env = EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic", family="accuracy"), n_envs=8)
+    ppo = PPOConfig(lr=5e-4, epochs=6, minibatches=4, target_kl=0.02, entropy_coeff=0.02, entropy_coeff_end=0.005, entropy_anneal_updates=30)
+    return TrainingConfig(env=env, ppo=ppo, episodes=40)
+
+
+def _learn() -> TrainingConfig:
+    """The learning run: the full calibrated budget of the growth benchmark (where grown
+    seeds beat the static host), a reward that is the final accuracy paid as it is earned
+    minus a parameter rent, 70 updates (about 55 minutes of PPO on 2 CPU cores), then the policy against
+    static and heuristic control on 8 fresh envs of each of seeds 0, 1 and 2 (docs/training.md)."""
+    env = EnvConfig(
+        task=TaskConfig.preset("synthetic"),
+        core=CoreConfig(compile=False),
+        rewards=RewardConfig.for_task("synthetic", family="accuracy"),
+        n_envs=8,
+        seed=100,
+    )
+    ppo = PPOConfig(lr=5e-4, epochs=6, minibatches=4, target_kl=0.02, entropy_coeff=0.02, entropy_coeff_end=0.005, entropy_anneal_updates=60)
+    return TrainingConfig(env=env, ppo=ppo, episodes=70, compare_seeds=(0, 1, 2))
 
 
 def _cifar10(host_preset: str | None = None, entropy: float = 0.1) -> TrainingConfig:
@@ -246,6 +272,7 @@ def _tiny() -> TrainingConfig:
 
 PRESETS = {
     "default": _default,
+    "learn": _learn,
     "cifar10": _cifar10,
     "cifar10_deep": lambda: _cifar10("cifar_deep", entropy=0.08),
     "tinystories": _tinystories,

@@ -39,11 +39,11 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
         assert key in report, key
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert (report["n_envs"], report["batch"], report["iters"], report["dtype"]) == (2, 8, 2, "float32")
-    assert report["compile_modes"] == {"baseline": "eager", "vmap_eager": "eager"}
+    assert report["compile_modes"] == {"baseline": "eager", "vmap_eager": "eager", "packed": "eager"}
     assert report["peak_memory_kind"].startswith("process peak resident set (VmHWM)")
 
     rows = {(r["scenario"], r["variant"]): r for r in report["results"]}
-    assert set(rows) == {(s, v) for s in ("host", "seeded") for v in ("baseline", "vmap_eager")}
+    assert set(rows) == {(s, v) for s in ("host", "seeded") for v in ("baseline", "vmap_eager", "packed")}
     for row in rows.values():
         for figure in FIGURES:
             assert math.isfinite(row[figure]) and row[figure] > 0, (row["scenario"], row["variant"], figure)
@@ -56,7 +56,8 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
         assert row["samples_per_s"] == pytest.approx(samples / row["median_s"])
     for scenario in ("host", "seeded"):
         assert rows[scenario, "baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
-        assert rows[scenario, "baseline"]["trained_params_per_env"] == rows[scenario, "vmap_eager"]["trained_params_per_env"]
+        for variant in ("vmap_eager", "packed"):
+            assert rows[scenario, "baseline"]["trained_params_per_env"] == rows[scenario, variant]["trained_params_per_env"]
 
     # Both sides trained the same parameters from the same state to the same values.
     for check in report["param_checks"]:
@@ -114,10 +115,10 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
     report = json.loads(path.read_text())
     assert report["complete"] is True
     by_n = {(r["n_envs"], r["variant"]): r for r in report["results"]}
-    assert set(by_n) == {(n, v) for n in (1, 3) for v in ("baseline", "vmap_eager")}
+    assert set(by_n) == {(n, v) for n in (1, 3) for v in ("baseline", "vmap_eager", "packed")}
     assert by_n[3, "vmap_eager"]["env_steps_per_s"] == pytest.approx(3 / by_n[3, "vmap_eager"]["median_s"])
     curves = {(c["scenario"], c["variant"]): c for c in report["scaling"]}
-    assert set(curves) == {("host", "baseline"), ("host", "vmap_eager")}
+    assert set(curves) == {("host", "baseline"), ("host", "vmap_eager"), ("host", "packed")}
     for (_, variant), curve in curves.items():
         assert curve["n_envs"] == [1, 3]
         assert curve["env_steps_per_s"] == [by_n[n, variant]["env_steps_per_s"] for n in (1, 3)]
@@ -163,7 +164,7 @@ def test_chunk_sizes_and_interleaving_give_one_row_per_case(tmp_path: Path, rest
     report = json.loads(path.read_text())
     assert report["interleaved"] is True and report["vmap_chunk_sizes"] == [None, 1]
     rows = {(r["variant"], r["vmap_chunk_size"]): r for r in report["results"]}
-    assert set(rows) == {("baseline", None), ("vmap_eager", None), ("vmap_eager", 1)}
+    assert set(rows) == {("baseline", None), ("vmap_eager", None), ("vmap_eager", 1), ("packed", None)}  # packed has no vmap chunks
     assert all(len(r["times_s"]) == 2 and len(r["warmup_s"]) == 1 for r in rows.values())
     assert len({r["peak_memory_mib"] for r in rows.values()}) == 1  # built together: one peak
     assert [(c["variant"]) for c in report["scaling"]] == []  # one N: no curve

@@ -20,6 +20,11 @@ from esper_func.state import empty_slots
 from esper_func.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
+try:
+    from tests.reference import RefEnv
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from reference import RefEnv
+
 N_ENVS = 3
 
 
@@ -193,6 +198,24 @@ def test_heuristic_germinates_blends_and_fossilizes_on_a_tiny_setting() -> None:
         td = step_mdp(step)
     assert {int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.PROBATIONARY)} <= stages_seen
     assert int(Stage.FOSSILIZED) in stages_seen, f"stages seen: {sorted(stages_seen)}"
+
+
+def test_test_accuracy_is_each_env_network_on_the_held_out_split_as_a_plain_module_scores_it() -> None:
+    """Seeds germinated and training or blending: every env's accuracy on the test split,
+    against the per-env reference network (ordinary modules) built from the same state."""
+    env = small_env(n_envs=2, max_epochs=8, min_training_epochs=1, blend_steps=2)
+    policy = HeuristicPolicy(env.model.topology, 2, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    td = env.reset()
+    for _ in range(4):
+        td = step_mdp(env.step(policy(td)))
+    assert (env.state["slots", "stage"] != int(Stage.DORMANT)).any(), "a seed runs in the networks scored"
+    test = env.test_accuracy()
+    assert test is not None and test.shape == (2,)
+    count = env.task.test_y.numel()
+    for n in range(2):
+        reference = RefEnv(env.config.core, env.state, n).evaluate(env.task.test_x, env.task.test_y)
+        tolerance = 100.0 * int(reference["near_ties"][0]) / count + 1e-4  # argmaxes that rounding may flip
+        assert abs(float(test[n]) - float(reference["accuracy"][0])) <= tolerance
 
 
 def test_make_env_names_unknown_tasks_and_presets() -> None:

@@ -212,6 +212,55 @@ def test_ppo_learns_the_known_best_policy_far_better_than_random(tmp_path: Path)
     assert learned >= 3 * random_return, f"PPO {learned:.2f} vs random {random_return:.2f}"
 
 
+class HelpfulSeedReward(Transform):
+    """The env made to value its seeds: +1 for each executed FOSSILIZE, -1 for each executed
+    CULL, 0 otherwise. The best policy keeps every seed it grows and fossilizes it on
+    probation; a random one culls about as often as it fossilizes."""
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        executed = next_tensordict["metrics", "action_executed"]
+        op = tensordict["action", "op"]
+        value = (executed & (op == Op.FOSSILIZE)).float() - (executed & (op == Op.CULL)).float()
+        next_tensordict["reward"] = value.unsqueeze(-1)
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return tensordict_reset
+
+
+def test_ppo_learns_to_fossilize_a_helpful_seed_instead_of_culling_it(tmp_path: Path) -> None:
+    """A short lifecycle puts germinated seeds on probation mid-episode, where FOSSILIZE is
+    legal (no contribution gate) and no automatic cull interferes; the env pays for
+    fossils and charges for culls. In a few updates PPO's fossilize share of the
+    seed-ending ops rises from about a half to most."""
+    torch.manual_seed(0)
+    base = tiny()
+    lifecycle = replace(
+        base.env.core.lifecycle, max_epochs=10, blend_steps=1, fossilize_min_contribution=-100.0, probation_judge_epochs=100
+    )
+    config = replace(
+        base,
+        env=replace(base.env, n_envs=8, core=replace(base.env.core, lifecycle=lifecycle)),
+        episodes=10,
+        ppo=replace(base.ppo, lr=2e-3, epochs=4, minibatches=4, entropy_coeff=0.01, entropy_coeff_end=0.01),
+    )
+    trainer = PPOTrainer(config, tmp_path, transforms=[HelpfulSeedReward()])
+    shares: list[tuple[float, float]] = []
+    trainer.register_hook(
+        "after_rollout",
+        lambda state: shares.append((state.rollout["action_distribution"]["FOSSILIZE"], state.rollout["action_distribution"]["CULL"])),
+    )
+    trainer.train()
+
+    def fossil_share(rollouts: list[tuple[float, float]]) -> float:
+        fossils, culls = sum(f for f, _ in rollouts), sum(c for _, c in rollouts)
+        return fossils / (fossils + culls)
+
+    first, last = fossil_share(shares[:2]), fossil_share(shares[-2:])
+    assert first < 0.65, f"a near-uniform policy should cull about as often as it fossilizes, got a fossil share of {first:.2f}"
+    assert last > 0.85, f"PPO should have learned to fossilize instead of culling: fossil share {first:.2f} -> {last:.2f}"
+
+
 # --- normalization settings ----------------------------------------------------------------------
 
 

@@ -179,6 +179,7 @@ def test_component_keys_are_the_public_telemetry_keys():
         "minimal": ("sparse", "action_shaping", "governor"),
         "simplified": ("pbrs", "intervention_cost", "terminal", "governor"),
         "loss": ("loss_progress", "pbrs", "rent", "terminal", "governor"),
+        "accuracy": ("accuracy_progress", "rent", "governor"),
     }  # fmt: skip
 
 
@@ -417,6 +418,30 @@ def test_loss_family_rewards_a_decrease():
     stories = RewardConfig.for_task("tinystories", family="loss")
     got = reward(prev, nxt, epoch_metrics([50.0] * n, loss=[3.5225] * n), config=stories, is_last=True)  # midway between 5.545 and 1.5
     assert values(got, "terminal") == pytest.approx([0.5] * n, rel=1e-5)
+
+
+def test_accuracy_family_pays_accuracy_as_it_is_earned_and_rents_every_held_seed():
+    """accuracy_progress = w (acc - acc_prev); rent = -r * held seed params / host params,
+    fossils included, culled seeds free; the progress telescopes to the final accuracy."""
+    model = tiny_model()
+    host = model.host_param_count
+    light = model.blueprint_param_count[:, CONV_LIGHT].tolist()
+    prev, nxt = states(3, acc=52.0)
+    seed(nxt, 0, 0, Stage.TRAINING, 1)
+    seed(nxt, 0, 2, Stage.FOSSILIZED, 1)
+    seed(nxt, 1, 1, Stage.EMBARGOED, 1)  # culled: no rent
+    config = RewardConfig(family="accuracy", accuracy_progress_weight=2.0, accuracy_rent_weight=0.1)
+    got = reward(prev, nxt, epoch_metrics([55.0, 50.0, 52.0]), config=config)
+    assert values(got, "accuracy_progress") == pytest.approx([6.0, -4.0, 0.0])
+    assert values(got, "rent") == pytest.approx([-0.1 * (light[0] + light[2]) / host, 0.0, 0.0], rel=1e-5)
+    assert tuple(got.keys()) == ("accuracy_progress", "rent", "governor")
+    # Summed over an episode, the progress is w * (final accuracy - first reading).
+    readings = [10.0, 35.0, 30.0, 61.0]
+    total = 0.0
+    for before, after in zip(readings, readings[1:]):
+        step_prev, step_next = states(1, acc=before)
+        total += values(reward(step_prev, step_next, epoch_metrics([after]), config=config), "accuracy_progress")[0]
+    assert total == pytest.approx(2.0 * (readings[-1] - readings[0]))
 
 
 def test_loss_rent_skips_young_seeds():

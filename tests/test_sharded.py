@@ -43,6 +43,9 @@ def test_a_sharded_batch_is_the_concatenation_of_independent_env_batches() -> No
         expected = torch.cat([env.step(part.clone()) for env, part in zip(separate, parts)])
         assert_equal(step, expected)
         observation = step["next"].exclude("reward", "done", "terminated", "truncated")
+    sharded_test = sharded.test_accuracy()
+    assert sharded_test is not None
+    assert torch.equal(sharded_test, torch.cat([env.test_accuracy() for env in separate]))
 
     # A partial reset resets exactly the flagged envs, in whichever shard they live.
     observation["_reset"] = torch.tensor([False, True, False, False, True]).unsqueeze(-1)

@@ -105,7 +105,7 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     run_dir = tmp_path / "ppo"
     assert main(["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--run-dir", str(run_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| controller | final acc (%) |" in out and "| ppo |" in out and "| heuristic |" in out
+    assert "| controller (mean ± std over 1 seed) | final val acc (%) | test acc (%) |" in out and "| ppo |" in out and "| heuristic |" in out
     for name in ("config.json", "updates.jsonl", "metrics.jsonl", "lifecycle.jsonl", "comparison.json", "checkpoints/latest.pt",
                  "accuracy_by_controller.png", "return_per_update.png", "lifecycle_timeline.png"):
         assert (run_dir / name).is_file(), name
@@ -125,11 +125,14 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
 
     from esper_func.evaluate import main as evaluate
 
-    assert evaluate([str(run_dir), "--no-progress"]) == 0
-    assert "| static |" in capsys.readouterr().out
-    table = json.loads((run_dir / "evaluation-1.json").read_text())["table"]
+    assert evaluate([str(run_dir), "--no-progress", "--seeds", "5", "6"]) == 0
+    assert "| controller (mean ± std over 2 seeds) |" in capsys.readouterr().out
+    evaluation = json.loads((run_dir / "evaluation-1.json").read_text())
+    assert evaluation["seeds"] == [5, 6]
+    table = evaluation["table"]
     assert [row["controller"] for row in table] == ["static", "heuristic", "ppo"]
-    assert table[0]["params_added_pct"] == 0.0
+    assert table[0]["params_added"] == 0.0 and table[0]["params_added_std"] == 0.0
+    assert all(row["final_accuracy_std"] >= 0.0 and 0.0 <= row["test_accuracy"] <= 100.0 for row in table)
 
     # A tampered latest.pt: resume names it and refuses, and every file stays as it was.
     latest = run_dir / "checkpoints" / "latest.pt"

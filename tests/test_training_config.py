@@ -59,6 +59,13 @@ def test_cross_field_rules_name_the_fix() -> None:
         PPOConfig(epochs=0)
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         TrainingConfig.preset("huge")
+    with pytest.raises(ConfigError, match=r"compare_seeds \[0, 1\] include the training seed env.seed=0"):
+        replace(config, compare_seeds=(0, 1))
+    with pytest.raises(ConfigError, match="repeat a seed"):
+        replace(config, compare_seeds=(1, 1))
+    learn = TrainingConfig.preset("learn")
+    assert learn.compare_seeds == (0, 1, 2) and learn.env.seed not in learn.compare_seeds
+    assert learn.env.rewards.family == "accuracy" and learn.env.task.train_iters == 64  # the growth benchmark's budget
 
 
 def test_entropy_schedule_anneals_linearly_then_holds() -> None:
