@@ -157,21 +157,24 @@ def seeds_table(by_seed: dict[int, dict[str, list[EpisodeResult]]], host_params:
 
 def format_seeds_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: mean +- std over seeds of each `SEED_METRICS` column (test accuracy only
-    where measured)."""
-    n_seeds = len(rows[0]["seeds"])
+    where measured); one seed's values alone."""
+    seeds = rows[0]["seeds"]
     with_test = all(row["test_accuracy"] is not None for row in rows)
     columns = ["final val acc (%)", *(["test acc (%)"] if with_test else []), "params added", "germinated", "fossilized", "culled", "return"]
-    lines = [
-        f"| controller (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}) | " + " | ".join(columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
+    title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines = [f"| controller ({title}) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+
+    def cell(row: dict[str, Any], metric: str, spec: str) -> str:
+        value = format(row[metric], spec)
+        return f"{value} ± {format(row[f'{metric}_std'], spec)}" if len(seeds) > 1 else value
+
     for row in rows:
         cells = [
-            f"{row['final_accuracy']:.2f} ± {row['final_accuracy_std']:.2f}",
-            *([f"{row['test_accuracy']:.2f} ± {row['test_accuracy_std']:.2f}"] if with_test else []),
-            f"{row['params_added']:,.0f} ± {row['params_added_std']:,.0f}",
-            *(f"{row[metric]:.1f} ± {row[f'{metric}_std']:.1f}" for metric in ("germinated", "fossilized", "culled")),
-            f"{row['return']:.2f} ± {row['return_std']:.2f}",
+            cell(row, "final_accuracy", ".2f"),
+            *([cell(row, "test_accuracy", ".2f")] if with_test else []),
+            cell(row, "params_added", ",.0f"),
+            *(cell(row, metric, ".1f") for metric in ("germinated", "fossilized", "culled")),
+            cell(row, "return", ".2f"),
         ]
         lines.append(f"| {row['controller']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -105,7 +105,7 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     run_dir = tmp_path / "ppo"
     assert main(["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--run-dir", str(run_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| controller (mean ± std over 1 seed) | final val acc (%) | test acc (%) |" in out and "| ppo |" in out and "| heuristic |" in out
+    assert "| controller (seed 10000) | final val acc (%) | test acc (%) |" in out and "| ppo |" in out and "| heuristic |" in out
     for name in ("config.json", "updates.jsonl", "metrics.jsonl", "lifecycle.jsonl", "comparison.json", "checkpoints/latest.pt",
                  "accuracy_by_controller.png", "return_per_update.png", "lifecycle_timeline.png"):
         assert (run_dir / name).is_file(), name
