@@ -3,7 +3,15 @@
 One step of the `[N]`-batched env is one host epoch in every environment: apply the
 action, train one epoch on shared batches, evaluate with counterfactuals, tick the
 lifecycle, compute the reward, build the next observation and masks. The env object holds
-the state TensorDict and a generator; every transition is a pure function of the core.
+the state TensorDict and two generators; every transition is a pure function of the core.
+
+Randomness: shard `shard` of a run seeded `seed` draws episode e from generators seeded
+`esper_func.seeding.stream_seed(seed, shard, e, ...)` at the episode's first reset, so an
+episode depends on (seed, shard, e) only. Episode 0 is drawn when the env is built; a
+reset after at least one step starts the next episode; a reset before any step of the
+episode changes nothing (a collector's extra resets draw nothing); `seek_episode(e)`
+starts episode e (a resumed run). A reset of some but not all envs draws the fresh envs
+from the running streams.
 
 Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated`):
 - `"observation"` `[N, F]` float32, schema in `docs/observation.md`;
@@ -17,7 +25,11 @@ Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated
   the env's snapshot in this step), panic (`governor.Panic` value), rollbacks (count this
   episode);
 - `("signals", key)` `[N]`: stabilized, plateau_epochs;
-- `("reward_components", name)` `[N]`: the reward is exactly their sum.
+- `("reward_components", name)` `[N]`: the reward is exactly their sum;
+- `"action_noise"` `[N, 4]` float32 in (0, 1]: one uniform per action head (op, slot,
+  blueprint, blend) from the shard's policy-noise stream, fresh at every step; the PPO
+  policy samples with it (inverse CDF), so its actions are a function of the shard's
+  streams too.
 Actions `("action", head)` `[N]` int64 for heads op, slot, blueprint, blend. An action
 the masks forbid is executed as WAIT, rewarded as WAIT and counted in `illegal_actions`.
 
@@ -53,6 +65,7 @@ from esper_func.state import init_state, seed_param_count
 from esper_func.step import Steps, env_step
 from esper_func.evaluation import evaluate
 from esper_func.prefetch import BatchPrefetcher
+from esper_func.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
 from esper_func.tasks import Task, TaskConfig, build_task
 
 SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "contribution_ema", "improvement")
@@ -86,6 +99,8 @@ class EnvConfig:
     def __post_init__(self) -> None:
         if self.n_envs < 1:
             raise ConfigError(f"EnvConfig.n_envs must be >= 1, got {self.n_envs}")
+        if self.seed < 0:
+            raise ConfigError(f"EnvConfig.seed must be >= 0, got {self.seed}")
         if self.host is not None and self.host_preset is not None:
             raise ConfigError("EnvConfig sets both host and host_preset; keep one")
 
@@ -163,6 +178,7 @@ def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device
     mask_shapes = {"op": (n, len(Op)), "slot": (n, len(Op), s), "blueprint": (n, n_blueprints), "blend": (n, len(BlendMode))}
     observation = Composite(
         observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(model))), dtype=torch.float32, device=device),
+        **{ACTION_NOISE: Bounded(0.0, 1.0, shape=(n, ACTION_NOISE_SIZE), dtype=torch.float32, device=device)},
         action_mask=Composite(
             {head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=device) for head, shape in mask_shapes.items()},
             shape=(n,),
@@ -232,7 +248,11 @@ def canonical_device(device: torch.device | str) -> torch.device:
 class MorphogeneticEnv(EnvBase):
     """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
 
-    def __init__(self, config: EnvConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: EnvConfig, device: torch.device | str = "cpu", shard: int = 0, first_episode: int = 0) -> None:
+        """`shard`: this env batch's index among the run's shards (its random streams'
+        key); `first_episode`: the episode the env starts in."""
+        if shard < 0 or first_episode < 0:
+            raise ConfigError(f"MorphogeneticEnv shard and first_episode must be >= 0, got {shard} and {first_episode}")
         device = canonical_device(device)
         super().__init__(device=device, batch_size=torch.Size([config.n_envs]))
         self.task = build_task(config.task, device)
@@ -244,10 +264,13 @@ class MorphogeneticEnv(EnvBase):
         check_fits(config.n_envs, self._memory_estimate(), available_memory(device), device)
         self.steps = Steps(self.model)
         self.max_epochs = self.config.core.lifecycle.max_epochs
+        self.shard = shard
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(config.seed)
+        self.noise_generator = torch.Generator(device=device)
         self.batches = BatchPrefetcher(self.task, self.generator, config.prefetch_batches)
-        self.state: TensorDict = self._fresh_state()
+        self.state: TensorDict
+        self.action_noise: torch.Tensor
+        self.seek_episode(first_episode)
         self._make_specs()
         update_action_masks(self.full_action_spec, action_masks(self.model, self.state))
 
@@ -263,6 +286,22 @@ class MorphogeneticEnv(EnvBase):
         self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
             self.model, self.config.rewards, self.config.n_envs, self.device
         )
+
+    # -- episodes and their random streams ------------------------------------------------
+
+    def seek_episode(self, episode: int) -> None:
+        """Start episode `episode`: seed both streams from (seed, shard, episode) and draw
+        its fresh hosts; the next reset before a step returns them."""
+        self.batches.drop()
+        self.episode = episode
+        self.generator.manual_seed(stream_seed(self.config.seed, self.shard, episode, Stream.ENV))
+        self.noise_generator.manual_seed(stream_seed(self.config.seed, self.shard, episode, Stream.POLICY_NOISE))
+        self.state = self._fresh_state()
+        self.action_noise = self._draw_noise()
+        self._stepped = False
+
+    def _draw_noise(self) -> torch.Tensor:
+        return 1.0 - torch.rand(self.config.n_envs, ACTION_NOISE_SIZE, generator=self.noise_generator, device=self.device)
 
     # -- state -------------------------------------------------------------------------
 
@@ -292,6 +331,7 @@ class MorphogeneticEnv(EnvBase):
         return TensorDict(
             {
                 "observation": observe(self.model, state, state["signals"], self.max_epochs),
+                ACTION_NOISE: self.action_noise,
                 "action_mask": action_masks(self.model, state),
                 "seeds": TensorDict(seeds, batch_size=[n]),
                 "metrics": TensorDict(
@@ -321,15 +361,15 @@ class MorphogeneticEnv(EnvBase):
         reset = tensordict["_reset"].reshape(n) if tensordict is not None and "_reset" in tensordict.keys() else None
         # A `_reset` that flags none of these envs (in a shard, when only other shards' envs
         # finished) changes nothing and draws nothing, as for an env that was not reset.
-        if reset is None or reset.any():
+        if reset is None or bool(reset.all()):
+            if self._stepped:
+                self.seek_episode(self.episode + 1)
+        elif reset.any():
             self.batches.drop()
             fresh = self._fresh_state()
-            if reset is None:
-                self.state = fresh
-            else:
-                state = self.state.clone()
-                state[reset] = fresh[reset]
-                self.state = state
+            state = self.state.clone()
+            state[reset] = fresh[reset]
+            self.state = state
         zero_components = TensorDict(
             {name: torch.zeros(n, device=self.device) for name in self.full_observation_spec["reward_components"].keys()},
             batch_size=[n],
@@ -351,6 +391,7 @@ class MorphogeneticEnv(EnvBase):
         prev = self.state
         batches = self.batches.take()
         state, metrics = env_step(self.steps, prev, action, batches, self.generator)
+        self._stepped = True
         executed = metrics["executed"]
         is_last = state["epoch"] >= self.max_epochs
         with record_function("esper.reward"):
@@ -361,6 +402,7 @@ class MorphogeneticEnv(EnvBase):
             state["signals"] = update_signals(self.config.signals, prev["signals"], metrics)
             state["illegal_actions"] = prev["illegal_actions"] + (~executed).long()
             self.state = state
+            self.action_noise = self._draw_noise()
             out = self._observation(state, executed, metrics["panic"], components)
         out["reward"] = total(components).unsqueeze(-1)
         # The fixed horizon is a true termination (the observation carries the epoch
@@ -374,8 +416,9 @@ class MorphogeneticEnv(EnvBase):
         return out
 
     def _set_seed(self, seed: int | None) -> None:
-        self.batches.drop()
-        self.generator.manual_seed(0 if seed is None else seed)
+        """TorchRL's `set_seed`: the run's seed becomes `seed` and episode 0 starts."""
+        self.config = replace(self.config, seed=0 if seed is None else seed)
+        self.seek_episode(0)
 
     def test_accuracy(self) -> torch.Tensor | None:
         """Accuracy `[N]` (percent) of every env's current network on the task's held-out
@@ -386,13 +429,15 @@ class MorphogeneticEnv(EnvBase):
         return evaluate(self.model, self.state, self.task.test_x, self.task.test_y, self.steps.eval)["val_accuracy"]
 
     def rng_state(self) -> dict[str, torch.Tensor]:
-        """The env's generator state (batches, germination draws), for checkpoints; a
-        prefetched draw is not in it (it is drawn again after a restore)."""
-        return {"env": self.batches.generator_state()}
+        """Both streams' state in the middle of an episode (to replay steps from it); a
+        prefetched draw is not in it (it is drawn again after a restore). Between
+        episodes the episode index is all there is to save (`seek_episode`)."""
+        return {"env": self.batches.generator_state(), "noise": self.noise_generator.get_state()}
 
     def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
         self.batches.drop()
         self.generator.set_state(state["env"])
+        self.noise_generator.set_state(state["noise"])
 
 
 def make_env(

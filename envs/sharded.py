@@ -1,8 +1,9 @@
 """`ShardedEnv`: N environments split over several devices, seen as one `[N]` batch.
 
-Shard k is a `MorphogeneticEnv` of `sizes[k]` envs on `devices[k]`, seeded `seed + k`, so
-the sharded batch is exactly the concatenation of K independent env batches (each shard
-draws its own batches and seeds). Outputs are gathered on the first device, and the
+Shard k is a `MorphogeneticEnv` of `sizes[k]` envs on `devices[k]` with shard index k, so
+its random streams are keyed by (seed, k, episode) and the sharded batch is exactly the
+concatenation of K independent env batches (each shard draws its own batches and seeds),
+the same K batches `esper_func.distributed` collects on K workers. Outputs are gathered on the first device, and the
 action spec carries the gathered op, blueprint and blend masks, as `MorphogeneticEnv`'s does.
 
 On CUDA each shard steps on its own stream, entered outside the shard's (compiled) step:
@@ -48,7 +49,7 @@ class ShardedEnv(EnvBase):
         self.sizes = shard_sizes(config.n_envs, len(devices))
         super().__init__(device=devices[0], batch_size=torch.Size([config.n_envs]))
         self.shards = [
-            MorphogeneticEnv(replace(config, n_envs=size, seed=config.seed + k), device) for k, (size, device) in enumerate(zip(self.sizes, devices))
+            MorphogeneticEnv(replace(config, n_envs=size), device, shard=k) for k, (size, device) in enumerate(zip(self.sizes, devices))
         ]
         first = self.shards[0]
         self.config = replace(first.config, n_envs=config.n_envs, seed=config.seed)
@@ -66,12 +67,20 @@ class ShardedEnv(EnvBase):
 
     # -- RNG (checkpointed by the trainer) ----------------------------------------------------
 
-    def rng_state(self) -> dict[str, torch.Tensor]:
-        return {f"shard{k}": shard.rng_state()["env"] for k, shard in enumerate(self.shards)}
+    def rng_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {f"shard{k}": shard.rng_state() for k, shard in enumerate(self.shards)}
 
-    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+    def set_rng_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         for k, shard in enumerate(self.shards):
-            shard.set_rng_state({"env": state[f"shard{k}"]})
+            shard.set_rng_state(state[f"shard{k}"])
+
+    @property
+    def episode(self) -> int:
+        return self.shards[0].episode
+
+    def seek_episode(self, episode: int) -> None:
+        for shard in self.shards:
+            shard.seek_episode(episode)
 
     # -- split and gather -----------------------------------------------------------------------
 
@@ -130,8 +139,9 @@ class ShardedEnv(EnvBase):
         return out
 
     def _set_seed(self, seed: int | None) -> None:
-        for k, shard in enumerate(self.shards):
-            shard._set_seed(None if seed is None else seed + k)
+        self.config = replace(self.config, seed=0 if seed is None else seed)
+        for shard in self.shards:
+            shard._set_seed(seed)
 
     def test_accuracy(self) -> torch.Tensor | None:
         """`MorphogeneticEnv.test_accuracy` of every shard, on the first device."""

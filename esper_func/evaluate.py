@@ -28,7 +28,7 @@ from esper_func.checkpoints import CheckpointError, load_checkpoint, resolve_che
 from esper_func.config import ConfigError
 from esper_func.episodes import EpisodeResult, play_episode
 from esper_func.plots import plot_accuracy
-from esper_func.ppo import Normalizers, norm_transforms, policy_env
+from esper_func.ppo import policy_env
 from esper_func.tasks import TaskDataError
 from esper_func.training_config import TrainingConfig, load_training_config
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
@@ -52,24 +52,20 @@ def baseline_controller(name: str, env: MorphogeneticEnv | ShardedEnv, seed: int
 def compare_controllers(
     config: TrainingConfig,
     nets: ActorCritic,
-    normalizer_state: dict[str, Any],
     episodes: int,
     seed: int,
     greedy: bool = False,
     progress: bool = False,
     controllers: tuple[str, ...] = ("static", "heuristic", "ppo"),
 ) -> dict[str, list[EpisodeResult]]:
-    """Play each of `controllers` (static, heuristic, random, ppo: the trained policy) on
-    envs with the same seed."""
+    """Play each of `controllers` (static, heuristic, random, ppo: the trained policy, its
+    observation normalizer included) on envs with the same seed."""
     env_config = replace(config.env, seed=seed)
     results: dict[str, list[EpisodeResult]] = {}
     for name in controllers:
         base = build_env(env_config, config.device, config.devices)
         if name == "ppo":
             env = policy_env(base, nets)
-            normalizers = Normalizers(base.observation_spec["observation"].shape[-1], config.ppo, base.device)
-            normalizers.load_state_dict(normalizer_state)
-            normalizers.apply(*norm_transforms(env))
             controller: TensorDictModuleBase = nets.actor
         else:
             env = base
@@ -124,14 +120,13 @@ def host_param_count(config: TrainingConfig) -> int:
 def compare_over_seeds(
     config: TrainingConfig,
     nets: ActorCritic,
-    normalizer_state: dict[str, Any],
     episodes: int,
     seeds: tuple[int, ...],
     greedy: bool = False,
     progress: bool = False,
 ) -> dict[int, dict[str, list[EpisodeResult]]]:
     """`compare_controllers` on fresh envs of each seed."""
-    return {seed: compare_controllers(config, nets, normalizer_state, episodes, seed, greedy, progress) for seed in seeds}
+    return {seed: compare_controllers(config, nets, episodes, seed, greedy, progress) for seed in seeds}
 
 
 def seeds_table(by_seed: dict[int, dict[str, list[EpisodeResult]]], host_params: int) -> list[dict[str, Any]]:
@@ -223,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_training_config(checkpoint["config"])
         nets = load_policy(checkpoint, config)
         seeds = tuple(args.seeds) if args.seeds is not None else evaluation_seeds(config)
-        by_seed = compare_over_seeds(config, nets, checkpoint["normalizers"], args.episodes, seeds, args.greedy, not args.no_progress)
+        by_seed = compare_over_seeds(config, nets, args.episodes, seeds, args.greedy, not args.no_progress)
     except (CheckpointError, ConfigError, TaskDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,9 +3,10 @@
 One episode batch = one rollout of a whole episode in every env (`[N, T]`), then one
 update: GAE (the episode's last epoch terminates it: nothing is bootstrapped past it), several passes of
 minibatches (whole sequences with the LSTM), a KL stop checked before each optimizer
-step, gradient clipping. Observation normalization and reward scaling are TorchRL
-transforms whose statistics are frozen during a rollout and refreshed after the update,
-so the observations stored in a batch are exactly what the policy saw; one that its
+step, gradient clipping. Observation normalization lives in the policy
+(`policies.ppo.ObservationNormalizer`, buffers the weight sync carries) and reward
+scaling happens here before GAE; both statistics are frozen during a rollout and
+refreshed after the update, so the batch is exactly what the policy saw. One that its
 `PPOConfig` setting turns off stays the identity.
 
 The loop calls hooks at four points with one `TrainerState`:
@@ -19,20 +20,21 @@ Register with `trainer.register_hook(point, fn)`; a hook may set `state.stop = T
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector
-from torchrl.envs import Compose, InitTracker, ObservationNorm, RewardScaling, Transform, TransformedEnv
+from torchrl.envs import Compose, EnvBase, InitTracker, Transform, TransformedEnv
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
@@ -44,10 +46,11 @@ from envs.sharded import ShardedEnv, build_env
 from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
 from esper_func.config import require, to_dict
+from esper_func.distributed import DistributedRollouts, require_launcher_packages
 from esper_func.stages import Op
 from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from esper_func.training_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
-from policies.ppo import ENTROPY_KEYS, HEADS, LOG_PROB_KEYS, NORMALIZED_OBSERVATION, ActorCritic, make_actor_critic
+from policies.ppo import ENTROPY_KEYS, HEADS, LOG_PROB_KEYS, ActorCritic, ObservationNormalizer, make_actor_critic
 
 HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
 SCALED_REWARD = "reward_scaled"
@@ -92,15 +95,15 @@ class RunningMoments:
 
 
 class Normalizers:
-    """Statistics behind the ObservationNorm and RewardScaling transforms.
+    """Statistics behind the policy's `ObservationNormalizer` and the reward scale.
 
     Observation moments are of raw observations; reward scale is the std of discounted
     returns accumulated per env along the batch (the usual PPO reward scaling). A setting
     that is off (`PPOConfig.normalize_observations`, `PPOConfig.scale_rewards`) gathers
-    no statistics and leaves its transform the identity (loc 0, scale 1), even when loaded
-    with statistics: the policy then reads the raw observation under
-    `NORMALIZED_OBSERVATION` and GAE the raw reward under `reward_scaled`. Keys, transforms
-    and checkpoint layout stay the same either way.
+    no statistics and leaves its normalizer the identity (loc 0, scale 1), even when loaded
+    with statistics: the policy then reads the raw observation under `"observation_norm"`
+    and GAE the raw reward under `reward_scaled`. Keys and checkpoint layout stay the same
+    either way.
     """
 
     def __init__(self, observation_size: int, ppo: PPOConfig, device: torch.device) -> None:
@@ -125,14 +128,18 @@ class Normalizers:
             discounted.append(running)
         self.returns.update(torch.stack(discounted, 1))
 
-    def apply(self, observation_norm: ObservationNorm, reward_scaling: RewardScaling) -> None:
-        """Write the current statistics of the enabled settings into the transforms (call
-        between rollouts only)."""
+    def apply(self, normalizer: ObservationNormalizer) -> None:
+        """Write the current observation statistics (when enabled) into the policy's
+        normalizer (call between rollouts only)."""
         if self.normalize_observations and self.observations.count > 0:
-            observation_norm.loc.copy_(self.observations.mean.to(observation_norm.loc.dtype))
-            observation_norm.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(observation_norm.scale.dtype))
+            normalizer.loc.copy_(self.observations.mean.to(normalizer.loc.dtype))
+            normalizer.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(normalizer.scale.dtype))
+
+    def reward_scale(self) -> torch.Tensor:
+        """The std the rewards are divided by before GAE (1 when off or not yet known)."""
         if self.scale_rewards and self.returns.count > 1:
-            reward_scaling.scale.copy_(self.returns.std.clamp_min(1e-3).to(reward_scaling.scale.dtype))
+            return self.returns.std.clamp_min(1e-3).float()
+        return torch.ones((), device=self.returns.mean.device)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"observations": self.observations.state_dict(), "returns": self.returns.state_dict()}
@@ -142,33 +149,29 @@ class Normalizers:
         self.returns.load_state_dict(state["returns"])
 
 
-def policy_env(base: MorphogeneticEnv | ShardedEnv, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
-    """The env as the PPO policy sees it: `extra` user transforms (followed by a check that
-    they left every env a legal action), then normalized observation, scaled reward and
-    the LSTM state. The normalizers start as the identity; `Normalizers.apply` sets them."""
-    size = base.observation_spec["observation"].shape[-1]
-    transforms = [
-        *extra,
-        *([ActionMaskCheck()] if extra else []),
-        ObservationNorm(
-            loc=torch.zeros(size, device=base.device),
-            scale=torch.ones(size, device=base.device),
-            in_keys=["observation"],
-            out_keys=[NORMALIZED_OBSERVATION],
-            standard_normal=True,
-        ),
-        RewardScaling(loc=0.0, scale=1.0, in_keys=["reward"], out_keys=[SCALED_REWARD], standard_normal=True),
-    ]
+def policy_transforms(nets: ActorCritic, extra: Sequence[Transform] = ()) -> list[Transform]:
+    """What the PPO policy needs around the env: `extra` user transforms (followed by a
+    check that they left every env a legal action), then the LSTM state. Stateless: what
+    the policy learns from (normalization statistics, weights) lives in the policy, so a
+    remote worker can rebuild these from a pickled copy."""
+    transforms: list[Transform] = [*extra, *([ActionMaskCheck()] if extra else [])]
     if nets.lstm is not None:
         transforms += [InitTracker(), nets.lstm.make_tensordict_primer()]
-    return TransformedEnv(base, Compose(*transforms))
+    return transforms
 
 
-def norm_transforms(env: TransformedEnv) -> tuple[ObservationNorm, RewardScaling]:
-    """The normalizers `policy_env` put into `env`."""
-    (observation_norm,) = [t for t in env.transform if isinstance(t, ObservationNorm) and t.out_keys == [NORMALIZED_OBSERVATION]]
-    (reward_scaling,) = [t for t in env.transform if isinstance(t, RewardScaling) and t.out_keys == [SCALED_REWARD]]
-    return observation_norm, reward_scaling
+def policy_env(base: EnvBase, nets: ActorCritic, extra: Sequence[Transform] = ()) -> TransformedEnv:
+    """`base` as the PPO policy sees it (`policy_transforms`)."""
+    return TransformedEnv(base, Compose(*policy_transforms(nets, extra)))
+
+
+def build_trainer_env(config: TrainingConfig) -> MorphogeneticEnv | ShardedEnv:
+    """The env the trainer holds. Local collection: all `env.n_envs` envs (sharded over
+    `devices` when given). Distributed: one worker's shard, for the specs and the model
+    (the workers step the envs), which also checks that a shard fits the device."""
+    if config.collector.kind == "distributed":
+        return MorphogeneticEnv(replace(config.env, n_envs=config.env.n_envs // config.collector.workers), config.device)
+    return build_env(config.env, canonical_device(config.device), config.devices)
 
 
 # --- state and hooks ---------------------------------------------------------------------
@@ -213,18 +216,21 @@ class PPOTrainer:
     ) -> None:
         """`transforms` (TorchRL) go between the env and the normalizers: a custom reward term
         added there is scaled and learned like the env's own. `env`: an env already built
-        from `config.env` (the CLI builds it first so a data error creates no run directory)."""
+        from `config` by `build_trainer_env` (the CLI builds it first so a data error creates
+        no run directory)."""
         require_logger_packages(config.telemetry)
+        require_launcher_packages(config.collector)
         self.config = config
         self.device = canonical_device(config.device)
         torch.manual_seed(config.env.seed)
-        self.base_env = build_env(config.env, self.device, config.devices) if env is None else env
+        self.base_env = build_trainer_env(config) if env is None else env
         observation_size = self.base_env.observation_spec["observation"].shape[-1]
         model = self.base_env.model
         self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
-        self.env = policy_env(self.base_env, self.nets, transforms)
-        self.observation_norm, self.reward_scaling = norm_transforms(self.env)
+        self.transforms = policy_transforms(self.nets, transforms)
+        self.env = TransformedEnv(self.base_env, Compose(*self.transforms))
         self.normalizers = Normalizers(observation_size, config.ppo, self.device)
+        self.reward_scale = self.normalizers.reward_scale()
         ppo = config.ppo
         weights = {"op": ppo.entropy_weight_op, "slot": ppo.entropy_weight_slot, "blueprint": ppo.entropy_weight_blueprint, "blend": ppo.entropy_weight_blend}
         self.loss = ClipPPOLoss(
@@ -246,7 +252,6 @@ class PPOTrainer:
         )
         self.hooks: dict[str, list[Hook]] = {point: [] for point in HOOK_POINTS}
         self.frames_per_batch = config.env.n_envs * self.base_env.max_epochs
-        self._pending_rng: dict[str, torch.Tensor] | None = None
 
     def register_hook(self, point: str, hook: Hook) -> None:
         if point not in self.hooks:
@@ -260,7 +265,9 @@ class PPOTrainer:
     # -- checkpoint state --
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, normalizers, counters, RNGs."""
+        """Everything needed to continue exactly: weights, optimizer, normalizers, counters,
+        the minibatch generator. The env's streams need no saving: batch U is episode U of
+        every shard (`esper_func.seeding`), and the actions are sampled with the env's noise."""
         return {
             "actor": self.nets.actor.state_dict(),
             "critic": self.nets.critic.state_dict(),
@@ -268,13 +275,7 @@ class PPOTrainer:
             "normalizers": self.normalizers.state_dict(),
             "counters": {"update": self.state.update, "frames": self.state.frames},
             "history": self.state.history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "env": self.base_env.rng_state(),
-                "minibatch": self.minibatch_generator.get_state(),
-                # The policy samples its actions with the default generator of its device.
-                **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
-            },
+            "rng": {"minibatch": self.minibatch_generator.get_state()},
         }
 
     def load_weights(self, checkpoint: dict[str, Any], source: Path | str = "the checkpoint") -> None:
@@ -286,9 +287,7 @@ class PPOTrainer:
             for module, key in zip(probe, ("actor", "critic", "optimizer", "normalizers")):
                 module.load_state_dict(checkpoint[key])
             counters = (int(checkpoint["counters"]["update"]), int(checkpoint["counters"]["frames"]))
-            rng = {key: checkpoint["rng"][key] for key in ("torch", "env", "minibatch")}
-            if self.device.type == "cuda":
-                rng["cuda"] = checkpoint["rng"]["cuda"]
+            minibatch_rng = checkpoint["rng"]["minibatch"]
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"{source} does not fit this run's networks ({type(error).__name__}: {error}); "
@@ -298,21 +297,10 @@ class PPOTrainer:
         self.nets.critic.load_state_dict(checkpoint["critic"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.normalizers.load_state_dict(checkpoint["normalizers"])
-        self.normalizers.apply(self.observation_norm, self.reward_scaling)
+        self._refresh_normalizers()
         self.state.update, self.state.frames = counters
         self.state.history = list(checkpoint["history"])
-        self._pending_rng = rng
-
-    def _restore_rng(self) -> None:
-        rng = self._pending_rng
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.base_env.set_rng_state(rng["env"])
-        self.minibatch_generator.set_state(rng["minibatch"])
-        self._pending_rng = None
+        self.minibatch_generator.set_state(minibatch_rng)
 
     # -- the loop --
 
@@ -322,21 +310,10 @@ class PPOTrainer:
         if remaining <= 0:
             self._run_hooks("end_of_run")
             return self.state
-        collector = Collector(
-            self.env,
-            self.nets.actor,
-            frames_per_batch=self.frames_per_batch,
-            total_frames=self.frames_per_batch * remaining,
-            reset_at_each_iter=True,
-            device=self.device,
-            auto_register_policy_transforms=False,
-        )
-        # The collector resets the env when built; the RNG states of a resumed run are
-        # restored after that so the first rollout replays the uninterrupted run exactly.
-        self._restore_rng()
+        collector = self._collector(remaining)
         start = time.perf_counter()
         progress = tqdm(total=config.episodes, initial=self.state.update, desc="ppo", disable=not config.telemetry.progress_bar)
-        with self._logs() as logs:
+        with self._logs() as logs, _shut_down_at_exit(collector):
             for batch in collector:
                 self.state.rollout = rollout_statistics(batch, self.base_env.model.host_param_count)
                 self._log_steps(batch, logs)
@@ -344,7 +321,7 @@ class PPOTrainer:
                 self.state.losses = self.update(batch)
                 self._run_hooks("after_update")
                 self.normalizers.update(batch)
-                self.normalizers.apply(self.observation_norm, self.reward_scaling)
+                self._refresh_normalizers()
                 self.state.update += 1
                 self.state.frames += batch.numel()
                 self.state.wall_time = time.perf_counter() - start
@@ -355,9 +332,32 @@ class PPOTrainer:
                 if self.state.stop:
                     break
         progress.close()
-        collector.shutdown()
         self._run_hooks("end_of_run")
         return self.state
+
+    def _collector(self, batches: int) -> Collector | DistributedRollouts:
+        """`batches` episode batches from the envs here, or from `collector.workers`
+        workers. Batch U is episode U of every env either way: a resumed run's first
+        rollout replays the uninterrupted run's (a collector's resets before a step draw
+        nothing)."""
+        if self.config.collector.kind == "distributed":
+            return DistributedRollouts(self.config, self.nets.actor, self.transforms, self.state.update, batches, self.state.run_dir)
+        if self.base_env.episode != self.state.update:
+            self.base_env.seek_episode(self.state.update)
+        return Collector(
+            self.env,
+            self.nets.actor,
+            frames_per_batch=self.frames_per_batch,
+            total_frames=self.frames_per_batch * batches,
+            reset_at_each_iter=True,
+            device=self.device,
+            auto_register_policy_transforms=False,
+        )
+
+    def _refresh_normalizers(self) -> None:
+        """The statistics so far into the policy and the reward scale (between rollouts)."""
+        self.normalizers.apply(self.nets.normalizer)
+        self.reward_scale = self.normalizers.reward_scale()
 
     def _logs(self) -> _RunLogs:
         return _RunLogs(self.state.run_dir)
@@ -381,6 +381,7 @@ class PPOTrainer:
         """GAE, then epochs of minibatches of ClipPPOLoss; returns the update's statistics."""
         ppo = self.config.ppo
         recurrent = self.nets.lstm is not None
+        batch["next", SCALED_REWARD] = batch["next", "reward"] / self.reward_scale
         with torch.no_grad():
             self.gae(batch)
         entropy_coeff = ppo.entropy_at(self.state.update)
@@ -429,6 +430,15 @@ class PPOTrainer:
             self.state.telemetry_level = self.config.telemetry.level
             stats.pop("ratio_offenders")
         return stats
+
+
+@contextlib.contextmanager
+def _shut_down_at_exit(collector: Collector | DistributedRollouts) -> Iterator[None]:
+    """Shut the collector down however the loop ends (workers must not outlive a failed run)."""
+    try:
+        yield
+    finally:
+        collector.shutdown()
 
 
 class _RunLogs:

@@ -38,12 +38,15 @@ from esper_func.evaluate import (
 )
 from esper_func.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
 from esper_func.plots import plot_accuracy, plot_lifecycle, plot_returns
-from esper_func.ppo import PPOTrainer, TrainerState, require_logger_packages
+from esper_func.distributed import DistributedError, require_launcher_packages
+from esper_func.ppo import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
 from esper_func.rewards import RewardConfig
 from esper_func.stages import SLOT_NAMES
 from esper_func.tasks import TaskConfig, TaskDataError
 from esper_func.telemetry import JsonlWriter, RunDirError, create_run_dir
 from esper_func.training_config import (
+    COLLECTORS,
+    LAUNCHERS,
     LOGGERS,
     PRESETS,
     TELEMETRY_LEVELS,
@@ -54,6 +57,8 @@ from esper_func.training_config import (
 )
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
+COLLECTOR_FLAGS = {"kind": "collector", "workers": "workers", "launcher": "launcher", "master_addr": "master_addr", "port": "port"}
+"""`CollectorConfig` field -> CLI flag; a resumed run may change them (the batches stay the same)."""
 OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "compile_mode", "vmap_chunk_size", "amp", "seed")
 
 
@@ -81,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)")
     parser.add_argument("--telemetry-level", choices=TELEMETRY_LEVELS, default=None)
     parser.add_argument("--logger", choices=LOGGERS, default=None, help="TorchRL logger of a PPO run (default: the preset's, csv)")
+    parser.add_argument("--collector", choices=COLLECTORS, default=None, help="where PPO's rollouts run: local (default) or distributed workers")
+    parser.add_argument("--workers", type=int, default=None, help="distributed: worker processes, one env shard each (n_envs must be a multiple)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default=None, help="distributed: mp (on this machine), submitit (SLURM), delayed (started by hand)")
+    parser.add_argument("--master-addr", default=None, help="distributed: this trainer's address as the workers reach it (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="distributed: rendezvous port; ports P..P+3 are used (default: a free one, mp only)")
     parser.add_argument("--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -138,7 +148,9 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         telemetry = replace(telemetry, logger=args.logger)
     if args.no_progress:
         telemetry = replace(telemetry, progress_bar=False)
-    return replace(base, **fields, telemetry=telemetry)
+    collector_overrides = {key: getattr(args, flag) for key, flag in COLLECTOR_FLAGS.items() if getattr(args, flag) is not None}
+    collector = replace(base.collector, **collector_overrides)
+    return replace(base, **fields, telemetry=telemetry, collector=collector)
 
 
 def run_baseline(config: TrainingConfig, env: MorphogeneticEnv | ShardedEnv, run_dir: Path) -> list[dict[str, object]]:
@@ -204,7 +216,18 @@ def run_ppo(
     trainer.register_hook("end_of_run", checkpoints.final)
     trainer.register_hook("end_of_run", update_log.close)
     with GracefulStop(trainer.state) as stop:
-        state = trainer.train()
+        try:
+            state = trainer.train()
+        except DistributedError as error:
+            update_log.close(trainer.state)
+            saved = trainer.state.checkpoint_path
+            print(f"error: {error}", file=sys.stderr)
+            print(
+                f"the last checkpoint is {saved}; continue with: python -m esper_func.train --resume {run_dir}"
+                if saved is not None else "no update finished, so no checkpoint was written",
+                file=sys.stderr,
+            )
+            return 1
     if config.telemetry.plots and state.history:
         plot_returns(state.history, run_dir / "return_per_update.png")
     if stop.received is not None:
@@ -218,7 +241,7 @@ def run_ppo(
         seeds = evaluation_seeds(config)
         print(f"comparing static, heuristic and the trained policy on fresh envs (seeds {list(seeds)}) ...")
         by_seed = compare_over_seeds(
-            config, trainer.nets, trainer.normalizers.state_dict(), config.compare_episodes, seeds, progress=config.telemetry.progress_bar
+            config, trainer.nets, config.compare_episodes, seeds, progress=config.telemetry.progress_bar
         )
         rows = seeds_table(by_seed, trainer.base_env.model.host_param_count)
         state.evaluation = {"seeds": list(seeds), "table": rows, "per_seed": {seed: summary_table(results) for seed, results in by_seed.items()}}
@@ -246,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(args)
         if config.controller == "ppo":
             require_logger_packages(config.telemetry)
+            require_launcher_packages(config.collector)
         # Data and host are checked before anything is written.
-        env = build_env(config.env, config.device, config.devices)
+        env = build_trainer_env(config) if config.controller == "ppo" else build_env(config.env, config.device, config.devices)
         if checkpoint is None:
             run_dir = create_run_dir(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.run_name}")
             write_training_config(config, run_dir / "config.json")

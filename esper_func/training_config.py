@@ -29,6 +29,10 @@ TelemetryLevel = Literal["off", "minimal", "normal", "debug"]
 TELEMETRY_LEVELS: tuple[str, ...] = ("off", "minimal", "normal", "debug")
 LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow", "none"]
 LOGGERS: tuple[str, ...] = get_args(LoggerName)
+CollectorKind = Literal["local", "distributed"]
+COLLECTORS: tuple[str, ...] = get_args(CollectorKind)
+Launcher = Literal["mp", "submitit", "delayed"]
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
 
 
 
@@ -119,6 +123,47 @@ class TelemetryConfig:
         require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
 
 
+@dataclass(frozen=True)
+class CollectorConfig:
+    """Where PPO's rollouts run (docs/distributed.md).
+
+    `local`: TorchRL's `Collector` on this process (envs sharded over `devices` if given).
+    `distributed`: TorchRL's `DistributedCollector` over torch.distributed (gloo): `workers`
+    processes each step shard k of the `env.n_envs` envs and receive the policy's weights
+    (normalizer statistics included) before every batch; the batch equals a local run's
+    over `workers` shards. Launchers: `mp` spawns the workers on this machine, `submitit`
+    submits them as SLURM jobs, `delayed` waits for workers started by hand (`python -m
+    esper_func.collect_worker`)."""
+
+    kind: CollectorKind = "local"
+    workers: int = 2
+    launcher: Launcher = "mp"
+    master_addr: str = "127.0.0.1"
+    """The trainer's address as the workers reach it (rank 0 listens there)."""
+    port: int = 0
+    """The rendezvous port; TorchRL also uses port + 1 (its store). 0: a free port, for
+    `mp` only (hand-started or SLURM workers must be told the port)."""
+    connect_timeout_s: float = 120.0
+    """How long the trainer waits for every worker to connect, and for a worker's part of
+    a batch after the first one arrived, before it stops with an error naming the rank."""
+    slurm_partition: str = ""
+    """`submitit` only: the SLURM partition (empty: the cluster's default)."""
+    slurm_timeout_min: int = 60
+    slurm_cpus_per_task: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.kind in COLLECTORS, f"CollectorConfig.kind must be one of {list(COLLECTORS)}, got {self.kind!r}")
+        require(self.launcher in LAUNCHERS, f"CollectorConfig.launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
+        require(self.workers >= 1, f"CollectorConfig.workers must be >= 1, got {self.workers}")
+        require(0 <= self.port <= 65534, f"CollectorConfig.port must be in [0, 65534] (port + 1 is used too), got {self.port}")
+        require(
+            self.port != 0 or self.launcher == "mp" or self.kind == "local",
+            f"CollectorConfig.port=0 picks a free port, which workers started by {self.launcher!r} cannot know; set --port",
+        )
+        require(self.connect_timeout_s > 0, f"CollectorConfig.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        require(self.slurm_timeout_min >= 1 and self.slurm_cpus_per_task >= 1, "CollectorConfig.slurm_timeout_min and slurm_cpus_per_task must be >= 1")
+
+
 def _check_device(field_name: str, name: str) -> None:
     try:
         device = torch.device(name)
@@ -143,6 +188,7 @@ class TrainingConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
     episodes: int = 8
     """Episode batches: each rollout plays one whole episode in every env, then PPO updates once."""
     device: str = "cpu"
@@ -171,6 +217,8 @@ class TrainingConfig:
         require(len(set(self.compare_seeds)) == len(self.compare_seeds), f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}")
         if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
             self._check_ppo()
+        if self.collector.kind == "distributed":
+            self._check_distributed()
         for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
             _check_device(field_name, name)
         require(
@@ -182,6 +230,16 @@ class TrainingConfig:
             len(self.devices) <= self.env.n_envs,
             f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
         )
+
+    def _check_distributed(self) -> None:
+        workers = self.collector.workers
+        require(self.controller == "ppo", f"collector.kind='distributed' collects PPO rollouts; a {self.controller} run plays locally")
+        require(
+            self.env.n_envs % workers == 0,
+            f"env.n_envs={self.env.n_envs} is not a multiple of collector.workers={workers}: each worker steps an equal "
+            f"shard; use n_envs={workers * max(1, round(self.env.n_envs / workers))} or another worker count",
+        )
+        require(not self.devices, f"devices={list(self.devices)}: a distributed run shards the envs over workers, not devices; drop --devices")
 
     def _check_ppo(self) -> None:
         require(

@@ -8,8 +8,12 @@ the op is WAIT; the blueprint and blend only on GERMINATE), so the joint PPO rat
 moves the heads that acted, and its entropy is weighted by the probability that the op
 uses it. That weighted sum is the chain-rule entropy of the action actually executed.
 
-Keys read: the normalized observation (`PolicyConfig.observation_key`) and
-`("action_mask", head)`. Keys written by the actor: `("action", head)`,
+Keys read: `"observation"` (normalized inside the networks by `ObservationNormalizer`,
+whose statistics are buffers of the policy, so a weight sync or a policy checkpoint
+carries them; the normalized value is written under `"observation_norm"`),
+`("action_mask", head)` and the env's `"action_noise"` (one uniform per head; the actor
+samples by inverse CDF with it, so its actions are a function of the env's random
+streams, `esper_func.seeding`). Keys written by the actor: `("action", head)`,
 `("action", "<head>_log_prob")`, and, with the LSTM, `recurrent_state_h/c`. The critic
 writes `state_value` `[..., 1]`.
 """
@@ -27,12 +31,14 @@ from tensordict.nn import (
     ProbabilisticTensorDictModule,
     ProbabilisticTensorDictSequential,
     TensorDictModule,
+    TensorDictSequential,
     composite_lp_aggregate,
 )
 from torch import nn
 from torchrl.modules import LSTMModule, ValueOperator
 
 from esper_func.config import require_fields
+from esper_func.seeding import ACTION_NOISE
 from esper_func.stages import BlendMode, Op
 
 HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
@@ -65,6 +71,15 @@ class PolicyConfig:
 
 def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index `[...]` drawn from `probs` `[..., K]` by a uniform `[...]` in (0, 1]: the first
+    index whose cumulative probability reaches `uniform` times the total. A zero-probability
+    (masked) index is never drawn: `uniform` > 0 puts the target above an empty prefix."""
+    cdf = probs.cumsum(-1)
+    target = uniform.unsqueeze(-1) * cdf[..., -1:]
+    return (cdf < target).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 class CausalCategorical(D.Categorical):
@@ -119,7 +134,11 @@ class FactoredActionDistribution(CompositeDistribution):
         blueprint_mask: torch.Tensor,
         blend_logits: torch.Tensor,
         blend_mask: torch.Tensor,
+        noise: torch.Tensor | None = None,
     ) -> None:
+        """`noise` `[..., 4]`: one uniform in (0, 1] per head (op, slot, blueprint, blend)
+        that `sample` draws with; without it, `sample` uses torch's default generator."""
+        self.noise = noise
         self._batch_shape = op_logits.shape[:-1]
         self.log_prob_key = None
         self.entropy_key = None
@@ -153,6 +172,15 @@ class FactoredActionDistribution(CompositeDistribution):
 
     def sample(self, shape: torch.Size | None = None) -> TensorDict:
         shape = torch.Size([]) if shape is None else torch.Size(shape)
+        if self.noise is not None:
+            if shape:
+                raise ValueError(f"one noise draw per action: sample() takes no shape with noise, got {tuple(shape)}")
+            op_u, slot_u, blueprint_u, blend_u = self.noise.unbind(-1)
+            op = inverse_cdf_sample(self.op.probs, op_u)
+            slot_probs = self.slot_by_op.probs.gather(-2, op.view(*op.shape, 1, 1).expand(*op.shape, 1, self.slot_by_op.probs.shape[-1]))
+            slot = inverse_cdf_sample(slot_probs.squeeze(-2), slot_u)
+            actions = {"op": op, "slot": slot, "blueprint": inverse_cdf_sample(self.blueprint.probs, blueprint_u), "blend": inverse_cdf_sample(self.blend.probs, blend_u)}
+            return TensorDict({"action": TensorDict(actions, batch_size=op.shape)}, batch_size=op.shape)
         return self._actions(self.op.sample(shape), self.slot_by_op.sample(shape), self.blueprint.sample(shape), self.blend.sample(shape))
 
     @property
@@ -185,6 +213,22 @@ class FactoredActionDistribution(CompositeDistribution):
 
 
 # --- networks ----------------------------------------------------------------------------
+
+
+class ObservationNormalizer(nn.Module):
+    """`(observation - loc) / scale`, the identity until the trainer writes statistics.
+
+    The statistics are buffers, not an env transform: whatever runs the policy (a local
+    collector, a remote worker that received the weights, an evaluation) normalizes with
+    exactly the values the trainer set, and a policy checkpoint holds them."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(size))
+        self.register_buffer("scale", torch.ones(size))
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return (observation - self.loc) / self.scale
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -228,7 +272,7 @@ def _lstm_module(input_size: int, hidden: int) -> LSTMModule:
 
 @dataclass(frozen=True)
 class ActorCritic:
-    """The actor (network + `FactoredActionDistribution`) and critic (a `ValueOperator`), plus the LSTM when on.
+    """The actor (network + `FactoredActionDistribution`) and critic (the normalizer, then a `ValueOperator`), plus the LSTM when on.
 
     The actor is tensordict's `ProbabilisticTensorDictSequential`, which samples through the
     distribution's own `sample`/`log_prob` (TorchRL's `ProbabilisticActor` samples a
@@ -236,8 +280,10 @@ class ActorCritic:
     """
 
     actor: ProbabilisticTensorDictSequential
-    critic: ValueOperator
+    critic: TensorDictSequential
     lstm: LSTMModule | None
+    normalizer: ObservationNormalizer
+    """Shared by actor and critic (the first module of each)."""
 
 
 def make_actor_critic(
@@ -245,7 +291,9 @@ def make_actor_critic(
 ) -> ActorCritic:
     """Build the actor and critic for an env with these sizes (orthogonal init, small output gains)."""
     obs = NORMALIZED_OBSERVATION
-    modules: list[TensorDictModule] = [TensorDictModule(_feature_net(observation_size, config.hidden), [obs], ["features"])]
+    normalizer = ObservationNormalizer(observation_size)
+    normalize = TensorDictModule(normalizer, ["observation"], [obs])
+    modules: list[TensorDictModule] = [normalize, TensorDictModule(_feature_net(observation_size, config.hidden), [obs], ["features"])]
     lstm = None
     embedding_size = config.hidden
     if config.lstm:
@@ -261,6 +309,7 @@ def make_actor_critic(
     for head, logit_key in zip(HEADS, logit_keys):
         dist_inputs[f"{head}_logits"] = logit_key
         dist_inputs[f"{head}_mask"] = ("action_mask", head)
+    dist_inputs["noise"] = ACTION_NOISE
     sampler = ProbabilisticTensorDictModule(
         in_keys=dist_inputs,
         out_keys=ACTION_KEYS,
@@ -278,5 +327,5 @@ def make_actor_critic(
         nn.ReLU(),
         _orthogonal(nn.Linear(config.head_hidden, 1), 1.0),
     )
-    critic = ValueOperator(value_net, in_keys=[obs]).to(device)
-    return ActorCritic(actor=actor, critic=critic, lstm=lstm)
+    critic = TensorDictSequential(normalize, ValueOperator(value_net, in_keys=[obs])).to(device)
+    return ActorCritic(actor=actor, critic=critic, lstm=lstm, normalizer=normalizer)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.envs import ObservationNorm, RewardScaling, Transform, TransformedEnv
+from torchrl.envs import Transform, TransformedEnv
 
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -26,13 +26,12 @@ from esper_func.ppo import (
     TrainerState,
     detect_anomalies,
     flat_hparams,
-    norm_transforms,
     policy_env,
 )
 from esper_func.stages import Op
 from esper_func.training_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
 from policies import RandomPolicy
-from policies.ppo import NORMALIZED_OBSERVATION, FactoredActionDistribution
+from policies.ppo import NORMALIZED_OBSERVATION, FactoredActionDistribution, ObservationNormalizer, make_actor_critic
 
 QUIET = TelemetryConfig(level="off", plots=False, progress_bar=False)
 
@@ -277,24 +276,23 @@ def test_each_normalization_setting_switches_what_the_policy_and_gae_read(
     update = trainer.update
 
     def recording_update(batch: TensorDictBase) -> dict[str, object]:
+        stats = update(batch)
         batches.append(batch.clone())
-        return update(batch)
+        return stats
 
     trainer.update = recording_update  # type: ignore[method-assign]
     trainer.train()
-    first, second = batches
+    first, second = batches  # as the update received them: SCALED_REWARD written by it
     assert torch.equal(first[NORMALIZED_OBSERVATION], first["observation"]), "no statistics before the first update"
     assert torch.equal(first["next", SCALED_REWARD], first["next", "reward"])
     assert torch.equal(second[NORMALIZED_OBSERVATION], second["observation"]) is not normalize_observations
     assert torch.equal(second["next", SCALED_REWARD], second["next", "reward"]) is not scale_rewards
 
-    # The evaluation rebuilds the normalizers from the config and the moments: the same transforms.
-    rebuilt = Normalizers(second["observation"].shape[-1], config.ppo, trainer.device)
-    rebuilt.load_state_dict(trainer.normalizers.state_dict())
-    transforms = norm_transforms(policy_env(trainer.base_env, trainer.nets))
-    rebuilt.apply(*transforms)
-    for mine, trained in zip(transforms, (trainer.observation_norm, trainer.reward_scaling)):
-        assert torch.equal(mine.loc, trained.loc) and torch.equal(mine.scale, trained.scale)
+    # The statistics live in the policy: its state dict carries them to an evaluation.
+    loaded = make_actor_critic(second["observation"].shape[-1], trainer.base_env.model.n_slots, len(trainer.base_env.model.blueprint_names), config.policy)
+    loaded.actor.load_state_dict(trainer.nets.actor.state_dict())
+    assert torch.equal(loaded.normalizer.loc, trainer.nets.normalizer.loc) and torch.equal(loaded.normalizer.scale, trainer.nets.normalizer.scale)
+    assert torch.equal(loaded.normalizer.loc, torch.zeros_like(loaded.normalizer.loc)) is not normalize_observations
 
 
 def test_a_normalizer_turned_off_stays_the_identity_even_loaded_with_statistics() -> None:
@@ -308,14 +306,13 @@ def test_a_normalizer_turned_off_stays_the_identity_even_loaded_with_statistics(
     off = Normalizers(3, PPOConfig(normalize_observations=False, scale_rewards=False), torch.device("cpu"))
     off.load_state_dict(on.state_dict())
     off.update(batch)
-    observation_norm = ObservationNorm(loc=torch.zeros(3), scale=torch.ones(3), in_keys=["observation"], standard_normal=True)
-    reward_scaling = RewardScaling(loc=0.0, scale=1.0, standard_normal=True)
-    off.apply(observation_norm, reward_scaling)
-    assert torch.equal(observation_norm.loc, torch.zeros(3)) and torch.equal(observation_norm.scale, torch.ones(3))
-    assert reward_scaling.scale.item() == 1.0
-    on.apply(observation_norm, reward_scaling)
-    torch.testing.assert_close(observation_norm.loc, batch["observation"].reshape(-1, 3).mean(0))
-    assert reward_scaling.scale.item() != 1.0
+    normalizer = ObservationNormalizer(3)
+    off.apply(normalizer)
+    assert torch.equal(normalizer.loc, torch.zeros(3)) and torch.equal(normalizer.scale, torch.ones(3))
+    assert off.reward_scale().item() == 1.0
+    on.apply(normalizer)
+    torch.testing.assert_close(normalizer.loc, batch["observation"].reshape(-1, 3).mean(0))
+    assert on.reward_scale().item() != 1.0
 
 
 # --- loggers ---------------------------------------------------------------------------------------
@@ -395,14 +392,14 @@ def test_checkpoint_round_trip_holds_everything_and_loads_weights_only(tmp_path:
     assert state.checkpoint_path == tmp_path / "checkpoints" / "update_00001.pt"
     checkpoint = load_checkpoint(latest_checkpoint(tmp_path))
     assert checkpoint["counters"] == {"update": 1, "frames": 24}
-    assert set(checkpoint["rng"]) == {"torch", "env", "minibatch"}
+    assert set(checkpoint["rng"]) == {"minibatch"}
     assert checkpoint["config"]["episodes"] == 1
     clone = PPOTrainer(tiny(episodes=1), tmp_path / "other")
     clone.load_weights(checkpoint)
     for name, value in trainer.nets.actor.state_dict().items():
         assert torch.equal(value, clone.nets.actor.state_dict()[name])
-    assert torch.equal(clone.observation_norm.loc, trainer.observation_norm.loc)
-    assert torch.equal(clone.reward_scaling.scale, trainer.reward_scaling.scale)
+    assert torch.equal(clone.nets.normalizer.loc, trainer.nets.normalizer.loc)
+    assert torch.equal(clone.reward_scale, trainer.reward_scale)
 
     # A checkpoint of other networks is refused before anything of the trainer changes.
     wider = PPOTrainer(tiny(episodes=1, policy=replace(tiny().policy, hidden=2 * tiny().policy.hidden)), tmp_path / "wider")

@@ -22,10 +22,14 @@ TASK = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=2, val
 CONFIG = EnvConfig(task=TASK, core=CoreConfig(compile=False, lifecycle=LifecycleConfig(max_epochs=3)), n_envs=3, seed=4)
 
 
-def assert_same_generator(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def assert_same_generator(a: dict, b: dict) -> None:
+    """Equal generator states, nested per shard for a `ShardedEnv`."""
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        if isinstance(a[key], dict):
+            assert_same_generator(a[key], b[key])
+        else:
+            assert torch.equal(a[key], b[key]), key
 
 
 def test_a_prefetching_env_equals_one_that_draws_on_demand() -> None:

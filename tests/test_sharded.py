@@ -30,7 +30,7 @@ def test_a_sharded_batch_is_the_concatenation_of_independent_env_batches() -> No
     sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
     assert sharded.sizes == (3, 2) and sharded.batch_size == (5,)
     sharded.check_env_specs()
-    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3, seed=7)), MorphogeneticEnv(replace(CONFIG, n_envs=2, seed=8))]
+    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3), shard=0), MorphogeneticEnv(replace(CONFIG, n_envs=2), shard=1)]
     sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
 
     observation = sharded.reset()
@@ -55,7 +55,7 @@ def test_a_sharded_batch_is_the_concatenation_of_independent_env_batches() -> No
 
 def test_a_partial_reset_leaves_shards_with_no_flagged_env_untouched() -> None:
     sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
-    twin = MorphogeneticEnv(replace(CONFIG, n_envs=2, seed=8))  # shard 1, never reset
+    twin = MorphogeneticEnv(replace(CONFIG, n_envs=2), shard=1)  # never reset
     policy = RandomPolicy(torch.Generator().manual_seed(0))
     observation = policy(sharded.reset())
     twin.reset()
@@ -65,7 +65,8 @@ def test_a_partial_reset_leaves_shards_with_no_flagged_env_untouched() -> None:
     observation["_reset"] = torch.tensor([True, False, False, False, False]).unsqueeze(-1)
     reset = sharded.reset(observation)
     assert (reset["metrics", "epoch"] == torch.tensor([0, 1, 1, 1, 1])).all()
-    assert torch.equal(sharded.rng_state()["shard1"], twin.rng_state()["env"])
+    for stream in ("env", "noise"):
+        assert torch.equal(sharded.rng_state()["shard1"][stream], twin.rng_state()[stream])
     action = policy(reset)
     assert_equal(sharded.step(action)["next"][3:], twin.step(action[3:].clone())["next"])
 
@@ -78,10 +79,14 @@ def test_a_sharded_rollout_without_a_policy_draws_only_legal_ops_blueprints_and_
 def test_rng_state_round_trips_through_every_shard() -> None:
     env = ShardedEnv(CONFIG, ["cpu", "cpu", "cpu"])
     state = env.rng_state()
-    first = env.rollout(2, RandomPolicy(torch.Generator().manual_seed(1)))
+    env.rollout(2, RandomPolicy(torch.Generator().manual_seed(1)))
+    moved = env.rng_state()
     env.set_rng_state(state)
-    again = env.rollout(2, RandomPolicy(torch.Generator().manual_seed(1)))
-    assert torch.equal(first["next", "metrics", "val_loss"], again["next", "metrics", "val_loss"])
+    restored = env.rng_state()
+    for k in range(3):
+        for stream in ("env", "noise"):
+            assert not torch.equal(moved[f"shard{k}"][stream], state[f"shard{k}"][stream])
+            assert torch.equal(restored[f"shard{k}"][stream], state[f"shard{k}"][stream])
 
 
 def test_sharding_errors_and_the_single_device_case() -> None:
@@ -94,7 +99,7 @@ def test_sharding_errors_and_the_single_device_case() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpu_shards_match_their_separate_envs() -> None:
     sharded = ShardedEnv(CONFIG, ["cuda:0", "cuda:1"])
-    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3, seed=7), "cuda:0"), MorphogeneticEnv(replace(CONFIG, n_envs=2, seed=8), "cuda:1")]
+    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3), "cuda:0", shard=0), MorphogeneticEnv(replace(CONFIG, n_envs=2), "cuda:1", shard=1)]
     observation = sharded.reset()
     expected = torch.cat([env.reset().to("cuda:0") for env in separate])
     assert torch.equal(observation["observation"], expected["observation"])
