@@ -6,7 +6,8 @@ delayed launch, then collects a batch each time the trainer asks, with the weigh
 trainer sends before each. Start W of them, ranks 1 to W, by hand, with torchrun
 (`--rank $RANK`), a Kubernetes job or SLURM; `--launcher mp` starts them on the trainer's
 machine itself. Exit status: 0 after the trainer shut the run down, 1 when the worker
-failed, 3 when the trainer went away. docs/distributed.md has a two-machine walk-through.
+failed (its traceback is printed; a trainer gone during the rendezvous ends here too), 3
+when the trainer went away while the worker served. docs/distributed.md has a two-machine walk-through.
 """
 
 from __future__ import annotations

@@ -166,43 +166,50 @@ def beat_forever(host: str, port: int, rank: int, connect_timeout_s: float) -> N
 # --- the trainer's collector ---------------------------------------------------------------
 
 
+def shard_factories(config: TrainingConfig, transforms: Sequence[Transform], first_episode: int) -> list[ShardEnvFactory]:
+    """One env factory per worker of `config.collector`: shard k of the run's envs."""
+    workers = config.collector.workers
+    return [ShardEnvFactory(config.env, workers, k, first_episode, config.device, tuple(transforms)) for k in range(workers)]
+
+
 class DistributedRollouts:
-    """Dense `[N, T]` batches from `collector.workers` workers, one per call of the
-    iterator, the weights sent before each. Call `shutdown` in a `finally`: it stops the
-    workers (each exits 0) and the engine."""
+    """Dense batches from `collector.workers` workers, the weights sent before each: with
+    `shard_factories`, `[N, T]` batches equal to a local run's over that many shards.
+    Call `shutdown` in a `finally`: it stops the workers (each exits 0) and the engine."""
 
     def __init__(
         self,
-        config: TrainingConfig,
+        env_factories: Sequence[Callable[[], EnvBase]],
         policy: torch.nn.Module,
-        transforms: Sequence[Transform],
-        first_episode: int,
+        frames_per_batch: int,
         batches: int,
+        collector: CollectorConfig,
+        device: torch.device | str,
         run_dir: Path,
         send_weights: bool = True,
     ) -> None:
-        """`send_weights=False` is the control that shows the transport matters: workers
-        keep the weights of the first batch."""
-        collector = config.collector
+        """`env_factories[k]` builds worker k's env (picklable); `policy` is pickled to the
+        workers once, then its weights and buffers are sent before every batch.
+        `send_weights=False` is the control that shows the transport matters: the workers
+        keep the weights they started with."""
         require_launcher_packages(collector)
+        if len(env_factories) != collector.workers:
+            raise ValueError(f"{len(env_factories)} env factories for collector.workers={collector.workers}; pass one per worker")
         self.workers = collector.workers
-        self.device = torch.device(config.device)
+        self.device = torch.device(device)
         self.port = collector.port or free_port_block(collector.master_addr)
         world_size = self.workers + 1
         self.heartbeats = Heartbeats(collector.master_addr, self.port + 3, self.workers, collector.connect_timeout_s)
         self.processes: list[subprocess.Popen[bytes]] = []
         self._in_flight: threading.Thread | None = None
+        self._shut_down = False
         self._launch(collector, world_size, run_dir)
-        factories = [
-            ShardEnvFactory(config.env, self.workers, k, first_episode, config.device, tuple(transforms)) for k in range(self.workers)
-        ]
-        frames = config.env.n_envs * config.env.core.lifecycle.max_epochs
         self.collector: DistributedCollector = self._watched(
             lambda: DistributedCollector(
-                factories,
+                list(env_factories),
                 policy,
-                frames_per_batch=frames,
-                total_frames=frames * batches,
+                frames_per_batch=frames_per_batch,
+                total_frames=frames_per_batch * batches,
                 sync=True,
                 update_after_each_batch=send_weights,
                 launcher="submitit_delayed",
@@ -215,7 +222,6 @@ class DistributedRollouts:
         )
         self._batches = batches
         self._iterator = iter(self.collector)
-        self._shut_down = False
 
     def _launch(self, collector: CollectorConfig, world_size: int, run_dir: Path) -> None:
         addr, port = collector.master_addr, self.port
@@ -238,8 +244,8 @@ class DistributedRollouts:
             for rank in range(1, world_size):
                 executor.submit(serve, rank, world_size, addr, port, collector.connect_timeout_s)
         else:
-            lines = "\n".join("  " + " ".join(worker_command(rank, world_size, addr, port)[1:]) for rank in range(1, world_size))
-            print(f"waiting {collector.connect_timeout_s:.0f} s for {self.workers} workers; start each with python:\n{lines}", file=sys.stderr, flush=True)
+            lines = "\n".join("  python " + " ".join(worker_command(rank, world_size, addr, port)[1:]) for rank in range(1, world_size))
+            print(f"waiting {collector.connect_timeout_s:.0f} s for {self.workers} workers; start them with:\n{lines}", file=sys.stderr, flush=True)
 
     def _watched(self, call: Callable[[], T]) -> T:
         """Run a blocking engine call on a helper thread; meanwhile watch the workers."""
@@ -309,5 +315,7 @@ class DistributedRollouts:
             return
         self._shut_down = True
         self._watched(self.collector.shutdown)
-        for process in self.processes:
-            process.wait(timeout=30)
+        for rank, process in enumerate(self.processes, start=1):
+            code = process.wait(timeout=30)
+            if code != 0:
+                raise DistributedError(f"worker rank {rank} exited with status {code} after a clean shutdown (0 expected)")

@@ -46,7 +46,7 @@ from envs.sharded import ShardedEnv, build_env
 from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
 from esper_func.config import require, to_dict
-from esper_func.distributed import DistributedRollouts, require_launcher_packages
+from esper_func.distributed import DistributedRollouts, require_launcher_packages, shard_factories
 from esper_func.stages import Op
 from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from esper_func.training_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
@@ -222,10 +222,12 @@ class PPOTrainer:
         require_launcher_packages(config.collector)
         self.config = config
         self.device = canonical_device(config.device)
-        torch.manual_seed(config.env.seed)
         self.base_env = build_trainer_env(config) if env is None else env
         observation_size = self.base_env.observation_spec["observation"].shape[-1]
         model = self.base_env.model
+        # Seeded here, after the env: building env templates draws from the default
+        # generator, and the policy's initial weights must not depend on the env's layout.
+        torch.manual_seed(config.env.seed)
         self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
         self.transforms = policy_transforms(self.nets, transforms)
         self.env = TransformedEnv(self.base_env, Compose(*self.transforms))
@@ -313,7 +315,7 @@ class PPOTrainer:
         collector = self._collector(remaining)
         start = time.perf_counter()
         progress = tqdm(total=config.episodes, initial=self.state.update, desc="ppo", disable=not config.telemetry.progress_bar)
-        with self._logs() as logs, _shut_down_at_exit(collector):
+        with _shut_down_at_exit(collector), self._logs() as logs:
             for batch in collector:
                 self.state.rollout = rollout_statistics(batch, self.base_env.model.host_param_count)
                 self._log_steps(batch, logs)
@@ -341,7 +343,10 @@ class PPOTrainer:
         rollout replays the uninterrupted run's (a collector's resets before a step draw
         nothing)."""
         if self.config.collector.kind == "distributed":
-            return DistributedRollouts(self.config, self.nets.actor, self.transforms, self.state.update, batches, self.state.run_dir)
+            factories = shard_factories(self.config, self.transforms, first_episode=self.state.update)
+            return DistributedRollouts(
+                factories, self.nets.actor, self.frames_per_batch, batches, self.config.collector, self.device, self.state.run_dir
+            )
         if self.base_env.episode != self.state.update:
             self.base_env.seek_episode(self.state.update)
         return Collector(

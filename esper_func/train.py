@@ -57,7 +57,9 @@ from esper_func.training_config import (
 )
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
-COLLECTOR_FLAGS = {"kind": "collector", "workers": "workers", "launcher": "launcher", "master_addr": "master_addr", "port": "port"}
+COLLECTOR_FLAGS = {
+    "kind": "collector", "workers": "workers", "launcher": "launcher", "master_addr": "master_addr", "port": "port", "connect_timeout_s": "connect_timeout",
+}
 """`CollectorConfig` field -> CLI flag; a resumed run may change them (the batches stay the same)."""
 OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "compile_mode", "vmap_chunk_size", "amp", "seed")
 
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=LAUNCHERS, default=None, help="distributed: mp (on this machine), submitit (SLURM), delayed (started by hand)")
     parser.add_argument("--master-addr", default=None, help="distributed: this trainer's address as the workers reach it (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="distributed: rendezvous port; ports P..P+3 are used (default: a free one, mp only)")
+    parser.add_argument("--connect-timeout", type=float, default=None, help="distributed: seconds to wait for every worker to connect (default 120)")
     parser.add_argument("--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
