@@ -44,6 +44,7 @@ from torchrl.envs import Compose, EnvBase, Transform, TransformedEnv
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv
 from esper_func.config import ConfigError
+from esper_func.tasks import TaskConfig
 from esper_func.training_config import CollectorConfig, TrainingConfig
 
 PORTS_USED = 4
@@ -63,12 +64,24 @@ class DistributedError(RuntimeError):
 # --- what each worker builds ---------------------------------------------------------------
 
 
+def layout_task(task: TaskConfig) -> TaskConfig:
+    """The smallest training and validation budget of `task`: an env built with it
+    returns the same keys and shapes (they depend on the host, the slots and the
+    blueprints, not on the budget) for a small fraction of the work."""
+    budget = replace(task, batch_size=2, train_iters=1, val_batches=1)
+    return replace(budget, n_train=64, n_val=2, n_test=2) if task.name == "synthetic" else budget
+
+
 @dataclass(frozen=True)
 class ShardEnvFactory:
     """Builds worker `shard`'s env: its n_envs / workers envs of the run, starting in
     `first_episode` (a resumed run's next episode), wrapped in the policy's transforms.
-    Pickled to the worker; TorchRL also builds it once on the trainer to learn the batch
-    layout."""
+    Pickled to the worker.
+
+    TorchRL also builds worker 0's env once on the trainer (rank 0), to learn the layout
+    of a batch from one whole rollout (`DistributedCollector._make_container`). Built
+    there, the env gets `layout_task`'s budget: the main job's startup rollout took 57 s
+    with the real budget, while the workers waited."""
 
     env: EnvConfig
     workers: int
@@ -78,9 +91,10 @@ class ShardEnvFactory:
     transforms: tuple[Transform, ...]
 
     def __call__(self) -> EnvBase:
-        base = MorphogeneticEnv(
-            replace(self.env, n_envs=self.env.n_envs // self.workers), self.device, shard=self.shard, first_episode=self.first_episode
-        )
+        env = replace(self.env, n_envs=self.env.n_envs // self.workers)
+        if dist.is_initialized() and dist.get_rank() == 0:
+            env = replace(env, task=layout_task(env.task))
+        base = MorphogeneticEnv(env, self.device, shard=self.shard, first_episode=self.first_episode)
         return TransformedEnv(base, Compose(*(transform.clone() for transform in self.transforms)))
 
 
@@ -187,11 +201,13 @@ class DistributedRollouts:
         device: torch.device | str,
         run_dir: Path,
         send_weights: bool = True,
+        engine: type[DistributedCollector] = DistributedCollector,
     ) -> None:
         """`env_factories[k]` builds worker k's env (picklable); `policy` is pickled to the
         workers once, then its weights and buffers are sent before every batch.
         `send_weights=False` is the control that shows the transport matters: the workers
-        keep the weights they started with."""
+        keep the weights they started with. `engine`: TorchRL's collector class (the
+        benchmark passes one that times its phases)."""
         require_launcher_packages(collector)
         if len(env_factories) != collector.workers:
             raise ValueError(f"{len(env_factories)} env factories for collector.workers={collector.workers}; pass one per worker")
@@ -205,7 +221,7 @@ class DistributedRollouts:
         self._shut_down = False
         self._launch(collector, world_size, run_dir)
         self.collector: DistributedCollector = self._watched(
-            lambda: DistributedCollector(
+            lambda: engine(
                 list(env_factories),
                 policy,
                 frames_per_batch=frames_per_batch,

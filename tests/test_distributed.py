@@ -3,6 +3,7 @@ a local sharded run's, workers started through the entry point, and lost workers
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -15,9 +16,11 @@ import pytest
 import torch
 from tensordict import TensorDictBase
 
-from esper_func.distributed import DistributedRollouts, free_port_block, worker_command
+from envs.morphogenetic import MorphogeneticEnv
+from esper_func.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
 from esper_func.ppo import PPOTrainer
 from esper_func.training_config import CollectorConfig, TelemetryConfig, TrainingConfig
+from policies import StaticPolicy
 from tests.distributed_stub import ENVS, STEPS, StubEnvFactory, make_policy, prefer
 
 pytestmark = pytest.mark.distributed
@@ -89,18 +92,25 @@ def recorded_batches(trainer: PPOTrainer) -> list[TensorDictBase]:
 
 def test_a_distributed_run_collects_the_batches_of_a_local_run_over_as_many_shards(tmp_path: Path) -> None:
     """Two batches with a PPO update between them: the second batch was collected with
-    weights (and normalizer statistics) that only the engine carried to the workers."""
-    for name in ("local", "remote"):
+    weights (and normalizer statistics) that only the engine carried to the workers. A
+    local run resumed on workers continues exactly too."""
+    for name in ("local", "remote", "resumed"):
         (tmp_path / name).mkdir()
-    local = recorded_batches(PPOTrainer(tiny(devices=("cpu", "cpu")), tmp_path / "local"))
+    local_trainer = PPOTrainer(tiny(devices=("cpu", "cpu")), tmp_path / "local")
+    after_first: list[dict[str, object]] = []
+    local_trainer.register_hook("after_batch", lambda state: after_first.append(copy.deepcopy(local_trainer.state_dict())) if state.update == 1 else None)
+    local = recorded_batches(local_trainer)
     distributed = tiny(collector=CollectorConfig(kind="distributed", workers=2, master_addr=HOST))
     remote = recorded_batches(PPOTrainer(distributed, tmp_path / "remote"))
-    assert len(local) == len(remote) == 2
+    resumed_trainer = PPOTrainer(distributed, tmp_path / "resumed")
+    resumed_trainer.load_weights(after_first[0])
+    resumed = recorded_batches(resumed_trainer)
+    assert len(local) == len(remote) == 2 and len(resumed) == 1
     keys = ["observation", "action_noise", ("next", "reward"), ("next", "observation")]
     keys += [("action", head) for head in ("op", "slot", "blueprint", "blend")]
     keys += [("action", f"{head}_log_prob") for head in ("op", "slot", "blueprint", "blend")]
     keys += [("next", "metrics", name) for name in ("val_accuracy", "val_loss", "train_loss", "seed_params", "action_executed")]
-    for mine, theirs in zip(local, remote):
+    for mine, theirs in [*zip(local, remote), (local[1], resumed[0])]:
         assert mine.shape == theirs.shape
         for key in keys:
             torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6, msg=lambda text, key=key: f"{key}: {text}")
@@ -195,3 +205,16 @@ def test_ctrl_c_on_the_trainer_checkpoints_and_shuts_the_workers_down(tmp_path: 
     for rank in (1, 2):
         with pytest.raises(LookupError):
             find_worker(port, rank)
+
+
+def test_the_layout_env_has_the_real_envs_keys_and_shapes_for_less_work() -> None:
+    """What TorchRL's startup rollout on the trainer learns the batch layout from."""
+    config = TrainingConfig.preset("default")
+    real = MorphogeneticEnv(replace(config.env, n_envs=2))
+    layout = MorphogeneticEnv(replace(config.env, n_envs=2, task=layout_task(config.env.task)))
+    assert layout.config.task.train_iters == 1 < real.config.task.train_iters
+    shapes = [
+        {key: (value.shape, value.dtype) for key, value in env.rollout(2, StaticPolicy(), break_when_any_done=False).items(True, True)}
+        for env in (real, layout)
+    ]
+    assert shapes[0] == shapes[1]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from esper_func import collect_worker
 from esper_func.config import ConfigError, to_dict
+from esper_func.distributed import require_launcher_packages
 from esper_func.rewards import RewardConfig
 from esper_func.train import parse_args, resolve_config
-from esper_func.training_config import PRESETS, PPOConfig, TrainingConfig, load_training_config, read_training_config
+from esper_func.training_config import PRESETS, CollectorConfig, PPOConfig, TrainingConfig, load_training_config, read_training_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -118,3 +121,39 @@ def test_cli_rejects_contradictory_flags() -> None:
         parse_args(["--preset", "tiny", "--config-json", "x.json"])
     with pytest.raises(SystemExit):
         parse_args(["--resume", "runs/x", "--n-envs", "3"])
+
+
+def test_collector_settings_are_checked_with_the_fix_named() -> None:
+    base = TrainingConfig.preset("tiny")
+    distributed = CollectorConfig(kind="distributed", workers=3)
+    with pytest.raises(ConfigError, match=r"env.n_envs=4 is not a multiple of collector.workers=3.*use n_envs=3"):
+        replace(base, collector=distributed)
+    with pytest.raises(ConfigError, match="a distributed run shards the envs over workers, not devices"):
+        replace(base, collector=replace(distributed, workers=2), devices=("cpu", "cpu"))
+    with pytest.raises(ConfigError, match="a heuristic run plays locally"):
+        replace(base, controller="heuristic", collector=replace(distributed, workers=2))
+    with pytest.raises(ConfigError, match="cannot know; set --port"):
+        CollectorConfig(kind="distributed", launcher="delayed")
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        CollectorConfig(workers=0)
+    with pytest.raises(ConfigError, match="port must be in"):
+        CollectorConfig(port=65535)
+    with pytest.raises(ConfigError, match=r"needs the package submitit, missing here; pip install submitit"):
+        require_launcher_packages(CollectorConfig(kind="distributed", launcher="submitit", port=29500))
+
+
+def test_cli_collector_flags_override_the_preset_and_may_change_on_resume() -> None:
+    args = parse_args(["--preset", "tiny", "--collector", "distributed", "--workers", "2", "--launcher", "delayed", "--port", "29500", "--master-addr", "10.0.0.1", "--connect-timeout", "30"])
+    collector = resolve_config(args).collector
+    assert collector == CollectorConfig(kind="distributed", workers=2, launcher="delayed", master_addr="10.0.0.1", port=29500, connect_timeout_s=30.0)
+    assert parse_args(["--resume", "runs/x", "--collector", "distributed"]).collector == "distributed"
+
+
+def test_the_worker_entry_point_rejects_bad_ranks_naming_the_fix(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["--world-size", "3", "--master-addr", "127.0.0.1", "--port", "29500"]
+    for rank, message in (("3", "--rank must be in 1..2"), ("0", "--rank must be in 1..2"), ("x", "integer or 'env'"), ("env", "reads the environment variable RANK")):
+        with pytest.raises(SystemExit):
+            collect_worker.main(["--rank", rank, *common])
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    assert collect_worker.resolve_rank(argparse.ArgumentParser(), "env") == 2
