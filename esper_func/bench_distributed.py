@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from tensordict import TensorDictBase
 from torchrl.collectors import Collector
 from torchrl.collectors.distributed import DistributedCollector
 
+from esper_func.bench_report import device_name
 from esper_func.distributed import DistributedRollouts, shard_factories
 from esper_func.ppo import PPOTrainer
 from esper_func.training_config import CollectorConfig, TelemetryConfig, TrainingConfig
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         record = {
             "command": "python -m esper_func.bench_distributed " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__},
+            "machine": {"processor": device_name(torch.device("cpu")), "cpus": os.cpu_count(), "torch": torch.__version__},
             "torch_threads_trainer": torch.get_num_threads(),
             "local": {**asdict(here), "steady_env_steps_per_s": here.steady_env_steps_per_s, "overall_env_steps_per_s": here.overall_env_steps_per_s},
             "distributed": {

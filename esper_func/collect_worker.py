@@ -21,7 +21,7 @@ import traceback
 import torch
 from torchrl.collectors.distributed.generic import _distributed_init_delayed
 
-from esper_func.distributed import beat_forever
+from esper_func.distributed import ENGINE_ERRORS, beat_forever
 
 
 def serve(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
@@ -40,6 +40,22 @@ def resolve_rank(parser: argparse.ArgumentParser, rank: str) -> int:
     if not rank.isdigit():
         parser.error(f"--rank must be an integer or 'env', got {rank!r}")
     return int(rank)
+
+
+def serve_then_exit(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
+    """`serve`, then end the process with status 0 (a SLURM job submitted by the
+    `submitit` launcher): see `exit_now`."""
+    serve(rank, world_size, master_addr, port, connect_timeout_s)
+    exit_now(0)
+
+
+def exit_now(code: int) -> None:
+    """Flush and end the process. Not `sys.exit`: in TorchRL 0.14.1 the weight-sync thread
+    aborts the interpreter's normal exit (SIGABRT), which would turn a clean shutdown into
+    status 134."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,16 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         serve(args.rank, args.world_size, args.master_addr, args.port, args.connect_timeout)
-    except Exception:  # a worker reports whatever stopped it, then exits 1
+    except ENGINE_ERRORS:  # what stopped the worker, then status 1
         traceback.print_exc()
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Not sys.exit: in TorchRL 0.14.1 the weight-sync thread aborts the interpreter's
-    # normal exit (SIGABRT), which would turn a clean shutdown into status 134.
-    os._exit(code)
+    exit_now(main())

@@ -266,7 +266,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class GovernorConfig:
-    """Health checks and rollbacks (DESIGN.md, Governor). Loss thresholds are multiples of
+    """Health checks and rollbacks (docs/reliability.md). Loss thresholds are multiples of
     the task's random-guess loss ln(classes), so one config fits CIFAR (ln 10) and a
     50k-token vocabulary (ln 50257) alike; the reference used 12.0 and ln 10 for every task."""
 

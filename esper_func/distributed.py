@@ -53,6 +53,8 @@ HEARTBEAT_PERIOD_S = 1.0
 STALE_AFTER_S = 10.0
 """A connected worker whose heartbeat has not ticked for this long is lost."""
 POLL_S = 0.25
+ENGINE_ERRORS = (RuntimeError, OSError, ValueError, TypeError, KeyError)
+"""What TorchRL and torch.distributed raise (their `DistError`s are RuntimeErrors)."""
 
 T = TypeVar("T")
 
@@ -242,7 +244,7 @@ class DistributedRollouts:
     def _launch(self, collector: CollectorConfig, world_size: int, run_dir: Path) -> None:
         addr, port = collector.master_addr, self.port
         if collector.launcher == "mp":
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            threads = collector.worker_threads or max(1, (os.cpu_count() or 1) // self.workers)
             for rank in range(1, world_size):
                 # A session of its own: a Ctrl-C in the trainer's terminal reaches the trainer
                 # alone, which then stops the workers cleanly.
@@ -250,7 +252,7 @@ class DistributedRollouts:
         elif collector.launcher == "submitit":
             import submitit  # checked by require_launcher_packages
 
-            from esper_func.collect_worker import serve
+            from esper_func.collect_worker import serve_then_exit
 
             executor = submitit.AutoExecutor(folder=run_dir / "slurm")
             slurm = {"timeout_min": collector.slurm_timeout_min, "cpus_per_task": collector.slurm_cpus_per_task}
@@ -258,7 +260,7 @@ class DistributedRollouts:
                 slurm["slurm_partition"] = collector.slurm_partition
             executor.update_parameters(**slurm)
             for rank in range(1, world_size):
-                executor.submit(serve, rank, world_size, addr, port, collector.connect_timeout_s)
+                executor.submit(serve_then_exit, rank, world_size, addr, port, collector.connect_timeout_s)
         else:
             lines = "\n".join("  python " + " ".join(worker_command(rank, world_size, addr, port)[1:]) for rank in range(1, world_size))
             print(f"waiting {collector.connect_timeout_s:.0f} s for {self.workers} workers; start them with:\n{lines}", file=sys.stderr, flush=True)
@@ -270,7 +272,7 @@ class DistributedRollouts:
         def run() -> None:
             try:
                 outcome["value"] = call()
-            except BaseException as error:  # handed to the caller's thread below
+            except ENGINE_ERRORS as error:  # handed to the caller's thread below
                 outcome["error"] = error
 
         thread = threading.Thread(target=run, name="esper-distributed-engine", daemon=True)
@@ -284,6 +286,9 @@ class DistributedRollouts:
                     self._abort()
                     raise DistributedError(problem)
         self._in_flight = None
+        if not outcome:  # an error outside ENGINE_ERRORS: threading printed its traceback
+            self._abort()
+            raise DistributedError("the distributed collector's thread died; its traceback is printed above")
         if "error" in outcome:
             problem = self._problem_after_error()
             self._abort()

@@ -12,8 +12,8 @@ optimizer (momentum) state are restored from its snapshot, every other seed is c
 (live ones, and any fossilized since the snapshot, which trained against a host that no
 longer exists), and its metrics become the snapshot's. Snapshots are taken every
 `snapshot_every` epochs, only after the epoch's check passed with no spike pending, so a
-snapshot never holds weights that were not checked (the reference took it before the
-check: P8). Everything is `torch.where` over envs: no host reads, other envs untouched.
+snapshot never holds weights that were not checked (esper-lite took it before the
+check). Everything is `torch.where` over envs: no host reads, other envs untouched.
 
 State keys under `"governor"` (batch `[N]`):
 

@@ -4,7 +4,7 @@ One env step is `apply_action` -> `train_epoch` -> `evaluate` -> `tick`. Both fu
 here take a state and return a new one; inputs are never modified. Every decision is a
 tensor expression over all envs and slots (no Python branch on data, no host sync).
 
-Transitions (DESIGN.md, Lifecycle):
+Transitions (docs/architecture.md has the diagram and the rules):
 - action: GERMINATE (DORMANT slot) -> GERMINATED with a fresh seed and optimizer state;
   CULL (live stage, age >= min_cull_age) -> CULLED; FOSSILIZE (PROBATIONARY and G5:
   smoothed contribution >= fossilize_min_contribution) -> FOSSILIZED. An action that is not legal

@@ -91,7 +91,7 @@ class MorphogeneticNet(nn.Module):
         alpha: torch.Tensor,
         plan: SlotPlan,
     ) -> torch.Tensor:
-        """The morphogenetic forward at one slot (see DESIGN.md, Lifecycle)."""
+        """The morphogenetic forward at one slot (docs/architecture.md, where each lifecycle stage lives)."""
         bank = self.banks[s]
         seed_input = torch.where(detach, h.detach(), h)
         seed = None

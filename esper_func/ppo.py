@@ -56,7 +56,7 @@ HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", 
 SCALED_REWARD = "reward_scaled"
 MIN_OBSERVATION_STD = 0.1
 """Floor of the normalizer's std: features live in [-1, 1], so a near-constant feature is
-amplified at most 10x instead of saturating (reference pitfall P15)."""
+amplified at most 10x instead of saturating."""
 
 
 # --- normalizers -------------------------------------------------------------------------

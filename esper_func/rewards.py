@@ -104,7 +104,8 @@ class RewardConfig:
     """Reward family, ablation switches and every constant of the formulas.
 
     Magnitudes are non-negative; the sign of each term is in its formula (module
-    docstring). Reference (esper-lite DEC) values, linear probation penalty from JAN.
+    docstring). esper-lite's values, with a probation penalty linear (and capped) in the
+    epochs past the grace period.
     """
 
     family: str = "shaped"
@@ -115,7 +116,7 @@ class RewardConfig:
     pbrs: bool = True
     terminal: bool = True
     anti_gaming: bool = True
-    """The ratio penalty `q` of attribution (JAN's disable_anti_gaming turns it off)."""
+    """The ratio penalty `q` of attribution (off: no penalty)."""
 
     attribution_weight: float = 1.0
     proxy_weight: float = 0.0
@@ -123,7 +124,7 @@ class RewardConfig:
     not measured. The reference paid 0.3; here 0: a TRAINING seed's output is the host's
     own (gradient isolation), its contribution is exactly 0, so it cannot have caused the
     gain, and paying it taught PPO to keep many seeds in TRAINING and cull them before they
-    are measured (45 germinated, 0 fossilized in the issue-4 default run)."""
+    are measured (45 germinated, 0 fossilized in an early default run)."""
     discount_steepness: float = 10.0
     ratio_penalty_min_contribution: float = 1.0
     ratio_penalty_min_discount: float = 0.5

@@ -22,7 +22,7 @@ expression (no host sync), so it runs inside the compiled end-of-epoch step.
 | `val_loss_history` | `[N, H]` | float32 | last H validation losses, oldest first; left-padded with 0 while `epochs_seen < H` (the last `min(epochs_seen, H)` entries are real) |
 | `val_acc_history` | `[N, H]` | float32 | likewise for accuracies (percent) |
 
-H = `SignalConfig.history`. Differences from the reference tracker (DEC): one window H for
+H = `SignalConfig.history`. Differences from esper-lite's signal tracker: one window H for
 both the histories and `best_val_loss` (the reference keeps 10 and exposes 5); no `+inf`
 previous loss (the `has_prev` flag instead), so the first epoch's deltas are 0 rather than
 `+inf` and `val_acc` (its previous accuracy started at 0).

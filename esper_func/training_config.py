@@ -143,6 +143,10 @@ class CollectorConfig:
     port: int = 0
     """The rendezvous port; TorchRL also uses port + 1 (its store). 0: a free port, for
     `mp` only (hand-started or SLURM workers must be told the port)."""
+    worker_threads: int = 0
+    """`mp` only: torch threads per worker (0: this machine's cores divided by the workers).
+    Workers and a local run give bit-identical batches at equal thread counts, and equal
+    to float rounding otherwise."""
     connect_timeout_s: float = 120.0
     """How long the trainer waits for every worker to connect, and for a worker's part of
     a batch after the first one arrived, before it stops with an error naming the rank."""
@@ -155,6 +159,7 @@ class CollectorConfig:
         require(self.kind in COLLECTORS, f"CollectorConfig.kind must be one of {list(COLLECTORS)}, got {self.kind!r}")
         require(self.launcher in LAUNCHERS, f"CollectorConfig.launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
         require(self.workers >= 1, f"CollectorConfig.workers must be >= 1, got {self.workers}")
+        require(self.worker_threads >= 0, f"CollectorConfig.worker_threads must be >= 0 (0: cores / workers), got {self.worker_threads}")
         require(0 <= self.port <= 65534, f"CollectorConfig.port must be in [0, 65534] (port + 1 is used too), got {self.port}")
         require(
             self.port != 0 or self.launcher == "mp" or self.kind == "local",

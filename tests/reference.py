@@ -3,8 +3,8 @@
 One `RefEnv` is one environment written the ordinary PyTorch way: a host `nn.Module`, one
 blueprint module per seeded slot (plus a `BlendGate` when gated), a Python `if` per stage,
 `torch.optim.SGD` and `clip_grad_norm_`. No vmap, no functional_call, no stage tables from
-the core: the per-stage forward is spelled out here from the specification (DESIGN.md,
-Lifecycle), so a disagreement with the vectorized core points at one of the two.
+the core: the per-stage forward is spelled out here from the rules (docs/architecture.md,
+where each lifecycle stage lives), so a disagreement with the vectorized core points at one of the two.
 
 Forward at a slot, host features `h`, seed `s = blueprint(x_s)`:
 - GERMINATED, TRAINING: `x_s = h.detach()`, out = `h + (s - s.detach())`; the seed is not

@@ -26,7 +26,7 @@ CONFIG = GovernorConfig()
 
 
 class RefGovernor:
-    """One env's governor as plain Python, written from the rules in DESIGN.md."""
+    """One env's governor as plain Python, written from the rules in docs/reliability.md."""
 
     def __init__(self, config: GovernorConfig, guess: float) -> None:
         self.config, self.guess = config, guess

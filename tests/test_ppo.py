@@ -26,7 +26,6 @@ from esper_func.ppo import (
     TrainerState,
     detect_anomalies,
     flat_hparams,
-    policy_env,
 )
 from esper_func.stages import Op
 from esper_func.training_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
