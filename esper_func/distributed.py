@@ -15,7 +15,7 @@ processes, exactly as on a cluster, and TorchRL's delayed launch hands them thei
 Watching the workers: each worker ticks a heartbeat counter in a small store the trainer
 hosts (port + 3) once a second. The trainer runs the blocking TorchRL calls on a helper
 thread and, while it waits, checks that every rank connected within
-`CollectorConfig.connect_timeout_s` and still ticks; a rank that never connected, died
+`CollectorConfig.connect_timeout_s` and ticked within `heartbeat_timeout_s`; a rank that never connected, died
 or hung stops the run with a `DistributedError` that names it, instead of a hang (gloo
 alone waits 1000 days for a hung peer). Ports: `port` (rendezvous), port + 1 (TorchRL's
 store), port + 2 (TorchRL's weight sync), port + 3 (heartbeats).
@@ -50,8 +50,6 @@ from esper_func.training_config import CollectorConfig, TrainingConfig
 PORTS_USED = 4
 """`port` to `port + 3`: rendezvous, TorchRL's store, TorchRL's weight sync, heartbeats."""
 HEARTBEAT_PERIOD_S = 1.0
-STALE_AFTER_S = 10.0
-"""A connected worker whose heartbeat has not ticked for this long is lost."""
 POLL_S = 0.25
 ENGINE_ERRORS = (RuntimeError, OSError, ValueError, TypeError, KeyError)
 """What TorchRL and torch.distributed raise (their `DistError`s are RuntimeErrors)."""
@@ -142,10 +140,11 @@ def require_launcher_packages(collector: CollectorConfig) -> None:
 class Heartbeats:
     """The trainer's view of the workers' heartbeat counters (a TCPStore it hosts)."""
 
-    def __init__(self, host: str, port: int, workers: int, connect_timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, workers: int, connect_timeout_s: float, heartbeat_timeout_s: float) -> None:
         self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
         self.workers = workers
         self.connect_timeout_s = connect_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.started = time.monotonic()
         self.seen: dict[int, tuple[int, float]] = {}
 
@@ -161,7 +160,7 @@ class Heartbeats:
             previous = self.seen.get(rank)
             if previous is None or previous[0] != count:
                 self.seen[rank] = (count, now)
-            elif now - previous[1] > STALE_AFTER_S:
+            elif now - previous[1] > self.heartbeat_timeout_s:
                 return f"worker rank {rank} stopped: no heartbeat for {now - previous[1]:.0f} s (it died, hung or lost the network)"
         return None
 
@@ -217,7 +216,9 @@ class DistributedRollouts:
         self.device = torch.device(device)
         self.port = collector.port or free_port_block(collector.master_addr)
         world_size = self.workers + 1
-        self.heartbeats = Heartbeats(collector.master_addr, self.port + 3, self.workers, collector.connect_timeout_s)
+        self.heartbeats = Heartbeats(
+            collector.master_addr, self.port + 3, self.workers, collector.connect_timeout_s, collector.heartbeat_timeout_s
+        )
         self.processes: list[subprocess.Popen[bytes]] = []
         self._in_flight: threading.Thread | None = None
         self._shut_down = False
@@ -306,8 +307,8 @@ class DistributedRollouts:
 
     def _problem_after_error(self) -> str | None:
         """The rank behind an engine error: a lost peer shows as a stale heartbeat within
-        `STALE_AFTER_S`."""
-        deadline = time.monotonic() + STALE_AFTER_S + 2 * HEARTBEAT_PERIOD_S
+        the heartbeat timeout."""
+        deadline = time.monotonic() + self.heartbeats.heartbeat_timeout_s + 2 * HEARTBEAT_PERIOD_S
         while time.monotonic() < deadline:
             problem = self._problem()
             if problem is not None:

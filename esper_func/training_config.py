@@ -148,8 +148,11 @@ class CollectorConfig:
     Workers and a local run give bit-identical batches at equal thread counts, and equal
     to float rounding otherwise."""
     connect_timeout_s: float = 120.0
-    """How long the trainer waits for every worker to connect, and for a worker's part of
-    a batch after the first one arrived, before it stops with an error naming the rank."""
+    """How long the trainer waits for every worker to connect before it stops with an
+    error naming the rank."""
+    heartbeat_timeout_s: float = 10.0
+    """A connected worker whose heartbeat (a tick a second) has been quiet this long is
+    lost (dead, hung or cut off): the trainer stops with an error naming it."""
     slurm_partition: str = ""
     """`submitit` only: the SLURM partition (empty: the cluster's default)."""
     slurm_timeout_min: int = 60
@@ -166,6 +169,10 @@ class CollectorConfig:
             f"CollectorConfig.port=0 picks a free port, which workers started by {self.launcher!r} cannot know; set --port",
         )
         require(self.connect_timeout_s > 0, f"CollectorConfig.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        require(
+            self.heartbeat_timeout_s >= 3.0,
+            f"CollectorConfig.heartbeat_timeout_s must be >= 3 (workers tick once a second), got {self.heartbeat_timeout_s}",
+        )
         require(self.slurm_timeout_min >= 1 and self.slurm_cpus_per_task >= 1, "CollectorConfig.slurm_timeout_min and slurm_cpus_per_task must be >= 1")
 
 

@@ -19,7 +19,7 @@ from tensordict import TensorDictBase
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
 from esper_func.ppo import PPOTrainer
-from esper_func.training_config import CollectorConfig, TelemetryConfig, TrainingConfig
+from esper_func.training_config import CollectorConfig, TelemetryConfig, TrainingConfig, write_training_config
 from policies import StaticPolicy
 from tests.distributed_stub import ENVS, STEPS, StubEnvFactory, make_policy, prefer
 
@@ -220,3 +220,30 @@ def test_the_layout_env_has_the_real_envs_keys_and_shapes_for_less_work() -> Non
         for env in (real, layout)
     ]
     assert shapes[0] == shapes[1]
+
+
+def test_a_hung_worker_is_found_by_its_heartbeat(tmp_path: Path) -> None:
+    """A stopped (SIGSTOP) worker is alive to the OS and silent to gloo, which would wait
+    for it for 1000 days: its heartbeat going quiet stops the run, naming it."""
+    port = free_port_block(HOST)
+    run_dir = tmp_path / "run"
+    config = TrainingConfig.preset("tiny")
+    config = replace(config, collector=CollectorConfig(kind="distributed", workers=2, master_addr=HOST, port=port, heartbeat_timeout_s=3.0))
+    config_json = tmp_path / "config.json"
+    write_training_config(config, config_json)
+    command = [sys.executable, "-m", "esper_func.train", "--config-json", str(config_json), "--episodes", "4"]
+    command += ["--run-dir", str(run_dir), "--logger", "none", "--no-progress"]
+    trainer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (run_dir / "checkpoints" / "update_00001.pt").exists():
+            assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
+            time.sleep(0.2)
+        os.kill(find_worker(port, 2), signal.SIGSTOP)
+        _, stderr = trainer.communicate(timeout=60)
+    finally:
+        trainer.kill()
+    assert trainer.returncode == 1, stderr
+    assert "worker rank 2 stopped: no heartbeat for" in stderr, stderr
+    with pytest.raises(LookupError):
+        find_worker(port, 2)  # the trainer ended it

@@ -138,6 +138,10 @@ def test_collector_settings_are_checked_with_the_fix_named() -> None:
         CollectorConfig(workers=0)
     with pytest.raises(ConfigError, match="port must be in"):
         CollectorConfig(port=65535)
+    with pytest.raises(ConfigError, match="heartbeat_timeout_s must be >= 3"):
+        CollectorConfig(heartbeat_timeout_s=1.0)
+    with pytest.raises(ConfigError, match="worker_threads must be >= 0"):
+        CollectorConfig(worker_threads=-1)
     with pytest.raises(ConfigError, match=r"needs the package submitit, missing here; pip install submitit"):
         require_launcher_packages(CollectorConfig(kind="distributed", launcher="submitit", port=29500))
 
