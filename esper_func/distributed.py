@@ -4,7 +4,8 @@ Worker k (rank k + 1 of torch.distributed's world of W + 1; the trainer is rank 
 shard k of the run's `env.n_envs` envs: a `MorphogeneticEnv` of n_envs / W envs with
 shard index k, whose random streams are keyed by (seed, k, episode) (`esper_func.seeding`),
 and samples actions with the policy and the env's noise. So a batch gathered from W
-workers equals a local run's over W shards (`envs.ShardedEnv`), value for value.
+workers equals a local run's over W shards (`envs.ShardedEnv`), value for value (bit for
+bit at equal torch thread counts).
 
 What travels through the engine: the env factory and a pickled copy of the actor once,
 at the start; then, before every batch, the actor's weights and buffers (the observation
@@ -15,9 +16,9 @@ processes, exactly as on a cluster, and TorchRL's delayed launch hands them thei
 Watching the workers: each worker ticks a heartbeat counter in a small store the trainer
 hosts (port + 3) once a second. The trainer runs the blocking TorchRL calls on a helper
 thread and, while it waits, checks that every rank connected within
-`CollectorConfig.connect_timeout_s` and ticked within `heartbeat_timeout_s`; a rank that never connected, died
-or hung stops the run with a `DistributedError` that names it, instead of a hang (gloo
-alone waits 1000 days for a hung peer). Ports: `port` (rendezvous), port + 1 (TorchRL's
+`CollectorConfig.connect_timeout_s` and ticked within `heartbeat_timeout_s`; a rank that
+never connected, died or hung stops the run with a `DistributedError` that names it,
+instead of a hang (gloo alone waits 1000 days for a hung peer). Ports: `port` (rendezvous), port + 1 (TorchRL's
 store), port + 2 (TorchRL's weight sync), port + 3 (heartbeats).
 """
 
