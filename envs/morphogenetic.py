@@ -60,7 +60,7 @@ from esper_func.memory import MemoryEstimate, available_memory, check_fits, esti
 from esper_func.model import Model, build_model
 from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, reward_tables, total
 from esper_func.signals import SignalConfig, init_signals, update_signals
-from esper_func.stages import BlendMode, Op, preload_tables, stage_lookup
+from esper_func.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
 from esper_func.state import init_state, seed_param_count
 from esper_func.step import Steps, env_step
 from esper_func.evaluation import evaluate
@@ -387,7 +387,7 @@ class MorphogeneticEnv(EnvBase):
         return out
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = TensorDict({head: tensordict["action", head] for head in ("op", "slot", "blueprint", "blend")}, batch_size=self.batch_size)
+        action = TensorDict({head: tensordict["action", head] for head in ACTION_HEADS}, batch_size=self.batch_size)
         prev = self.state
         batches = self.batches.take()
         state, metrics = env_step(self.steps, prev, action, batches, self.generator)

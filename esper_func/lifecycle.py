@@ -29,9 +29,6 @@ from esper_func.initialization import draw_parameters
 from esper_func.model import Model
 from esper_func.stages import COUNTS_AGE, LIVE, BlendMode, Op, Stage, stage_lookup
 
-ACTION_KEYS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
-"""An action is a TensorDict `[N]` of int64 heads with these keys."""
-
 
 def _record_transition(slots: TensorDict, changed: torch.Tensor, new_stage: torch.Tensor, accuracy: torch.Tensor) -> TensorDict:
     """Stage bookkeeping shared by every transition: previous stage, its epochs, baselines."""

@@ -47,10 +47,10 @@ from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
 from esper_func.config import require, to_dict
 from esper_func.distributed import DistributedRollouts, require_launcher_packages, shard_factories
-from esper_func.stages import Op
 from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from esper_func.training_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
-from policies.ppo import ENTROPY_KEYS, HEADS, LOG_PROB_KEYS, ActorCritic, ObservationNormalizer, make_actor_critic
+from esper_func.stages import ACTION_HEADS, Op
+from policies.ppo import ENTROPY_KEYS, LOG_PROB_KEYS, ActorCritic, ObservationNormalizer, make_actor_critic
 
 HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
 SCALED_REWARD = "reward_scaled"
@@ -239,7 +239,7 @@ class PPOTrainer:
             self.nets.actor,
             self.nets.critic,
             clip_epsilon=ppo.clip_epsilon,
-            entropy_coeff={key: weights[head] for key, head in zip(ENTROPY_KEYS, HEADS)},
+            entropy_coeff={key: weights[head] for key, head in zip(ENTROPY_KEYS, ACTION_HEADS)},
             critic_coeff=ppo.critic_coeff,
             clip_value=ppo.value_clip if ppo.value_clip > 0 else False,
             normalize_advantage=False,
@@ -416,7 +416,7 @@ class PPOTrainer:
             if stopped_at is not None:
                 break
         names = ["loss_objective", "loss_critic", "loss_entropy", "kl_approx", "clip_fraction", "explained_variance", "grad_norm"]
-        names += [f"entropy_{head}" for head in HEADS]
+        names += [f"entropy_{head}" for head in ACTION_HEADS]
         # One read-back per update; no loss statistics when the KL stop fired before any step.
         stats: dict[str, Any] = dict(zip(names, torch.stack(records).mean(0).tolist())) if records else {}
         stats.update(
@@ -514,7 +514,7 @@ def ratio_diagnostics(nets: ActorCritic, batch: TensorDictBase, recurrent: bool,
                 "env": env,
                 "epoch": t,
                 "ratio": ratio[env, t].item(),
-                "action": {head: int(batch["action", head][env, t]) for head in HEADS},
+                "action": {head: int(batch["action", head][env, t]) for head in ACTION_HEADS},
             }
             for env, t in bad.nonzero().tolist()[:20]
         ]

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from esper_func.stages import ACTION_HEADS
+
 _MASK64 = (1 << 64) - 1
 
 ACTION_NOISE = "action_noise"
 """The env's key for the policy's sampling noise, `[N, ACTION_NOISE_SIZE]` in (0, 1]."""
-ACTION_NOISE_SIZE = 4
-"""One uniform per action head: op, slot, blueprint, blend."""
+ACTION_NOISE_SIZE = len(ACTION_HEADS)
+"""One uniform per action head (`stages.ACTION_HEADS`)."""
 
 
 class Stream(IntEnum):

@@ -37,6 +37,10 @@ class BlendMode(IntEnum):
     GATED = 2
 
 
+ACTION_HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
+"""An action is a TensorDict `[N]` of int64 heads with these keys, in this order: the op,
+the slot it acts on, and for GERMINATE the blueprint and the blend mode."""
+
 SLOT_NAMES: tuple[str, ...] = ("early", "mid", "late")
 """Canonical slot order; slot index = position in this tuple."""
 

@@ -19,7 +19,7 @@ import torch
 from tensordict import TensorDictBase
 
 from esper_func.governor import Panic
-from esper_func.stages import Op, Stage
+from esper_func.stages import ACTION_HEADS, Op, Stage
 
 SLOT_NAMES_BY_INDEX = ("early", "mid", "late")
 
@@ -151,5 +151,5 @@ def step_record(step: TensorDictBase, episode: int) -> dict[str, Any]:
         record[key] = nxt["metrics", key].tolist()
     record["reward"] = nxt["reward"].squeeze(-1).tolist()
     record["reward_components"] = {name: value.tolist() for name, value in nxt["reward_components"].items()}
-    record["action"] = {head: step["action", head].tolist() for head in ("op", "slot", "blueprint", "blend")}
+    record["action"] = {head: step["action", head].tolist() for head in ACTION_HEADS}
     return record

@@ -21,6 +21,7 @@ import torch
 from envs.morphogenetic import EnvConfig
 from esper_func.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, require, require_fields, to_dict
 from esper_func.rewards import RewardConfig
+from esper_func.stages import ACTION_HEADS
 from esper_func.tasks import TaskConfig
 from policies.ppo import PolicyConfig
 
@@ -85,8 +86,7 @@ class PPOConfig:
         require_fields(self, ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"), lambda value: value > 0.0, "> 0")
         require_fields(self, ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"), lambda value: value >= 0, ">= 0")
         require_fields(self, ("epochs", "minibatches"), lambda value: value >= 1, ">= 1")
-        heads = ("op", "slot", "blueprint", "blend")
-        require_fields(self, tuple(f"entropy_weight_{head}" for head in heads), lambda value: value >= 0, ">= 0")
+        require_fields(self, tuple(f"entropy_weight_{head}" for head in ACTION_HEADS), lambda value: value >= 0, ">= 0")
 
     def entropy_at(self, update: int) -> float:
         """Entropy weight at update `update` (0-based): linear from start to end, then constant."""

@@ -17,11 +17,10 @@ from tensordict.nn import TensorDictModuleBase
 from esper_func.blueprints import Topology, catalogue
 from esper_func.masks import EXCLUDED_BLUEPRINTS
 from esper_func.config import ConfigError
-from esper_func.stages import LIVE, BlendMode, Op, Stage, stage_lookup
+from esper_func.stages import ACTION_HEADS, LIVE, BlendMode, Op, Stage, stage_lookup
 
-HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
-ACTION_KEYS = [("action", head) for head in HEADS]
-MASK_KEYS = [("action_mask", head) for head in HEADS]
+ACTION_KEYS = [("action", head) for head in ACTION_HEADS]
+MASK_KEYS = [("action_mask", head) for head in ACTION_HEADS]
 
 
 def first_true(mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ class StaticPolicy(TensorDictModuleBase):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         op_mask = tensordict["action_mask", "op"]
         zeros = torch.zeros(op_mask.shape[:-1], dtype=torch.int64, device=op_mask.device)
-        for head in HEADS:
+        for head in ACTION_HEADS:
             tensordict["action", head] = zeros
         return tensordict
 

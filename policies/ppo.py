@@ -39,12 +39,11 @@ from torchrl.modules import LSTMModule, ValueOperator
 
 from esper_func.config import require_fields
 from esper_func.seeding import ACTION_NOISE
-from esper_func.stages import BlendMode, Op
+from esper_func.stages import ACTION_HEADS, BlendMode, Op
 
-HEADS: tuple[str, ...] = ("op", "slot", "blueprint", "blend")
-ACTION_KEYS: list[tuple[str, str]] = [("action", head) for head in HEADS]
-LOG_PROB_KEYS: list[tuple[str, str]] = [("action", f"{head}_log_prob") for head in HEADS]
-ENTROPY_KEYS: list[tuple[str, str]] = [("action", f"{head}_entropy") for head in HEADS]
+ACTION_KEYS: list[tuple[str, str]] = [("action", head) for head in ACTION_HEADS]
+LOG_PROB_KEYS: list[tuple[str, str]] = [("action", f"{head}_log_prob") for head in ACTION_HEADS]
+ENTROPY_KEYS: list[tuple[str, str]] = [("action", f"{head}_entropy") for head in ACTION_HEADS]
 NORMALIZED_OBSERVATION = "observation_norm"
 
 
@@ -256,7 +255,7 @@ class ActionHeads(nn.Module):
         self.heads = nn.ModuleDict({name: _head(embedding, hidden, size, 0.01) for name, size in sizes.items()})
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.heads[name](embedding) for name in HEADS)
+        return tuple(self.heads[name](embedding) for name in ACTION_HEADS)
 
 
 def _lstm_module(input_size: int, hidden: int) -> LSTMModule:
@@ -303,10 +302,10 @@ def make_actor_critic(
         embedding_size = config.lstm_hidden
     else:
         modules.append(TensorDictModule(nn.Identity(), ["features"], ["embedding"]))
-    logit_keys = [("params", f"{head}_logits") for head in HEADS]
+    logit_keys = [("params", f"{head}_logits") for head in ACTION_HEADS]
     modules.append(TensorDictModule(ActionHeads(embedding_size, config.head_hidden, n_slots, n_blueprints), ["embedding"], logit_keys))
     dist_inputs = {}
-    for head, logit_key in zip(HEADS, logit_keys):
+    for head, logit_key in zip(ACTION_HEADS, logit_keys):
         dist_inputs[f"{head}_logits"] = logit_key
         dist_inputs[f"{head}_mask"] = ("action_mask", head)
     dist_inputs["noise"] = ACTION_NOISE

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from esper_func.config import CNNHostConfig, CoreConfig, LifecycleConfig, TransformerHostConfig
-from esper_func.lifecycle import ACTION_KEYS, action_legality, apply_action, tick
+from esper_func.lifecycle import action_legality, apply_action, tick
+from esper_func.stages import ACTION_HEADS
 from esper_func.masks import action_masks, check_masks
 from esper_func.model import Model, build_model
 from esper_func.stages import BlendMode, Op, Stage
@@ -57,7 +58,7 @@ lifecycle_configs = st.builds(
 
 def make_action(rows: list[tuple[int, int, int, int]]) -> TensorDict:
     columns = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).T
-    return TensorDict(dict(zip(ACTION_KEYS, columns)), batch_size=[len(rows)])
+    return TensorDict(dict(zip(ACTION_HEADS, columns)), batch_size=[len(rows)])
 
 
 def sample_from_masks(rng: random.Random, masks: TensorDict) -> list[tuple[int, int, int, int]]:
