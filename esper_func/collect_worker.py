@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import traceback
 
 import torch
 from torchrl.collectors.distributed.generic import _distributed_init_delayed
 
-from esper_func.distributed import ENGINE_ERRORS, beat_forever
+from esper_func.distributed import ENGINE_ERRORS, beat_forever, exit_now
 
 
 def serve(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
@@ -44,18 +43,9 @@ def resolve_rank(parser: argparse.ArgumentParser, rank: str) -> int:
 
 def serve_then_exit(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
     """`serve`, then end the process with status 0 (a SLURM job submitted by the
-    `submitit` launcher): see `exit_now`."""
+    `submitit` launcher; `exit_now` says why not a normal exit)."""
     serve(rank, world_size, master_addr, port, connect_timeout_s)
     exit_now(0)
-
-
-def exit_now(code: int) -> None:
-    """Flush and end the process. Not `sys.exit`: in TorchRL 0.14.1 the weight-sync thread
-    aborts the interpreter's normal exit (SIGABRT), which would turn a clean shutdown into
-    status 134."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,7 @@ POLL_S = 0.25
 ENGINE_ERRORS = (RuntimeError, OSError, ValueError, TypeError, KeyError)
 """What TorchRL and torch.distributed raise (their `DistError`s are RuntimeErrors)."""
 
+ENGINE_THREAD = "esper-distributed-engine"
 T = TypeVar("T")
 
 
@@ -179,6 +180,22 @@ def beat_forever(host: str, port: int, rank: int, connect_timeout_s: float) -> N
         os._exit(3)
 
 
+def engine_left_running() -> bool:
+    """Whether this process still holds a distributed engine that was not shut down: a
+    process group, or an engine call blocked on a lost worker. Its threads (gloo's,
+    TorchRL's weight sync) make a normal interpreter exit abort with SIGABRT."""
+    return dist.is_initialized() or any(thread.name == ENGINE_THREAD and thread.is_alive() for thread in threading.enumerate())
+
+
+def exit_now(code: int) -> None:
+    """Flush and end the process without the interpreter's teardown, which TorchRL 0.14.1's
+    weight-sync thread and a blocked engine turn into SIGABRT (status 134). Logs and
+    checkpoints are flushed when written, so nothing is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 # --- the trainer's collector ---------------------------------------------------------------
 
 
@@ -277,7 +294,7 @@ class DistributedRollouts:
             except ENGINE_ERRORS as error:  # handed to the caller's thread below
                 outcome["error"] = error
 
-        thread = threading.Thread(target=run, name="esper-distributed-engine", daemon=True)
+        thread = threading.Thread(target=run, name=ENGINE_THREAD, daemon=True)
         self._in_flight = thread
         thread.start()
         while thread.is_alive():

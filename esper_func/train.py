@@ -38,7 +38,7 @@ from esper_func.evaluate import (
 )
 from esper_func.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
 from esper_func.plots import plot_accuracy, plot_lifecycle, plot_returns
-from esper_func.distributed import DistributedError, require_launcher_packages
+from esper_func.distributed import DistributedError, engine_left_running, exit_now, require_launcher_packages
 from esper_func.ppo import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
 from esper_func.rewards import RewardConfig
 from esper_func.stages import SLOT_NAMES
@@ -291,4 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    if engine_left_running():  # a lost worker's run: see exit_now
+        exit_now(status)
+    raise SystemExit(status)
