@@ -142,12 +142,12 @@ def profile_env_steps(
             td = policy(td)
         return env.step(td)
 
-    start_rng = env.rng_state()
+    episode = env.episode
     if compile:  # the same steps once, unprofiled: every bank plan they meet gets compiled now
         policy, td = make_policy(), env.reset()
         for _ in range(warmup + steps):
             td = step_mdp(one_step(policy, td))
-        env.set_rng_state(start_rng)
+        env.seek_episode(episode)  # the same episode again (a plain reset would start the next)
     policy, td = make_policy(), env.reset()
     for _ in range(warmup):
         td = step_mdp(one_step(policy, td))

@@ -141,15 +141,20 @@ def train_command(run_dir: Path, port: int, *flags: str) -> list[str]:
     ]
 
 
+def wait_for_first_update(trainer: subprocess.Popen[str], run_dir: Path) -> None:
+    """Until the run's first checkpoint exists (the workers are then mid-run)."""
+    deadline = time.monotonic() + 90
+    while not (run_dir / "checkpoints" / "update_00001.pt").exists():
+        assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
+        time.sleep(0.2)
+
+
 def test_a_worker_killed_mid_run_stops_the_trainer_with_an_error_naming_it(tmp_path: Path) -> None:
     port = free_port_block(HOST)
     run_dir = tmp_path / "run"
     trainer = subprocess.Popen(train_command(run_dir, port, "--episodes", "4"), stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while not (run_dir / "checkpoints" / "update_00001.pt").exists():
-            assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
-            time.sleep(0.2)
+        wait_for_first_update(trainer, run_dir)
         os.kill(find_worker(port, 1), signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = trainer.communicate(timeout=60)
@@ -192,10 +197,7 @@ def test_ctrl_c_on_the_trainer_checkpoints_and_shuts_the_workers_down(tmp_path: 
     run_dir = tmp_path / "run"
     trainer = subprocess.Popen(train_command(run_dir, port, "--episodes", "6"), stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while not (run_dir / "checkpoints" / "update_00001.pt").exists():
-            assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
-            time.sleep(0.2)
+        wait_for_first_update(trainer, run_dir)
         trainer.send_signal(signal.SIGINT)
         _, stderr = trainer.communicate(timeout=90)
     finally:
@@ -235,10 +237,7 @@ def test_a_hung_worker_is_found_by_its_heartbeat(tmp_path: Path) -> None:
     command += ["--run-dir", str(run_dir), "--logger", "none", "--no-progress"]
     trainer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while not (run_dir / "checkpoints" / "update_00001.pt").exists():
-            assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
-            time.sleep(0.2)
+        wait_for_first_update(trainer, run_dir)
         os.kill(find_worker(port, 2), signal.SIGSTOP)
         _, stderr = trainer.communicate(timeout=60)
     finally:
