@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand")
     parser.add_argument(
         "--main-job", action="store_true",
-        help="also time whole episodes of the default main job's env (static and heuristic control), vmapped against packed, side by side",
+        help="also time whole episodes of the default main job's env (static and heuristic control), vmapped and packed in this process and packed over 2 worker processes, side by side",
     )
     parser.add_argument("--amp", action="store_true", help="also run the vmapped variants under bf16 autocast, and measure its accuracy effect")
     parser.add_argument("--amp-epochs", type=positive_int, help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick {QUICK_DEFAULTS['amp_epochs']})")

@@ -44,6 +44,7 @@ from torchrl.collectors.distributed import DistributedCollector
 from torchrl.envs import Compose, EnvBase, Transform, TransformedEnv
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv
+from envs.sharded import shard_sizes
 from esper_func.config import ConfigError
 from esper_func.tasks import TaskConfig
 from esper_func.training_config import CollectorConfig, TrainingConfig
@@ -60,7 +61,8 @@ T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
-    """A worker never connected, stopped, or the engine failed; the message names the rank."""
+    """A worker never connected or stopped, or the engine failed (distributed or
+    multiprocess collection); the message names what was lost."""
 
 
 # --- what each worker builds ---------------------------------------------------------------
@@ -92,8 +94,13 @@ class ShardEnvFactory:
     device: str
     transforms: tuple[Transform, ...]
 
+    @property
+    def n_envs(self) -> int:
+        """This shard's envs: `envs.ShardedEnv`'s split of the run's over `workers`."""
+        return shard_sizes(self.env.n_envs, self.workers)[self.shard]
+
     def __call__(self) -> EnvBase:
-        env = replace(self.env, n_envs=self.env.n_envs // self.workers)
+        env = replace(self.env, n_envs=self.n_envs)
         if dist.is_initialized() and dist.get_rank() == 0:
             env = replace(env, task=layout_task(env.task))
         base = MorphogeneticEnv(env, self.device, shard=self.shard, first_episode=self.first_episode)

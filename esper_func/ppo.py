@@ -25,6 +25,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,11 +43,12 @@ from torchrl.record.loggers import Logger, get_logger
 from tqdm import tqdm
 
 from envs.morphogenetic import MorphogeneticEnv, canonical_device
-from envs.sharded import ShardedEnv, build_env
+from envs.sharded import ShardedEnv, build_env, shard_sizes
 from envs.transforms import ActionMaskCheck
 from esper_func.checkpoints import CheckpointError
 from esper_func.config import require, to_dict
 from esper_func.distributed import DistributedRollouts, require_launcher_packages, shard_factories
+from esper_func.multiprocess import MultiprocessRollouts
 from esper_func.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from esper_func.training_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
 from esper_func.stages import ACTION_HEADS, Op
@@ -167,10 +169,12 @@ def policy_env(base: EnvBase, nets: ActorCritic, extra: Sequence[Transform] = ()
 
 def build_trainer_env(config: TrainingConfig) -> MorphogeneticEnv | ShardedEnv:
     """The env the trainer holds. Local collection: all `env.n_envs` envs (sharded over
-    `devices` when given). Distributed: one worker's shard, for the specs and the model
-    (the workers step the envs), which also checks that a shard fits the device."""
-    if config.collector.kind == "distributed":
-        return MorphogeneticEnv(replace(config.env, n_envs=config.env.n_envs // config.collector.workers), config.device)
+    `devices` when given). Worker processes (multiprocess, distributed): the first
+    worker's shard, for the specs and the model (the workers step the envs), which also
+    checks that a shard fits the device."""
+    if config.collector.kind != "local":
+        shard = shard_sizes(config.env.n_envs, config.collector.workers)[0]
+        return MorphogeneticEnv(replace(config.env, n_envs=shard), config.device)
     return build_env(config.env, canonical_device(config.device), config.devices)
 
 
@@ -337,16 +341,20 @@ class PPOTrainer:
         self._run_hooks("end_of_run")
         return self.state
 
-    def _collector(self, batches: int) -> Collector | DistributedRollouts:
+    def _collector(self, batches: int) -> Collector | MultiprocessRollouts | DistributedRollouts:
         """`batches` episode batches from the envs here, or from `collector.workers`
-        workers. Batch U is episode U of every env either way: a resumed run's first
+        worker processes (here or distributed). Batch U is episode U of every env either way: a resumed run's first
         rollout replays the uninterrupted run's (a collector's resets before a step draw
         nothing)."""
-        if self.config.collector.kind == "distributed":
+        collector = self.config.collector
+        if collector.kind != "local":
             factories = shard_factories(self.config, self.transforms, first_episode=self.state.update)
-            return DistributedRollouts(
-                factories, self.nets.actor, self.frames_per_batch, batches, self.config.collector, self.device, self.state.run_dir
-            )
+        if collector.kind == "multiprocess":
+            threads = collector.worker_threads or max(1, (os.cpu_count() or 1) // collector.workers)
+            sizes = [factory.n_envs for factory in factories]
+            return MultiprocessRollouts(factories, sizes, self.nets.actor, self.base_env.max_epochs, batches, threads)
+        if collector.kind == "distributed":
+            return DistributedRollouts(factories, self.nets.actor, self.frames_per_batch, batches, collector, self.device, self.state.run_dir)
         if self.base_env.episode != self.state.update:
             self.base_env.seek_episode(self.state.update)
         return Collector(
@@ -438,7 +446,7 @@ class PPOTrainer:
 
 
 @contextlib.contextmanager
-def _shut_down_at_exit(collector: Collector | DistributedRollouts) -> Iterator[None]:
+def _shut_down_at_exit(collector: Collector | MultiprocessRollouts | DistributedRollouts) -> Iterator[None]:
     """Shut the collector down however the loop ends (workers must not outlive a failed run)."""
     try:
         yield

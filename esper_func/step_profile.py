@@ -15,8 +15,9 @@ every bank plan they meet is compiled before the profiler starts.
 
 `main_job_episodes` times whole episodes of the default main job's env
 (`TrainingConfig.preset("default")`) under static and heuristic control, with the envs
-vmapped and packed (`CoreConfig.env_batching`), side by side and interleaved: the
-speed-up a user of `python -m esper_func.train` gets from packing.
+vmapped and packed (`CoreConfig.env_batching`) in this process, and packed over two
+worker processes of one thread each (as the main job's collector runs them), side by
+side and interleaved: the speed-up a user of `python -m esper_func.train` gets.
 
 `collector_overhead` plays the same number of env steps twice, by hand (policy, `env.step`,
 `step_mdp`) and through a TorchRL `Collector` (as the PPO trainer does), and reports the
@@ -25,18 +26,23 @@ collector's extra wall time as a fraction of its own.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
+from multiprocessing.connection import Connection
 from typing import TypeVar
 
 import torch
+from tensordict import TensorDictBase
 from torch.profiler import ProfilerActivity, profile, record_function
 from torchrl.collectors import Collector
 from torchrl.envs.utils import step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv
+from envs.sharded import shard_sizes
 from esper_func.config import CoreConfig, LifecycleConfig
 from esper_func.evaluate import baseline_controller
 from esper_func.rewards import RewardConfig
@@ -243,52 +249,104 @@ class EpisodeTiming:
 
     controller: str
     env_batching: str
+    processes: int
+    """1: all envs in this process (its threads); W: shard k of the envs in worker process
+    k of one torch thread, as the main job's multiprocess collector runs them."""
     n_envs: int
     steps: int
     episode_s: list[float]
     env_steps_per_s: float
     """N * steps / median episode seconds (reset included)."""
     speedup_vs_vmap: float
+    """Against the vmapped env in one process: how the main job ran before packing."""
 
 
-def main_job_episodes(device: torch.device, n_envs: int, repeats: int) -> list[EpisodeTiming]:
-    """`repeats` episodes per (controller, env batching) after one untimed episode each, in
-    turns so that drift in a shared machine's speed hits all alike."""
+def play(env: MorphogeneticEnv, policy: Callable[[TensorDictBase], TensorDictBase]) -> None:
+    """One whole episode of `env` under `policy`."""
+    td = env.reset()
+    for _ in range(env.max_epochs):
+        td = step_mdp(env.step(policy(td)))
+
+
+def _episode_server(connection: Connection, env: EnvConfig, shard: int, controller: str, device: str) -> None:
+    """A worker process of `ShardProcesses`: one episode of its shard per request."""
+    torch.set_num_threads(1)
+    shard_env = MorphogeneticEnv(env, device, shard=shard)
+    policy = baseline_controller(controller, shard_env, seed=0)
+    while connection.recv():
+        play(shard_env, policy)
+        connection.send(None)
+
+
+class ShardProcesses:
+    """`workers` spawned processes, worker k holding shard k of `env`'s envs (the sizes
+    of `envs.ShardedEnv`) under `controller`, playing an episode each in step."""
+
+    def __init__(self, env: EnvConfig, workers: int, controller: str, device: torch.device) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connections: list[Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        for k, size in enumerate(shard_sizes(env.n_envs, workers)):
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_episode_server, args=(theirs, replace(env, n_envs=size), k, controller, str(device)), daemon=True)
+            process.start()
+            self.connections.append(mine)
+            self.processes.append(process)
+
+    def play(self) -> None:
+        for connection in self.connections:
+            connection.send(True)
+        for connection in self.connections:
+            connection.recv()
+
+    def close(self) -> None:
+        for connection, process in zip(self.connections, self.processes):
+            connection.send(False)
+            process.join(30)
+
+
+def main_job_episodes(device: torch.device, n_envs: int, repeats: int, workers: int = 2) -> list[EpisodeTiming]:
+    """`repeats` episodes per (controller, env batching, processes) after one untimed
+    episode each, in turns so that drift in a shared machine's speed hits all alike. The
+    worker-process case (packed, `workers` processes; CPU only) is the main job's
+    collection; its shards draw other envs than the one-process env (streams are keyed by
+    shard), so under heuristic control it grows other seeds."""
     base = TrainingConfig.preset("default").env
-    cases = [(controller, batching) for controller in ("static", "heuristic") for batching in ("vmap", "packed")]
-    envs = {
-        case: MorphogeneticEnv(replace(base, n_envs=n_envs, core=replace(base.core, env_batching=case[1])), device)
-        for case in cases
-    }
-
-    def episode(case: tuple[str, str]) -> float:
-        env = envs[case]
-        policy = baseline_controller(case[0], env, seed=0)
-
-        def play() -> None:
-            td = env.reset()
-            for _ in range(env.max_epochs):
-                td = step_mdp(env.step(policy(td)))
-
-        return timed(play, device)[0]
-
-    times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    cases = [(controller, batching, 1) for controller in ("static", "heuristic") for batching in ("vmap", "packed")]
+    if device.type == "cpu" and workers > 1:
+        cases += [(controller, "packed", workers) for controller in ("static", "heuristic")]
+    players: dict[tuple[str, str, int], Callable[[], None]] = {}
+    pools: list[ShardProcesses] = []
     for case in cases:
-        episode(case)  # warm-up
-    for _ in range(repeats):
+        controller, batching, processes = case
+        env = replace(base, n_envs=n_envs, core=replace(base.core, env_batching=batching))
+        if processes == 1:
+            local = MorphogeneticEnv(env, device)
+            players[case] = partial(play, local, baseline_controller(controller, local, seed=0))
+        else:
+            pools.append(ShardProcesses(env, processes, controller, device))
+            players[case] = pools[-1].play
+    times: dict[tuple[str, str, int], list[float]] = {case: [] for case in cases}
+    try:
         for case in cases:
-            times[case].append(episode(case))
-    rates = {case: n_envs * envs[case].max_epochs / statistics.median(times[case]) for case in cases}
-    return [
-        EpisodeTiming(controller, batching, n_envs, envs[controller, batching].max_epochs, times[controller, batching], rates[controller, batching],
-                      rates[controller, batching] / rates[controller, "vmap"])
-        for controller, batching in cases
-    ]
+            timed(players[case], device)  # warm-up (and the workers' start)
+        for _ in range(repeats):
+            for case in cases:
+                times[case].append(timed(players[case], device)[0])
+    finally:
+        for pool in pools:
+            pool.close()
+    steps = base.core.lifecycle.max_epochs
+    rates = {case: n_envs * steps / statistics.median(times[case]) for case in cases}
+    return [EpisodeTiming(*case, n_envs, steps, times[case], rates[case], rates[case] / rates[case[0], "vmap", 1]) for case in cases]
 
 
 def format_episodes(timings: list[EpisodeTiming]) -> str:
-    header = f"{'controller':<11} {'env batching':<13} {'episode s':>10} {'env-steps/s':>12} {'vs vmap':>8}"
+    header = f"{'controller':<11} {'env batching':<13} {'processes':>9} {'episode s':>10} {'env-steps/s':>12} {'vs vmap':>8}"
     rows = [header, "-" * len(header)]
     for t in timings:
-        rows.append(f"{t.controller:<11} {t.env_batching:<13} {statistics.median(t.episode_s):>10.2f} {t.env_steps_per_s:>12.1f} {t.speedup_vs_vmap:>7.2f}x")
+        median_s = statistics.median(t.episode_s)
+        rows.append(
+            f"{t.controller:<11} {t.env_batching:<13} {t.processes:>9} {median_s:>10.2f} {t.env_steps_per_s:>12.1f} {t.speedup_vs_vmap:>7.2f}x"
+        )
     return "\n".join(rows)

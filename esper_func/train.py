@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
+import torch
 
 from envs.morphogenetic import MorphogeneticEnv, fit_context
 from envs.sharded import ShardedEnv, build_env
@@ -88,8 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)")
     parser.add_argument("--telemetry-level", choices=TELEMETRY_LEVELS, default=None)
     parser.add_argument("--logger", choices=LOGGERS, default=None, help="TorchRL logger of a PPO run (default: the preset's, csv)")
-    parser.add_argument("--collector", choices=COLLECTORS, default=None, help="where PPO's rollouts run: local (default) or distributed workers")
-    parser.add_argument("--workers", type=int, default=None, help="distributed: worker processes, one env shard each (n_envs must be a multiple)")
+    parser.add_argument("--collector", choices=COLLECTORS, default=None, help="where PPO's rollouts run: local (this process), multiprocess (worker processes here; the default and learn presets' choice) or distributed")
+    parser.add_argument("--workers", type=int, default=None, help="multiprocess and distributed: worker processes, one env shard each (distributed: n_envs must be a multiple)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default=None, help="distributed: mp (on this machine), submitit (SLURM), delayed (started by hand)")
     parser.add_argument("--master-addr", default=None, help="distributed: this trainer's address as the workers reach it (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="distributed: rendezvous port; ports P..P+3 are used (default: a free one, mp only)")
@@ -153,6 +154,9 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         telemetry = replace(telemetry, progress_bar=False)
     collector_overrides = {key: getattr(args, flag) for key, flag in COLLECTOR_FLAGS.items() if getattr(args, flag) is not None}
     collector = replace(base.collector, **collector_overrides)
+    placed = args.devices is not None or (args.device is not None and torch.device(args.device).type != "cpu")
+    if placed and args.collector is None and collector.kind == "multiprocess":
+        collector = replace(collector, kind="local")  # the preset's CPU worker processes give way to the chosen devices
     return replace(base, **fields, telemetry=telemetry, collector=collector)
 
 

@@ -30,7 +30,7 @@ TelemetryLevel = Literal["off", "minimal", "normal", "debug"]
 TELEMETRY_LEVELS: tuple[str, ...] = ("off", "minimal", "normal", "debug")
 LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow", "none"]
 LOGGERS: tuple[str, ...] = get_args(LoggerName)
-CollectorKind = Literal["local", "distributed"]
+CollectorKind = Literal["local", "multiprocess", "distributed"]
 COLLECTORS: tuple[str, ...] = get_args(CollectorKind)
 Launcher = Literal["mp", "submitit", "delayed"]
 LAUNCHERS: tuple[str, ...] = get_args(Launcher)
@@ -128,6 +128,10 @@ class CollectorConfig:
     """Where PPO's rollouts run (docs/distributed.md).
 
     `local`: TorchRL's `Collector` on this process (envs sharded over `devices` if given).
+    `multiprocess`: TorchRL's `MultiSyncCollector`: `workers` processes on this machine,
+    each stepping shard k of the envs, the policy in shared memory; the batch equals a
+    local run's over `workers` shards. The main job's choice on a CPU, where two 1-thread
+    processes step the envs faster than one 2-thread process (docs/performance.md).
     `distributed`: TorchRL's `DistributedCollector` over torch.distributed (gloo): `workers`
     processes each step shard k of the `env.n_envs` envs and receive the policy's weights
     (normalizer statistics included) before every batch; the batch equals a local run's
@@ -144,7 +148,7 @@ class CollectorConfig:
     """The rendezvous port; TorchRL also uses port + 1 (its store). 0: a free port, for
     `mp` only (hand-started or SLURM workers must be told the port)."""
     worker_threads: int = 0
-    """`mp` only: torch threads per worker (0: this machine's cores divided by the workers).
+    """`multiprocess`, and `distributed` with `mp`: torch threads per worker (0: this machine's cores divided by the workers).
     Workers and a local run give bit-identical batches at equal thread counts, and equal
     to float rounding otherwise."""
     connect_timeout_s: float = 120.0
@@ -229,8 +233,12 @@ class TrainingConfig:
         require(len(set(self.compare_seeds)) == len(self.compare_seeds), f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}")
         if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
             self._check_ppo()
-        if self.collector.kind == "distributed":
-            self._check_distributed()
+        require(
+            self.collector.kind != "distributed" or self.controller == "ppo",
+            f"collector.kind='distributed' collects PPO rollouts; a {self.controller} run plays locally",
+        )
+        if self.collector.kind != "local" and self.controller == "ppo":  # a rule-based run plays locally
+            self._check_workers()
         for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
             _check_device(field_name, name)
         require(
@@ -243,15 +251,26 @@ class TrainingConfig:
             f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
         )
 
-    def _check_distributed(self) -> None:
-        workers = self.collector.workers
-        require(self.controller == "ppo", f"collector.kind='distributed' collects PPO rollouts; a {self.controller} run plays locally")
-        require(
-            self.env.n_envs % workers == 0,
-            f"env.n_envs={self.env.n_envs} is not a multiple of collector.workers={workers}: each worker steps an equal "
-            f"shard; use n_envs={workers * max(1, round(self.env.n_envs / workers))} or another worker count",
-        )
-        require(not self.devices, f"devices={list(self.devices)}: a distributed run shards the envs over workers, not devices; drop --devices")
+    def _check_workers(self) -> None:
+        kind, workers = self.collector.kind, self.collector.workers
+        if kind == "distributed":
+            require(
+                self.env.n_envs % workers == 0,
+                f"env.n_envs={self.env.n_envs} is not a multiple of collector.workers={workers}: each worker steps an equal "
+                f"shard; use n_envs={workers * max(1, round(self.env.n_envs / workers))} or another worker count",
+            )
+        else:
+            require(
+                self.env.n_envs >= workers,
+                f"env.n_envs={self.env.n_envs} is fewer than collector.workers={workers}: each worker steps at least one env; "
+                f"use --workers {self.env.n_envs} or --collector local",
+            )
+            require(
+                torch.device(self.device).type == "cpu",
+                f"collector.kind='multiprocess' steps CPU envs in worker processes, but device={self.device!r}; "
+                "use --collector local (or --devices to shard over several GPUs)",
+            )
+        require(not self.devices, f"devices={list(self.devices)}: a {kind} run shards the envs over workers, not devices; drop --devices")
 
     def _check_ppo(self) -> None:
         require(
@@ -303,7 +322,8 @@ def _learn() -> TrainingConfig:
         seed=100,
     )
     ppo = PPOConfig(lr=5e-4, epochs=6, minibatches=4, target_kl=0.02, entropy_coeff=0.02, entropy_coeff_end=0.005, entropy_anneal_updates=60)
-    return TrainingConfig(env=env, ppo=ppo, episodes=70, compare_seeds=(0, 1, 2))
+    collector = CollectorConfig(kind="multiprocess", workers=2)
+    return TrainingConfig(env=env, ppo=ppo, collector=collector, episodes=70, compare_seeds=(0, 1, 2))
 
 
 def _cifar10(host_preset: str | None = None, entropy: float = 0.1) -> TrainingConfig:

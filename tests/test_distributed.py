@@ -14,19 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensordict import TensorDictBase
 
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
 from esper_func.ppo import PPOTrainer
-from esper_func.training_config import CollectorConfig, TelemetryConfig, TrainingConfig, write_training_config
+from esper_func.training_config import CollectorConfig, TrainingConfig, write_training_config
 from policies import StaticPolicy
 from tests.distributed_stub import ENVS, STEPS, StubEnvFactory, make_policy, prefer
+from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update
 
 pytestmark = pytest.mark.distributed
 
 HOST = "127.0.0.1"
-QUIET = TelemetryConfig(level="off", logger="none", plots=False, progress_bar=False)
 
 
 def stub_rollouts(tmp_path: Path, batches: int, send_weights: bool = True, **collector: object) -> tuple[DistributedRollouts, torch.nn.Module]:
@@ -72,24 +71,6 @@ def test_workers_started_through_the_entry_point_collect_and_exit_0(tmp_path: Pa
             worker.kill()
 
 
-def tiny(**fields: object) -> TrainingConfig:
-    base = TrainingConfig.preset("tiny")
-    return replace(base, **{"telemetry": QUIET, "compare_episodes": 0, "checkpoint_every": 0, **fields})
-
-
-def recorded_batches(trainer: PPOTrainer) -> list[TensorDictBase]:
-    batches: list[TensorDictBase] = []
-    update = trainer.update
-
-    def recording_update(batch: TensorDictBase) -> dict[str, object]:
-        batches.append(batch.clone())
-        return update(batch)
-
-    trainer.update = recording_update  # type: ignore[method-assign]
-    trainer.train()
-    return batches
-
-
 @pytest.mark.usefixtures("single_thread")
 def test_a_distributed_run_collects_the_batches_of_a_local_run_over_as_many_shards(tmp_path: Path) -> None:
     """Two batches with a PPO update between them: the second batch was collected with
@@ -108,14 +89,8 @@ def test_a_distributed_run_collects_the_batches_of_a_local_run_over_as_many_shar
     resumed_trainer.load_weights(after_first[0])
     resumed = recorded_batches(resumed_trainer)
     assert len(local) == len(remote) == 2 and len(resumed) == 1
-    keys = ["observation", "action_noise", ("next", "reward"), ("next", "observation")]
-    keys += [("action", head) for head in ("op", "slot", "blueprint", "blend")]
-    keys += [("action", f"{head}_log_prob") for head in ("op", "slot", "blueprint", "blend")]
-    keys += [("next", "metrics", name) for name in ("val_accuracy", "val_loss", "train_loss", "seed_params", "action_executed")]
     for mine, theirs in [*zip(local, remote), (local[1], resumed[0])]:
-        assert mine.shape == theirs.shape
-        for key in keys:
-            torch.testing.assert_close(theirs[key], mine[key], rtol=0, atol=0, msg=lambda text, key=key: f"{key}: {text}")
+        assert_same_batches(mine, theirs)
     assert not torch.equal(local[0]["observation"], local[1]["observation"])
 
 
@@ -139,14 +114,6 @@ def train_command(run_dir: Path, port: int, *flags: str) -> list[str]:
         sys.executable, "-m", "esper_func.train", "--preset", "tiny", "--collector", "distributed", "--workers", "2",
         "--port", str(port), "--run-dir", str(run_dir), "--logger", "none", "--no-progress", *flags,
     ]
-
-
-def wait_for_first_update(trainer: subprocess.Popen[str], run_dir: Path) -> None:
-    """Until the run's first checkpoint exists (the workers are then mid-run)."""
-    deadline = time.monotonic() + 90
-    while not (run_dir / "checkpoints" / "update_00001.pt").exists():
-        assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
-        time.sleep(0.2)
 
 
 def test_a_worker_killed_mid_run_stops_the_trainer_with_an_error_naming_it(tmp_path: Path) -> None:

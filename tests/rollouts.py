@@ -1,0 +1,62 @@
+"""Helpers shared by the tests of collection on worker processes (multiprocess, distributed)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tensordict import TensorDictBase
+
+from esper_func.ppo import PPOTrainer
+from esper_func.stages import ACTION_HEADS
+from esper_func.training_config import TelemetryConfig, TrainingConfig
+
+QUIET = TelemetryConfig(level="off", logger="none", plots=False, progress_bar=False)
+BATCH_KEYS = [
+    "observation",
+    "action_noise",
+    ("next", "reward"),
+    ("next", "observation"),
+    *(("action", head) for head in ACTION_HEADS),
+    *(("action", f"{head}_log_prob") for head in ACTION_HEADS),
+    *(("next", "metrics", name) for name in ("val_accuracy", "val_loss", "train_loss", "seed_params", "action_executed")),
+]
+"""What a batch must repeat exactly: the envs' draws, the policy's samples and log-probs
+(which read the synced weights and normalizer statistics), the hosts' training."""
+
+
+def tiny(**fields: object) -> TrainingConfig:
+    """The tiny preset, quiet, no comparison and no checkpoints; `fields` replace the run's."""
+    base = TrainingConfig.preset("tiny")
+    return replace(base, **{"telemetry": QUIET, "compare_episodes": 0, "checkpoint_every": 0, **fields})
+
+
+def recorded_batches(trainer: PPOTrainer) -> list[TensorDictBase]:
+    """Train, keeping a copy of every batch the update received."""
+    batches: list[TensorDictBase] = []
+    update = trainer.update
+
+    def recording_update(batch: TensorDictBase) -> dict[str, object]:
+        batches.append(batch.clone())
+        return update(batch)
+
+    trainer.update = recording_update  # type: ignore[method-assign]
+    trainer.train()
+    return batches
+
+
+def assert_same_batches(mine: TensorDictBase, theirs: TensorDictBase) -> None:
+    assert mine.shape == theirs.shape
+    for key in BATCH_KEYS:
+        torch.testing.assert_close(theirs[key], mine[key], rtol=0, atol=0, msg=lambda text, key=key: f"{key}: {text}")
+
+
+def wait_for_first_update(trainer: subprocess.Popen[str], run_dir: Path) -> None:
+    """Until the run's first checkpoint exists (the workers are then mid-run)."""
+    deadline = time.monotonic() + 90
+    while not (run_dir / "checkpoints" / "update_00001.pt").exists():
+        assert time.monotonic() < deadline and trainer.poll() is None, "the first update never finished"
+        time.sleep(0.2)

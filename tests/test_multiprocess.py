@@ -1,0 +1,107 @@
+"""Collection on worker processes of this machine (TorchRL's `MultiSyncCollector`): batches
+equal to a local run's over as many shards, a lost worker, Ctrl-C, and the CLI's choice."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper_func.config import ConfigError
+from esper_func.distributed import DistributedError
+from esper_func.ppo import PPOTrainer, TrainerState
+from esper_func.train import parse_args, resolve_config
+from esper_func.training_config import CollectorConfig, TrainingConfig
+from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update
+
+WORKERS = CollectorConfig(kind="multiprocess", workers=2, worker_threads=1)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_worker_processes_collect_the_batches_of_a_local_run_over_as_many_shards(tmp_path: Path) -> None:
+    """3 envs over 2 workers (shards of 2 and 1, as `ShardedEnv` splits them), two batches
+    with a PPO update between them: the second was collected with the updated weights and
+    normalizer statistics, which reach the workers through shared memory alone."""
+    (tmp_path / "local").mkdir()
+    (tmp_path / "workers").mkdir()
+    three = tiny(episodes=3)
+    local = recorded_batches(PPOTrainer(replace(three, env=replace(three.env, n_envs=3), devices=("cpu", "cpu")), tmp_path / "local"))
+    workers = recorded_batches(PPOTrainer(replace(three, env=replace(three.env, n_envs=3), collector=WORKERS), tmp_path / "workers"))
+    assert len(local) == len(workers) == 3
+    for mine, theirs in zip(local, workers):
+        assert_same_batches(mine, theirs)
+    assert not torch.equal(local[1][("action", "op_log_prob")], local[2][("action", "op_log_prob")])
+    assert multiprocessing.active_children() == []
+
+
+def test_a_worker_killed_mid_run_stops_the_run_with_an_error_and_no_process_left(tmp_path: Path) -> None:
+    trainer = PPOTrainer(tiny(episodes=4, collector=WORKERS), tmp_path)
+
+    def kill_a_worker(state: TrainerState) -> None:
+        if state.update == 1:
+            worker = multiprocessing.active_children()[0]
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(10)
+
+    trainer.register_hook("after_batch", kill_a_worker)
+    with pytest.raises(DistributedError, match="exited with status -9"):
+        trainer.train()
+    assert trainer.state.update == 1
+    deadline = time.monotonic() + 30
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert multiprocessing.active_children() == []
+
+
+def test_ctrl_c_in_the_terminal_finishes_the_batch_checkpoints_and_stops_the_workers(tmp_path: Path) -> None:
+    """The terminal sends SIGINT to the whole process group, workers included: they leave
+    it to the trainer, which finishes its batch, checkpoints and shuts them down (130)."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "esper_func.train", "--preset", "tiny", "--collector", "multiprocess", "--workers", "2",
+        "--episodes", "40", "--run-dir", str(run_dir), "--logger", "none", "--no-progress",
+    ]
+    trainer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_first_update(trainer, run_dir)
+        os.killpg(trainer.pid, signal.SIGINT)
+        _, stderr = trainer.communicate(timeout=90)
+    finally:
+        trainer.kill()
+    assert trainer.returncode == 128 + signal.SIGINT, stderr
+    assert f"continue with: python -m esper_func.train --resume {run_dir}" in stderr
+    assert "Traceback" not in stderr, stderr
+    stopped_at = max(int(path.stem.split("_")[1]) for path in (run_dir / "checkpoints").glob("update_*.pt"))
+    assert 1 <= stopped_at < 40
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(trainer.pid, 0)  # anyone left in the trainer's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("worker processes outlived the trainer")
+
+
+def test_the_default_preset_collects_on_two_workers_and_gives_way_to_chosen_devices() -> None:
+    assert TrainingConfig.preset("default").collector.kind == "multiprocess"
+    assert resolve_config(parse_args([])).collector.workers == 2
+    assert resolve_config(parse_args(["--devices", "cpu", "cpu"])).collector.kind == "local"
+    assert resolve_config(parse_args(["--device", "cpu"])).collector.kind == "multiprocess"
+    assert resolve_config(parse_args(["heuristic", "--n-envs", "1"])).env.n_envs == 1  # a rule-based run plays locally
+    with pytest.raises(ConfigError, match="use --devices|drop --devices"):
+        resolve_config(parse_args(["--devices", "cpu", "cpu", "--collector", "multiprocess"]))
+
+
+def test_more_workers_than_envs_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="n_envs=1 is fewer than collector.workers=2.*--workers 1 or --collector local"):
+        resolve_config(parse_args(["--n-envs", "1"]))
