@@ -52,21 +52,21 @@ from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torch.profiler import record_function
 from torchrl.envs import EnvBase
 
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
-from esper_func.features import feature_names, observe
-from esper_func.governor import Panic, take_snapshots
-from esper_func.masks import action_masks
-from esper_func.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
-from esper_func.model import Model, build_model
-from esper_func.rewards import SEEDED, RewardConfig, component_names, compute_reward, reward_tables, total
-from esper_func.signals import SignalConfig, init_signals, update_signals
-from esper_func.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
-from esper_func.state import init_state, seed_param_count
-from esper_func.step import Steps, env_step
-from esper_func.evaluation import evaluate
-from esper_func.prefetch import BatchPrefetcher
-from esper_func.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
-from esper_func.tasks import Task, TaskConfig, build_task
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
+from esper_func.core.features import feature_names, observe
+from esper_func.core.governor import Panic, take_snapshots
+from esper_func.core.masks import action_masks
+from esper_func.core.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
+from esper_func.core.model import Model, build_model
+from esper_func.core.rewards import SEEDED, RewardConfig, component_names, compute_reward, reward_tables, total
+from esper_func.core.signals import SignalConfig, init_signals, update_signals
+from esper_func.core.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
+from esper_func.core.state import init_state, seed_param_count
+from esper_func.core.step import Steps, env_step
+from esper_func.core.host_evaluation import evaluate
+from esper_func.data.prefetch import BatchPrefetcher
+from esper_func.core.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
+from esper_func.data.tasks import Task, TaskConfig, build_task
 
 SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "contribution_ema", "improvement")
 METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")

@@ -27,8 +27,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import EnvBase
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device, make_specs, update_action_masks
-from esper_func.config import ConfigError
-from esper_func.masks import action_masks
+from esper_func.core.config import ConfigError
+from esper_func.core.masks import action_masks
 
 
 def shard_sizes(n_envs: int, n_shards: int) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tensordict import TensorDictBase
 from torchrl.envs import Transform
 
-from esper_func.masks import check_masks
+from esper_func.core.masks import check_masks
 
 
 class ActionMaskCheck(Transform):

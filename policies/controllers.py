@@ -14,10 +14,10 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from esper_func.blueprints import Topology, catalogue
-from esper_func.masks import EXCLUDED_BLUEPRINTS
-from esper_func.config import ConfigError
-from esper_func.stages import ACTION_HEADS, LIVE, BlendMode, Op, Stage, stage_lookup
+from esper_func.core.blueprints import Topology, catalogue
+from esper_func.core.masks import EXCLUDED_BLUEPRINTS
+from esper_func.core.config import ConfigError
+from esper_func.core.stages import ACTION_HEADS, LIVE, BlendMode, Op, Stage, stage_lookup
 
 ACTION_KEYS = [("action", head) for head in ACTION_HEADS]
 MASK_KEYS = [("action_mask", head) for head in ACTION_HEADS]

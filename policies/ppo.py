@@ -37,9 +37,9 @@ from tensordict.nn import (
 from torch import nn
 from torchrl.modules import LSTMModule, ValueOperator
 
-from esper_func.config import require_fields
-from esper_func.seeding import ACTION_NOISE
-from esper_func.stages import ACTION_HEADS, BlendMode, Op
+from esper_func.core.config import require_fields
+from esper_func.core.seeding import ACTION_NOISE
+from esper_func.core.stages import ACTION_HEADS, BlendMode, Op
 
 ACTION_KEYS: list[tuple[str, str]] = [("action", head) for head in ACTION_HEADS]
 LOG_PROB_KEYS: list[tuple[str, str]] = [("action", f"{head}_log_prob") for head in ACTION_HEADS]

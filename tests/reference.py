@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
-from esper_func.blending import BlendGate
-from esper_func.blueprints import blueprint_names, build_blueprint
-from esper_func.config import CNNHostConfig, CoreConfig
-from esper_func.hosts import build_host
+from esper_func.core.blending import BlendGate
+from esper_func.core.blueprints import blueprint_names, build_blueprint
+from esper_func.core.config import CNNHostConfig, CoreConfig
+from esper_func.core.hosts import build_host
 
 # Stage values, written out rather than imported so the reference does not share the
 # core's tables (they are the documented, serialized values).

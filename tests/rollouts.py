@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from tensordict import TensorDictBase
 
-from esper_func.ppo import PPOTrainer
-from esper_func.stages import ACTION_HEADS
-from esper_func.training_config import TelemetryConfig, TrainingConfig
+from esper_func.rl.trainer import PPOTrainer
+from esper_func.core.stages import ACTION_HEADS
+from esper_func.rl.run_config import TelemetryConfig, TrainingConfig
 
 QUIET = TelemetryConfig(level="off", logger="none", plots=False, progress_bar=False)
 BATCH_KEYS = [

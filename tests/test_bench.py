@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from esper_func import bench, step_profile
-from esper_func.bench_checks import covered_us, saturation_point
-from esper_func.blueprints import param_count
+from esper_func.perf import bench, step_profile
+from esper_func.perf.bench_checks import covered_us, saturation_point
+from esper_func.core.blueprints import param_count
 
 TINY = ["--n-envs", "2", "--batch", "8", "--iters", "2", "--repeats", "1", "--no-compile", "--host-preset", "tiny"]
 FIGURES = ("median_s", "env_steps_per_s", "samples_per_s", "iterations_per_s", "env_iterations_per_s", "speedup_vs_baseline")

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from esper_func.config import CNNHostConfig, CoreConfig
-from esper_func.model import build_model
-from esper_func.stages import BlendMode, Stage
-from esper_func.state import init_state
-from esper_func.step import Batches, Steps, env_step
-from esper_func.blueprints import blueprint_index
+from esper_func.core.config import CNNHostConfig, CoreConfig
+from esper_func.core.model import build_model
+from esper_func.core.stages import BlendMode, Stage
+from esper_func.core.state import init_state
+from esper_func.core.step import Batches, Steps, env_step
+from esper_func.core.blueprints import blueprint_index
 from tensordict import TensorDict
 
 
@@ -64,8 +64,8 @@ def test_compiled_env_step_matches_eager(mode: str) -> None:
 def test_cuda_graph_epochs_match_eager_and_keep_their_results() -> None:
     """Two epochs under `reduce-overhead`: each equals eager, and the first epoch's state is
     not overwritten by the second epoch's graph replays."""
-    from esper_func.evaluation import EvalStepCache, evaluate
-    from esper_func.training import TrainStepCache, train_epoch
+    from esper_func.core.host_evaluation import EvalStepCache, evaluate
+    from esper_func.core.host_training import TrainStepCache, train_epoch
 
     device = torch.device("cuda")
     config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode="reduce-overhead")

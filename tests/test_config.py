@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from esper_func.config import (
+from esper_func.core.config import (
     CNNHostConfig,
     ConfigError,
     CoreConfig,

@@ -15,11 +15,11 @@ import torch
 from tensordict import TensorDict
 from torch.func import functional_call
 
-from esper_func.config import CNNHostConfig, CoreConfig
-from esper_func.evaluation import EvalStepCache, evaluate
-from esper_func.model import Model, SlotMode, build_model, full_plan, slot_controls
-from esper_func.stages import BlendMode, Stage
-from esper_func.state import init_state
+from esper_func.core.config import CNNHostConfig, CoreConfig
+from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.model import Model, SlotMode, build_model, full_plan, slot_controls
+from esper_func.core.stages import BlendMode, Stage
+from esper_func.core.state import init_state
 
 # Per env, per slot (early, mid, late): stage, blueprint name, blend mode, alpha.
 LAYOUT = [

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from envs.morphogenetic import MorphogeneticEnv
-from esper_func.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
-from esper_func.ppo import PPOTrainer
-from esper_func.training_config import CollectorConfig, TrainingConfig, write_training_config
+from esper_func.rl.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
+from esper_func.rl.trainer import PPOTrainer
+from esper_func.rl.run_config import CollectorConfig, TrainingConfig, write_training_config
 from policies import StaticPolicy
 from tests.distributed_stub import ENVS, STEPS, StubEnvFactory, make_policy, prefer
 from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update

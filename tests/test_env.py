@@ -12,12 +12,12 @@ from torchrl.envs import ObservationNorm, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.utils import check_env_specs, step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv, make_env
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
-from esper_func.memory import check_fits, estimate_memory
-from esper_func.rewards import RewardConfig, potential
-from esper_func.stages import Op, Stage
-from esper_func.state import empty_slots
-from esper_func.tasks import TaskConfig
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
+from esper_func.core.memory import check_fits, estimate_memory
+from esper_func.core.rewards import RewardConfig, potential
+from esper_func.core.stages import Op, Stage
+from esper_func.core.state import empty_slots
+from esper_func.data.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 try:

@@ -22,12 +22,12 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_func.config import CNNHostConfig, CoreConfig, OptimConfig, TransformerHostConfig
-from esper_func.evaluation import EvalStepCache, evaluate
-from esper_func.model import Model, build_model
-from esper_func.stages import BlendMode, Stage
-from esper_func.state import init_state
-from esper_func.training import TrainStepCache, train_epoch
+from esper_func.core.config import CNNHostConfig, CoreConfig, OptimConfig, TransformerHostConfig
+from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.model import Model, build_model
+from esper_func.core.stages import BlendMode, Stage
+from esper_func.core.state import init_state
+from esper_func.core.host_training import TrainStepCache, train_epoch
 
 try:
     from tests.reference import BLEND_STAGES, SEED_RUNS, RefEnv

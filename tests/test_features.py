@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from esper_func.config import CNNHostConfig, CoreConfig, TransformerHostConfig
-from esper_func.features import (
+from esper_func.core.config import CNNHostConfig, CoreConfig, TransformerHostConfig
+from esper_func.core.features import (
     FEATURE_SCHEMA_VERSION,
     HISTORY_FEATURES,
     SLOT_STAGES,
@@ -22,10 +22,10 @@ from esper_func.features import (
     feature_spec,
     observe,
 )
-from esper_func.model import Model, build_model
-from esper_func.signals import SignalConfig, init_signals, update_signals
-from esper_func.stages import SLOT_NAMES, BlendMode, Stage
-from esper_func.state import init_state, seed_param_count
+from esper_func.core.model import Model, build_model
+from esper_func.core.signals import SignalConfig, init_signals, update_signals
+from esper_func.core.stages import SLOT_NAMES, BlendMode, Stage
+from esper_func.core.state import init_state, seed_param_count
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "observation.md"
 MAX_EPOCHS = 25

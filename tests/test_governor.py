@@ -14,11 +14,11 @@ from tensordict import TensorDict
 from torchrl.envs.utils import step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv
-from esper_func.config import ConfigError, CoreConfig, GovernorConfig, LifecycleConfig
-from esper_func.governor import Panic, check, init_governor, rollback, snapshot_due
-from esper_func.stages import Stage
-from esper_func.tasks import TaskConfig
-from esper_func.telemetry import lifecycle_events, rollback_events
+from esper_func.core.config import ConfigError, CoreConfig, GovernorConfig, LifecycleConfig
+from esper_func.core.governor import Panic, check, init_governor, rollback, snapshot_due
+from esper_func.core.stages import Stage
+from esper_func.data.tasks import TaskConfig
+from esper_func.rl.telemetry import lifecycle_events, rollback_events
 from policies import HeuristicConfig, HeuristicPolicy
 
 GUESS = math.log(10)

@@ -18,14 +18,14 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_func.config import ConfigError, CoreConfig
-from esper_func.growth import base_env_config, controller_env, longest_training, main, run_controller
-from esper_func.hosts import build_host
-from esper_func.model import build_model
-from esper_func.stages import BlendMode, Op, Stage
-from esper_func.state import init_state
-from esper_func.step import Steps, env_step
-from esper_func.tasks import TaskConfig, build_task
+from esper_func.core.config import ConfigError, CoreConfig
+from esper_func.rl.growth import base_env_config, controller_env, longest_training, main, run_controller
+from esper_func.core.hosts import build_host
+from esper_func.core.model import build_model
+from esper_func.core.stages import BlendMode, Op, Stage
+from esper_func.core.state import init_state
+from esper_func.core.step import Steps, env_step
+from esper_func.data.tasks import TaskConfig, build_task
 from policies import HeuristicConfig, ScriptedGrowthPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_func.blueprints import CATALOGUE, Blueprint, blueprint_index, blueprint_names, param_count, register_blueprint
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
-from esper_func.hosts import build_host
-from esper_func.initialization import ZERO, draw_parameters
-from esper_func.model import build_model
-from esper_func.state import init_state
+from esper_func.core.blueprints import CATALOGUE, Blueprint, blueprint_index, blueprint_names, param_count, register_blueprint
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
+from esper_func.core.hosts import build_host
+from esper_func.core.initialization import ZERO, draw_parameters
+from esper_func.core.model import build_model
+from esper_func.core.state import init_state
 from policies import HeuristicPolicy
 
 

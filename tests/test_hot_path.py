@@ -11,10 +11,10 @@ import torch
 from torchrl.envs.utils import step_mdp
 
 from envs import MorphogeneticEnv
-from esper_func import stages
-from esper_func.rewards import RewardConfig, reward_tables
-from esper_func.sync_audit import HostSyncAudit, HostSyncError
-from esper_func.tasks import _to
+from esper_func.core import stages
+from esper_func.core.rewards import RewardConfig, reward_tables
+from esper_func.perf.sync_audit import HostSyncAudit, HostSyncError
+from esper_func.data.tasks import _to
 from policies import HeuristicConfig, HeuristicPolicy
 from tests.test_governor import FAULT_ENV, N_ENVS, lively_env
 

@@ -21,11 +21,11 @@ import torch
 from tensordict import TensorDict
 from torch.func import functional_call
 
-from esper_func.config import CNNHostConfig, CoreConfig, OptimConfig
-from esper_func.model import Model, SlotPlan, build_model, full_plan, slot_controls
-from esper_func.stages import BlendMode, Stage
-from esper_func.state import empty_slots, init_state
-from esper_func.training import TrainStepCache, task_loss, train_epoch
+from esper_func.core.config import CNNHostConfig, CoreConfig, OptimConfig
+from esper_func.core.model import Model, SlotPlan, build_model, full_plan, slot_controls
+from esper_func.core.stages import BlendMode, Stage
+from esper_func.core.state import empty_slots, init_state
+from esper_func.core.host_training import TrainStepCache, task_loss, train_epoch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from esper_func.blending import alpha_schedule
-from esper_func.config import CNNHostConfig, CoreConfig, LifecycleConfig
-from esper_func.lifecycle import apply_action, tick
-from esper_func.model import Model, build_model
-from esper_func.stages import LEGAL_TRANSITION, Op, Stage
-from esper_func.state import init_state
+from esper_func.core.blending import alpha_schedule
+from esper_func.core.config import CNNHostConfig, CoreConfig, LifecycleConfig
+from esper_func.core.lifecycle import apply_action, tick
+from esper_func.core.model import Model, build_model
+from esper_func.core.stages import LEGAL_TRANSITION, Op, Stage
+from esper_func.core.state import init_state
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

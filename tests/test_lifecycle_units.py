@@ -16,13 +16,13 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_func.blending import alpha_schedule
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
-from esper_func.initialization import init_rules
-from esper_func.lifecycle import apply_action, tick
-from esper_func.model import Model, build_model
-from esper_func.stages import BlendMode, Op, Stage
-from esper_func.state import init_state
+from esper_func.core.blending import alpha_schedule
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
+from esper_func.core.initialization import init_rules
+from esper_func.core.lifecycle import apply_action, tick
+from esper_func.core.model import Model, build_model
+from esper_func.core.stages import BlendMode, Op, Stage
+from esper_func.core.state import init_state
 
 S = 3
 CONV_LIGHT = 4  # CNN catalogue: noop, norm, attention, depthwise, conv_light, conv_heavy

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from esper_func.config import CNNHostConfig, CoreConfig, LifecycleConfig, TransformerHostConfig
-from esper_func.lifecycle import action_legality, apply_action, tick
-from esper_func.stages import ACTION_HEADS
-from esper_func.masks import action_masks, check_masks
-from esper_func.model import Model, build_model
-from esper_func.stages import BlendMode, Op, Stage
-from esper_func.state import init_state
+from esper_func.core.config import CNNHostConfig, CoreConfig, LifecycleConfig, TransformerHostConfig
+from esper_func.core.lifecycle import action_legality, apply_action, tick
+from esper_func.core.stages import ACTION_HEADS
+from esper_func.core.masks import action_masks, check_masks
+from esper_func.core.model import Model, build_model
+from esper_func.core.stages import BlendMode, Op, Stage
+from esper_func.core.state import init_state
 
 CONTRIBUTIONS = (-3.0, -1e-3, 0.0, 1e-3, 0.5, 0.999, 1.0, 1.001, 1.5, 12.0)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper_func.config import ConfigError
-from esper_func.distributed import DistributedError
-from esper_func.ppo import PPOTrainer, TrainerState
-from esper_func.train import parse_args, resolve_config
-from esper_func.training_config import CollectorConfig, TrainingConfig
+from esper_func.core.config import ConfigError
+from esper_func.rl.distributed import DistributedError
+from esper_func.rl.trainer import PPOTrainer, TrainerState
+from esper_func.rl.train_cli import parse_args, resolve_config
+from esper_func.rl.run_config import CollectorConfig, TrainingConfig
 from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update
 
 WORKERS = CollectorConfig(kind="multiprocess", workers=2, worker_threads=1)

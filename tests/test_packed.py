@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_func.blueprints import Blueprint, register_blueprint
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
-from esper_func.initialization import ZERO
-from esper_func.model import build_model
-from esper_func.packed import Packed
-from esper_func.stages import Stage
-from esper_func.state import init_state
-from esper_func.training import TrainStepCache, train_epoch
+from esper_func.core.blueprints import Blueprint, register_blueprint
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
+from esper_func.core.initialization import ZERO
+from esper_func.core.model import build_model
+from esper_func.core.packed import Packed
+from esper_func.core.stages import Stage
+from esper_func.core.state import init_state
+from esper_func.core.host_training import TrainStepCache, train_epoch
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 

@@ -13,11 +13,11 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import Transform, TransformedEnv
 
 from envs.morphogenetic import MorphogeneticEnv
-from esper_func.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from esper_func.config import ConfigError, to_dict
-from esper_func.episodes import play_episode
-from esper_func.hooks import CheckpointHook, EarlyStopping
-from esper_func.ppo import (
+from esper_func.rl.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from esper_func.core.config import ConfigError, to_dict
+from esper_func.rl.episodes import play_episode
+from esper_func.rl.hooks import CheckpointHook, EarlyStopping
+from esper_func.rl.trainer import (
     HOOK_POINTS,
     LOGGER_PACKAGES,
     SCALED_REWARD,
@@ -27,8 +27,8 @@ from esper_func.ppo import (
     detect_anomalies,
     flat_hparams,
 )
-from esper_func.stages import Op
-from esper_func.training_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
+from esper_func.core.stages import Op
+from esper_func.rl.run_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
 from policies import RandomPolicy
 from policies.ppo import NORMALIZED_OBSERVATION, FactoredActionDistribution, ObservationNormalizer, make_actor_critic
 
@@ -514,7 +514,7 @@ def test_anomaly_raises_the_telemetry_level_for_a_few_updates(tmp_path: Path) ->
 def test_the_same_seed_builds_the_same_controller_whether_or_not_the_memory_estimate_is_cached(tmp_path: Path) -> None:
     """The first env of a process runs the (cached) meta-device memory estimate, whose
     initializers once drew from the global RNG and shifted the controller's seeded init."""
-    from esper_func.memory import estimate_memory
+    from esper_func.core.memory import estimate_memory
 
     estimate_memory.cache_clear()
     first = PPOTrainer(tiny(), tmp_path / "first")  # runs the estimate

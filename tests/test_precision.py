@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_func.blueprints import blueprint_index
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
-from esper_func.evaluation import EvalStepCache, evaluate
-from esper_func.model import build_model
-from esper_func.stages import BlendMode, Stage
-from esper_func.state import init_state
-from esper_func.training import TrainStepCache, train_epoch
+from esper_func.core.blueprints import blueprint_index
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
+from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.model import build_model
+from esper_func.core.stages import BlendMode, Stage
+from esper_func.core.state import init_state
+from esper_func.core.host_training import TrainStepCache, train_epoch
 from tensordict import TensorDict
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from envs import EnvConfig, MorphogeneticEnv, ShardedEnv
-from esper_func.config import CoreConfig, LifecycleConfig
-from esper_func.prefetch import BatchPrefetcher
-from esper_func.tasks import TaskConfig, build_task
+from esper_func.core.config import CoreConfig, LifecycleConfig
+from esper_func.data.prefetch import BatchPrefetcher
+from esper_func.data.tasks import TaskConfig, build_task
 from policies import RandomPolicy
 from tests.test_sharded import assert_equal
 

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from esper_func.config import CNNHostConfig, ConfigError, CoreConfig, from_dict
-from esper_func.model import Model, build_model
-from esper_func.rewards import (
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, from_dict
+from esper_func.core.model import Model, build_model
+from esper_func.core.rewards import (
     FAMILY_COMPONENTS,
     INTERVENTION_COST,
     STAGE_POTENTIAL,
@@ -34,9 +34,9 @@ from esper_func.rewards import (
     register_reward_family,
     total,
 )
-from esper_func.stages import BlendMode, Op, Stage
-from esper_func.state import empty_slots, init_state
-from esper_func.step import Batches, Steps, env_step
+from esper_func.core.stages import BlendMode, Op, Stage
+from esper_func.core.state import empty_slots, init_state
+from esper_func.core.step import Batches, Steps, env_step
 
 S = 3
 CONV_LIGHT = 4  # CNN catalogue: noop, norm, attention, depthwise, conv_light, conv_heavy

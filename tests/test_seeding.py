@@ -10,9 +10,9 @@ import torch
 from tensordict import TensorDict
 
 from envs import EnvConfig, MorphogeneticEnv, ShardedEnv
-from esper_func.config import ConfigError, CoreConfig, LifecycleConfig
-from esper_func.seeding import ACTION_NOISE, Stream, stream_seed
-from esper_func.tasks import TaskConfig
+from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig
+from esper_func.core.seeding import ACTION_NOISE, Stream, stream_seed
+from esper_func.data.tasks import TaskConfig
 from policies import RandomPolicy
 from policies.ppo import PolicyConfig, inverse_cdf_sample, make_actor_critic
 

@@ -9,8 +9,8 @@ import torch
 from tensordict import TensorDict
 
 from envs import EnvConfig, MorphogeneticEnv, ShardedEnv, build_env
-from esper_func.config import ConfigError, CoreConfig, LifecycleConfig
-from esper_func.tasks import TaskConfig
+from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig
+from esper_func.data.tasks import TaskConfig
 from policies import RandomPolicy
 from tests.test_env import assert_random_actions_respect_the_spec_masks
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from esper_func.config import CNNHostConfig, ConfigError, TransformerHostConfig, from_dict, to_dict
-from esper_func.governor import random_guess_loss
-from esper_func.tasks import (
+from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig, from_dict, to_dict
+from esper_func.core.governor import random_guess_loss
+from esper_func.data.tasks import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR10_SUBDIR,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from envs.morphogenetic import fit_context
-from esper_func.config import TransformerHostConfig
-from esper_func.tasks import TaskConfig
-from esper_func.train import main
+from esper_func.core.config import TransformerHostConfig
+from esper_func.data.tasks import TaskConfig
+from esper_func.rl.train_cli import main
 
 TINY = ["--n-envs", "2", "--max-epochs", "3", "--batch-size", "8", "--train-iters", "1", "--no-progress"]
 
@@ -123,7 +123,7 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     assert (run_dir / "checkpoints" / "update_00001.pt").is_file() and (run_dir / "checkpoints" / "update_00002.pt").is_file()
     assert (run_dir / "config.json").read_text() == config_before
 
-    from esper_func.evaluate import main as evaluate
+    from esper_func.rl.evaluate_cli import main as evaluate
 
     assert evaluate([str(run_dir), "--no-progress", "--seeds", "5", "6"]) == 0
     assert "| controller (mean ± std over 2 seeds) |" in capsys.readouterr().out
@@ -158,7 +158,7 @@ def test_ppo_cli_trains_with_envs_sharded_over_repeated_cpu_devices(tmp_path: Pa
 def test_resume_and_evaluate_report_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--resume", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    from esper_func.evaluate import main as evaluate
+    from esper_func.rl.evaluate_cli import main as evaluate
 
     assert evaluate([str(tmp_path)]) == 2
 
@@ -184,7 +184,7 @@ def test_sigterm_stops_after_the_batch_with_a_resumable_checkpoint(tmp_path: Pat
     assert "--resume" in err
     done = [json.loads(line)["update"] for line in updates.read_text().splitlines()]
     assert 1 <= len(done) < 500 and done == list(range(1, len(done) + 1))
-    from esper_func.checkpoints import latest_checkpoint, load_checkpoint
+    from esper_func.rl.checkpoints import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(run_dir))["counters"]["update"] == len(done)
     assert main(["--resume", str(run_dir), "--episodes", str(len(done) + 1), "--no-progress"]) == 0

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from esper_func import collect_worker
-from esper_func.config import ConfigError, to_dict
-from esper_func.distributed import require_launcher_packages
-from esper_func.rewards import RewardConfig
-from esper_func.train import parse_args, resolve_config
-from esper_func.training_config import PRESETS, CollectorConfig, PPOConfig, TrainingConfig, load_training_config, read_training_config
+from esper_func.rl import collect_worker
+from esper_func.core.config import ConfigError, to_dict
+from esper_func.rl.distributed import require_launcher_packages
+from esper_func.core.rewards import RewardConfig
+from esper_func.rl.train_cli import parse_args, resolve_config
+from esper_func.rl.run_config import PRESETS, CollectorConfig, PPOConfig, TrainingConfig, load_training_config, read_training_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,0 +1,1 @@
+"""Benchmarks, step profiles and audits; may import every other layer."""

@@ -1,0 +1,393 @@
+"""`TrainingConfig`: the one source of truth of a run (env, task, rewards, PPO, policy, telemetry).
+
+Presets (`TrainingConfig.preset(name)`): `default` (a CPU-sized PPO run on the embedded
+synthetic task, under 10 minutes on 2 cores), `learn` (the learning run: the full
+budget, about an hour on 2 cores, evaluated over 3 seeds), `cifar10`, `cifar10_deep`, `tinystories`
+(the reference's settings; they need `--data-dir`), and `tiny` (tests and smoke runs).
+JSON loading is strict (`load_training_config`): an unknown or mistyped key is an error
+that names it, missing keys take the dataclass defaults, and the resolved config a run
+saves (`config.json`) loads back to the same config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+from envs.morphogenetic import EnvConfig
+from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, require, require_fields, to_dict
+from esper_func.core.rewards import RewardConfig
+from esper_func.core.stages import ACTION_HEADS
+from esper_func.data.tasks import TaskConfig
+from policies.ppo import PolicyConfig
+
+Controller = Literal["ppo", "heuristic", "static", "random"]
+TelemetryLevel = Literal["off", "minimal", "normal", "debug"]
+TELEMETRY_LEVELS: tuple[str, ...] = ("off", "minimal", "normal", "debug")
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow", "none"]
+LOGGERS: tuple[str, ...] = get_args(LoggerName)
+CollectorKind = Literal["local", "multiprocess", "distributed"]
+COLLECTORS: tuple[str, ...] = get_args(CollectorKind)
+Launcher = Literal["mp", "submitit", "delayed"]
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
+
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (reference defaults, with minibatching and a working KL stop)."""
+
+    gamma: float = 0.995
+    """Discount; must equal `env.rewards.gamma` (the PBRS discount)."""
+    gae_lambda: float = 0.97
+    clip_epsilon: float = 0.2
+    value_clip: float = 10.0
+    """Clip of the value update around the rollout's value (0 disables value clipping)."""
+    critic_coeff: float = 0.5
+    lr: float = 3e-4
+    adam_eps: float = 1e-5
+    max_grad_norm: float = 0.5
+    epochs: int = 4
+    """Passes over each rollout."""
+    minibatches: int = 4
+    """Minibatches per pass: of transitions, or of whole env sequences when the LSTM is on."""
+    target_kl: float = 0.015
+    """Stop the update's passes when the approximate KL exceeds `kl_stop_factor * target_kl`
+    (checked before the optimizer step); 0 disables."""
+    kl_stop_factor: float = 1.5
+    entropy_coeff: float = 0.05
+    """Entropy weight at the first update."""
+    entropy_coeff_end: float = 0.05
+    """Entropy weight after `entropy_anneal_updates` updates (linear in between)."""
+    entropy_anneal_updates: int = 0
+    """0: constant `entropy_coeff`."""
+    entropy_weight_op: float = 1.0
+    entropy_weight_slot: float = 1.0
+    entropy_weight_blueprint: float = 1.3
+    entropy_weight_blend: float = 1.2
+    normalize_observations: bool = True
+    """ObservationNorm whose statistics are frozen during a rollout and refreshed after it.
+    Off: the normalizer stays the identity, so the networks' input key
+    (`observation_norm`) holds the raw observation."""
+    scale_rewards: bool = True
+    """Divide rewards by the running std of discounted returns (refreshed after each rollout).
+    Off: the scaling stays the identity, so GAE reads the raw reward (`reward_scaled`
+    equals `reward`)."""
+    compile_loss: bool = False
+    """torch.compile ClipPPOLoss. Off: TensorDict construction inside the loss breaks the
+    graph, and compiled was slower than eager at these batch sizes (docs/performance.md)."""
+
+    def __post_init__(self) -> None:
+        require_fields(self, ("gamma", "gae_lambda"), lambda value: 0.0 < value <= 1.0, "in (0, 1]")
+        require_fields(self, ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"), lambda value: value > 0.0, "> 0")
+        require_fields(self, ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"), lambda value: value >= 0, ">= 0")
+        require_fields(self, ("epochs", "minibatches"), lambda value: value >= 1, ">= 1")
+        require_fields(self, tuple(f"entropy_weight_{head}" for head in ACTION_HEADS), lambda value: value >= 0, ">= 0")
+
+    def entropy_at(self, update: int) -> float:
+        """Entropy weight at update `update` (0-based): linear from start to end, then constant."""
+        if self.entropy_anneal_updates == 0:
+            return self.entropy_coeff
+        progress = min(1.0, update / self.entropy_anneal_updates)
+        return self.entropy_coeff + progress * (self.entropy_coeff_end - self.entropy_coeff)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """What a run records. Levels: `off` (summary and checkpoints only), `minimal` (+ per-update
+    metrics and lifecycle events), `normal` (+ per-step metrics), `debug` (+ per-update ratio
+    diagnostics); an anomaly raises the level to `debug` for `anomaly_debug_updates` updates."""
+
+    level: TelemetryLevel = "normal"
+    logger: LoggerName = "csv"
+    """A TorchRL logger by its `get_logger` name, under `RUN_DIR/logger` (`none`: no logger).
+    `tensorboard`, `wandb` and `mlflow` need their packages; `wandb` and `mlflow` read their
+    usual environment variables (e.g. `WANDB_MODE=offline`)."""
+    plots: bool = True
+    """PNG plots at the end of a run (accuracy per epoch, return per update, lifecycle timeline)."""
+    anomaly_debug_updates: int = 5
+    ratio_explosion: float = 5.0
+    """A joint ratio above this on any transition is an anomaly (`ratio_explosion`)."""
+    ratio_collapse: float = 0.1
+    """A joint ratio below this on any transition is an anomaly (`ratio_collapse`)."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.logger in LOGGERS, f"TelemetryConfig.logger must be one of {list(LOGGERS)}, got {self.logger!r}")
+        require(self.anomaly_debug_updates >= 0, f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}")
+        require(self.ratio_explosion > 1.0, f"TelemetryConfig.ratio_explosion must be > 1, got {self.ratio_explosion}")
+        require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """Where PPO's rollouts run (docs/distributed.md).
+
+    `local`: TorchRL's `Collector` on this process (envs sharded over `devices` if given).
+    `multiprocess`: TorchRL's `MultiSyncCollector`: `workers` processes on this machine,
+    each stepping shard k of the envs, the policy in shared memory; the batch equals a
+    local run's over `workers` shards. The main job's choice on a CPU, where two 1-thread
+    processes step the envs faster than one 2-thread process (docs/performance.md).
+    `distributed`: TorchRL's `DistributedCollector` over torch.distributed (gloo): `workers`
+    processes each step shard k of the `env.n_envs` envs and receive the policy's weights
+    (normalizer statistics included) before every batch; the batch equals a local run's
+    over `workers` shards. Launchers: `mp` spawns the workers on this machine, `submitit`
+    submits them as SLURM jobs, `delayed` waits for workers started by hand (`python -m
+    esper_func.collect_worker`)."""
+
+    kind: CollectorKind = "local"
+    workers: int = 2
+    launcher: Launcher = "mp"
+    master_addr: str = "127.0.0.1"
+    """The trainer's address as the workers reach it (rank 0 listens there)."""
+    port: int = 0
+    """The rendezvous port; TorchRL also uses port + 1 (its store). 0: a free port, for
+    `mp` only (hand-started or SLURM workers must be told the port)."""
+    worker_threads: int = 0
+    """`multiprocess`, and `distributed` with `mp`: torch threads per worker (0: this machine's cores divided by the workers).
+    Workers and a local run give bit-identical batches at equal thread counts, and equal
+    to float rounding otherwise."""
+    connect_timeout_s: float = 120.0
+    """How long the trainer waits for every worker to connect before it stops with an
+    error naming the rank."""
+    heartbeat_timeout_s: float = 10.0
+    """A connected worker whose heartbeat (a tick a second) has been quiet this long is
+    lost (dead, hung or cut off): the trainer stops with an error naming it."""
+    slurm_partition: str = ""
+    """`submitit` only: the SLURM partition (empty: the cluster's default)."""
+    slurm_timeout_min: int = 60
+    slurm_cpus_per_task: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.kind in COLLECTORS, f"CollectorConfig.kind must be one of {list(COLLECTORS)}, got {self.kind!r}")
+        require(self.launcher in LAUNCHERS, f"CollectorConfig.launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
+        require(self.workers >= 1, f"CollectorConfig.workers must be >= 1, got {self.workers}")
+        require(self.worker_threads >= 0, f"CollectorConfig.worker_threads must be >= 0 (0: cores / workers), got {self.worker_threads}")
+        require(0 <= self.port <= 65534, f"CollectorConfig.port must be in [0, 65534] (port + 1 is used too), got {self.port}")
+        require(
+            self.port != 0 or self.launcher == "mp" or self.kind == "local",
+            f"CollectorConfig.port=0 picks a free port, which workers started by {self.launcher!r} cannot know; set --port",
+        )
+        require(self.connect_timeout_s > 0, f"CollectorConfig.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        require(
+            self.heartbeat_timeout_s >= 3.0,
+            f"CollectorConfig.heartbeat_timeout_s must be >= 3 (workers tick once a second), got {self.heartbeat_timeout_s}",
+        )
+        require(self.slurm_timeout_min >= 1 and self.slurm_cpus_per_task >= 1, "CollectorConfig.slurm_timeout_min and slurm_cpus_per_task must be >= 1")
+
+
+def _check_device(field_name: str, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"TrainingConfig.{field_name}: {name!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'") from error
+    require(
+        device.type != "cuda" or torch.cuda.is_available(),
+        f"TrainingConfig.{field_name}: {name!r} but CUDA is not available on this machine; use cpu",
+    )
+    require(
+        device.type != "cuda" or device.index is None or device.index < torch.cuda.device_count(),
+        f"TrainingConfig.{field_name}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A whole run. `env.seed` seeds everything (env, policy init, sampling, minibatches)."""
+
+    controller: Controller = "ppo"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    episodes: int = 8
+    """Episode batches: each rollout plays one whole episode in every env, then PPO updates once."""
+    device: str = "cpu"
+    devices: tuple[str, ...] = ()
+    """Devices to shard the envs over (`envs.ShardedEnv`); the first is `device`, where the
+    policy runs and the shards' outputs are gathered. Empty: `device` alone."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many updates (and always at the end); 0: only at the end."""
+    compare_episodes: int = 1
+    """After PPO training: episodes per controller (static, heuristic, trained policy) and
+    evaluation seed on fresh envs with the same seeds; 0 skips the comparison."""
+    compare_seeds: tuple[int, ...] = ()
+    """Env seeds of the final comparison, each a fresh set of `env.n_envs` envs (a table of
+    mean +- std over seeds); empty: the one seed `env.seed + 10_000`. They should differ
+    from `env.seed`, so the policy is judged on envs it never trained on."""
+
+    def __post_init__(self) -> None:
+        require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
+        require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
+        require(
+            self.env.seed not in self.compare_seeds,
+            f"TrainingConfig.compare_seeds {list(self.compare_seeds)} include the training seed env.seed={self.env.seed}; "
+            "evaluate on seeds the policy never trained on",
+        )
+        require(len(set(self.compare_seeds)) == len(self.compare_seeds), f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}")
+        if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
+            self._check_ppo()
+        require(
+            self.collector.kind != "distributed" or self.controller == "ppo",
+            f"collector.kind='distributed' collects PPO rollouts; a {self.controller} run plays locally",
+        )
+        if self.collector.kind != "local" and self.controller == "ppo":  # a rule-based run plays locally
+            self._check_workers()
+        for field_name, name in (("device", self.device), *(("devices", name) for name in self.devices)):
+            _check_device(field_name, name)
+        require(
+            not self.devices or self.devices[0] == self.device,
+            f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy runs); "
+            "reorder them or set device to the first",
+        )
+        require(
+            len(self.devices) <= self.env.n_envs,
+            f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
+        )
+
+    def _check_workers(self) -> None:
+        kind, workers = self.collector.kind, self.collector.workers
+        if kind == "distributed":
+            require(
+                self.env.n_envs % workers == 0,
+                f"env.n_envs={self.env.n_envs} is not a multiple of collector.workers={workers}: each worker steps an equal "
+                f"shard; use n_envs={workers * max(1, round(self.env.n_envs / workers))} or another worker count",
+            )
+        else:
+            require(
+                self.env.n_envs >= workers,
+                f"env.n_envs={self.env.n_envs} is fewer than collector.workers={workers}: each worker steps at least one env; "
+                f"use --workers {self.env.n_envs} or --collector local",
+            )
+            require(
+                torch.device(self.device).type == "cpu",
+                f"collector.kind='multiprocess' steps CPU envs in worker processes, but device={self.device!r}; "
+                "use --collector local (or --devices to shard over several GPUs)",
+            )
+        require(not self.devices, f"devices={list(self.devices)}: a {kind} run shards the envs over workers, not devices; drop --devices")
+
+    def _check_ppo(self) -> None:
+        require(
+            self.ppo.gamma == self.env.rewards.gamma,
+            f"ppo.gamma={self.ppo.gamma} differs from env.rewards.gamma={self.env.rewards.gamma}: the PBRS discount must "
+            "equal the PPO discount or shaping changes the optimal policy; set both to the same value",
+        )
+        require(
+            not (self.policy.lstm and self.ppo.minibatches > self.env.n_envs),
+            f"ppo.minibatches={self.ppo.minibatches} exceeds env.n_envs={self.env.n_envs}: with the LSTM a minibatch holds "
+            "whole env sequences; use at most n_envs minibatches",
+        )
+        transitions = self.env.n_envs * self.env.core.lifecycle.max_epochs
+        require(
+            self.ppo.minibatches <= transitions,
+            f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer minibatches",
+        )
+
+    @classmethod
+    def preset(cls, name: str) -> TrainingConfig:
+        require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.controller}-{self.env.task.name}"
+
+
+def _default() -> TrainingConfig:
+    """The main job: the learning run's settings (`_learn`) for the 11 updates that fit
+    10 minutes on 2 CPU cores with the comparison (12 took 10 min 17 s). At a quarter of
+    the budget (16 training iterations, 512 validation images) 40 updates fit 6 minutes,
+    but there growth does not pay and the return stayed flat (docs/training.md)."""
+    learn = _learn()
+    ppo = replace(learn.ppo, entropy_anneal_updates=11)
+    return replace(learn, env=replace(learn.env, seed=0), ppo=ppo, episodes=11, compare_seeds=())
+
+
+def _learn() -> TrainingConfig:
+    """The learning run: the full calibrated budget of the growth benchmark (where grown
+    seeds beat the static host), a reward that is the final accuracy paid as it is earned
+    minus a parameter rent, 70 updates (about 55 minutes of PPO on 2 CPU cores), then the policy against
+    static and heuristic control on 8 fresh envs of each of seeds 0, 1 and 2 (docs/training.md)."""
+    env = EnvConfig(
+        task=TaskConfig.preset("synthetic"),
+        core=CoreConfig(compile=False),
+        rewards=RewardConfig.for_task("synthetic", family="accuracy"),
+        n_envs=8,
+        seed=100,
+    )
+    ppo = PPOConfig(lr=5e-4, epochs=6, minibatches=4, target_kl=0.02, entropy_coeff=0.02, entropy_coeff_end=0.005, entropy_anneal_updates=60)
+    collector = CollectorConfig(kind="multiprocess", workers=2)
+    return TrainingConfig(env=env, ppo=ppo, collector=collector, episodes=70, compare_seeds=(0, 1, 2))
+
+
+def _cifar10(host_preset: str | None = None, entropy: float = 0.1) -> TrainingConfig:
+    env = EnvConfig(
+        task=TaskConfig.preset("cifar10", data_dir="data/cifar-10-batches-py"),
+        core=CoreConfig(compile=True),
+        rewards=RewardConfig.for_task("cifar10"),
+        host_preset=host_preset,
+        n_envs=4,
+    )
+    ppo = PPOConfig(entropy_coeff=entropy, entropy_coeff_end=0.01, entropy_anneal_updates=50, minibatches=2)
+    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(lstm=True), episodes=100, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tinystories() -> TrainingConfig:
+    env = EnvConfig(
+        task=TaskConfig.preset("tinystories"),
+        core=CoreConfig(compile=True),
+        rewards=RewardConfig.for_task("tinystories"),
+        n_envs=4,
+    )
+    ppo = PPOConfig(entropy_coeff=0.05, entropy_coeff_end=0.01, entropy_anneal_updates=50, minibatches=2)
+    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(lstm=True), episodes=100, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tiny() -> TrainingConfig:
+    """Seconds per episode batch: for tests and smoke runs."""
+    task = replace(TaskConfig.preset("synthetic"), batch_size=16, train_iters=2, val_batches=1, n_train=256, n_val=16)
+    core = CoreConfig(compile=False, lifecycle=LifecycleConfig(max_epochs=6))
+    env = EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=4)
+    ppo = PPOConfig(epochs=2, minibatches=2)
+    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(hidden=32, head_hidden=16, lstm_hidden=32), episodes=2)
+
+
+PRESETS = {
+    "default": _default,
+    "learn": _learn,
+    "cifar10": _cifar10,
+    "cifar10_deep": lambda: _cifar10("cifar_deep", entropy=0.08),
+    "tinystories": _tinystories,
+    "tiny": _tiny,
+}
+
+
+def load_training_config(data: dict[str, Any]) -> TrainingConfig:
+    """A TrainingConfig from a plain dict (strict: unknown or mistyped keys are errors naming them)."""
+    return from_dict(TrainingConfig, data)
+
+
+def read_training_config(path: Path) -> TrainingConfig:
+    """Load a JSON file written by hand or saved by a run (`RUN_DIR/config.json`)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {path} does not exist; pass the path of a JSON TrainingConfig") from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid JSON ({error}); fix the file or regenerate it from a run's config.json") from error
+    try:
+        return load_training_config(data)
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from error
+
+
+def write_training_config(config: TrainingConfig, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
