@@ -6,7 +6,7 @@ lifecycle, compute the reward, build the next observation and masks. The env obj
 the state TensorDict and two generators; every transition is a pure function of the core.
 
 Randomness: shard `shard` of a run seeded `seed` draws episode e from generators seeded
-`esper_func.seeding.stream_seed(seed, shard, e, ...)` at the episode's first reset, so an
+`esper_func.core.seeding.stream_seed(seed, shard, e, ...)` at the episode's first reset, so an
 episode depends on (seed, shard, e) only. Episode 0 is drawn when the env is built; a
 reset after at least one step starts the next episode; a reset before any step of the
 episode changes nothing (a collector's extra resets draw nothing); `seek_episode(e)`
@@ -82,7 +82,7 @@ class EnvConfig:
     The host is `host` when given (checked against the task's data), else `host_preset`
     of the task's topology, else the task's default host; `core.host` is replaced by the
     resolved one when the env is built. `prefetch_batches` draws each step's batches at
-    the end of the step before (on a side stream on CUDA; `esper_func.prefetch`), with
+    the end of the step before (on a side stream on CUDA; `esper_func.data.prefetch`), with
     the same draws in the same order as without it.
     """
 

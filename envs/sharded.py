@@ -3,7 +3,7 @@
 Shard k is a `MorphogeneticEnv` of `sizes[k]` envs on `devices[k]` with shard index k, so
 its random streams are keyed by (seed, k, episode) and the sharded batch is exactly the
 concatenation of K independent env batches (each shard draws its own batches and seeds),
-the same K batches `esper_func.distributed` collects on K workers. Outputs are gathered on the first device, and the
+the same K batches `esper_func.rl.distributed` collects on K workers. Outputs are gathered on the first device, and the
 action spec carries the gathered op, blueprint and blend masks, as `MorphogeneticEnv`'s does.
 
 On CUDA each shard steps on its own stream, entered outside the shard's (compiled) step:

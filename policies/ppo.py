@@ -13,7 +13,7 @@ whose statistics are buffers of the policy, so a weight sync or a policy checkpo
 carries them; the normalized value is written under `"observation_norm"`),
 `("action_mask", head)` and the env's `"action_noise"` (one uniform per head; the actor
 samples by inverse CDF with it, so its actions are a function of the env's random
-streams, `esper_func.seeding`). Keys written by the actor: `("action", head)`,
+streams, `esper_func.core.seeding`). Keys written by the actor: `("action", head)`,
 `("action", "<head>_log_prob")`, and, with the LSTM, `recurrent_state_h/c`. The critic
 writes `state_value` `[..., 1]`.
 """

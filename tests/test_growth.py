@@ -4,7 +4,7 @@
   CNN blueprint with parameters reaches BLENDING at every slot under the default gates
   (none is stuck in TRAINING), and `noop`, which has nothing that could learn, is culled
   when the timeout comes.
-- A short growth run (`esper_func.growth`): the scripted "grow early and keep" schedule
+- A short growth run (`esper_func.rl.growth`): the scripted "grow early and keep" schedule
   ends above the static host on the same seeds, on held-out test images.
 """
 

@@ -83,7 +83,7 @@ def test_no_lookup_table_is_made_inside_a_step(single_thread: None) -> None:
 
 
 def test_lookups_take_only_registered_tables() -> None:
-    with pytest.raises(ValueError, match="register this \\(3,\\) table with esper_func.stages.lookup_table"):
+    with pytest.raises(ValueError, match="register this \\(3,\\) table with esper_func.core.stages.lookup_table"):
         stages.on_device(torch.zeros(3), torch.device("cpu"))
     table = stages.lookup_table(torch.arange(3))
     assert stages.on_device(table, torch.device("meta")).device == torch.device("meta")

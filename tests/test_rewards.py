@@ -3,7 +3,7 @@
 States come from `init_state` on the tiny CNN host with slot fields set directly; the
 epoch's metrics are hand-written. Unless a test says otherwise the config is the default
 ("shaped", gamma 0.995) and every expected value below is worked out from the formulas in
-the `esper_func.rewards` docstring.
+the `esper_func.core.rewards` docstring.
 """
 
 from __future__ import annotations

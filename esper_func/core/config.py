@@ -334,7 +334,7 @@ class CoreConfig:
     env_batching: Literal["auto", "vmap", "packed"] = "auto"
     """How one call trains all N envs. 'vmap': `torch.func.vmap` over envs of one env's
     forward (any host). 'packed' (CNN hosts): the envs packed into the channel dimension of
-    one channels_last tensor, convolutions grouped by env (`esper_func/packed.py`); same
+    one channels_last tensor, convolutions grouped by env (`esper_func/core/packed.py`); same
     values, about 3x faster than vmap on 2 CPU cores (docs/performance.md). 'auto': packed
     for CNN hosts on a CPU when every blueprint supports it, vmap otherwise (the GPU path
     stays vmap until packed is measured there)."""

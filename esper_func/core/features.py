@@ -17,7 +17,7 @@ normalization is a TorchRL transform on top. Scalings:
 
 Current metrics (train/val loss, val accuracy) come from `state["metrics"]`; the temporal
 ones (deltas, plateau, best values, histories, stabilization) from the signals
-(`esper_func.signals`). A slot block is all zeros for an empty (DORMANT) slot; its stage
+(`esper_func.core.signals`). A slot block is all zeros for an empty (DORMANT) slot; its stage
 one-hot therefore covers the 8 other real stages (a DORMANT column would be constant 0).
 """
 

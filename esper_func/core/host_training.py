@@ -135,7 +135,7 @@ def vmapped_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...
 
 
 def packed_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...]) -> GradientFn:
-    """All envs' losses in one packed forward (`esper_func/packed.py`), one backward of their
+    """All envs' losses in one packed forward (`esper_func/core/packed.py`), one backward of their
     sum: env k's loss depends on env k's parameters only, so each gradient is its own."""
     net = model.net_train
 

@@ -224,7 +224,7 @@ class RewardConfig:
         require(
             self.family in _COMPONENTS,
             f"RewardConfig.family must be one of {list(_COMPONENTS)}, got {self.family!r}; "
-            "add a family with esper_func.rewards.register_reward_family",
+            "add a family with esper_func.core.rewards.register_reward_family",
         )
         require(0.0 < self.gamma <= 1.0, f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
         for f in dataclasses.fields(self):

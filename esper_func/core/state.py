@@ -12,7 +12,7 @@ State is one `TensorDict` with batch size `[N]` (N environments):
 | `("metrics", "val_loss")` | `[N]` | float32 | latest validation loss |
 | `("metrics", "train_loss")` | `[N]` | float32 | mean training loss of the latest epoch |
 | `"epoch"` | `[N]` | int64 | host epochs completed |
-| `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.governor`) |
+| `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.core.governor`) |
 
 Blueprint indices refer to the host topology's catalogue (`blueprints.CATALOGUE`); stage
 values are `stages.Stage`; blend values are `stages.BlendMode`. A slot's seed bank holds

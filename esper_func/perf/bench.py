@@ -4,7 +4,7 @@ Run `python -m esper_func.bench --quick --json PATH`. One env step is one host e
 one environment: `--iters` training iterations on shared batches of `--batch` samples.
 Variants, all on the same synthetic data (generated on the device once):
 
-- `baseline`: the reference style (`esper_func/bench_baseline.py`). N separate eager
+- `baseline`: the reference style (`esper_func/perf/bench_baseline.py`). N separate eager
   `nn.Module`s, each with its own `torch.optim.SGD` (hyperparameters and gradient clipping
   from `OptimConfig`), stepped in a Python loop over envs for every batch; on CUDA each env
   on its own stream.
@@ -21,13 +21,13 @@ The JSON and the plot are rewritten after each part (each N, each extra measurem
 marked `"complete": false` until the run ends, so a run stopped part-way (by a time limit
 on a lent GPU, say) keeps what it measured.
 `--bound` profiles one more epoch of every variant and says what bounds it (launches,
-memory or compute: `esper_func/bench_checks.py`). Every row reports its peak memory.
+memory or compute: `esper_func/perf/bench_checks.py`). Every row reports its peak memory.
 `--vmap-chunk-size all 2 4` runs each vmapped variant at each chunk size (envs per
 vmapped slice). `--interleave` builds and warms every case first, then times them in turns,
 so that drift in a shared machine's speed hits all alike.
 `--ppo-update` times the PPO update eager and with ClipPPOLoss compiled. `--collector`
 measures TorchRL's collector overhead over stepping the env by hand. `--profile-step`
-profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy,
+profiles whole env steps (`esper_func/perf/step_profile.py`): the host alone (static policy,
 `host`), an eager heuristic with the active bank plan (`heuristic-active`), and the same
 with the full bank (every blueprint computed at every slot, `heuristic-full`), each part's
 time per step and the controller's share; name some of them to profile only those.

@@ -1,4 +1,4 @@
-"""Benchmark parts around the train-step comparison (`esper_func.bench`): peak memory, the
+"""Benchmark parts around the train-step comparison (`esper_func.perf.bench`): peak memory, the
 PPO update eager vs compiled, bf16 autocast's accuracy effect, where throughput saturates
 over N and what bounds it there, and the plot of env-steps/s against N.
 

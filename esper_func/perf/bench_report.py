@@ -1,4 +1,4 @@
-"""The benchmark's printed report: one line or table per measurement (`esper_func.bench`)."""
+"""The benchmark's printed report: one line or table per measurement (`esper_func.perf.bench`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 TorchRL's collector adds on top of stepping the env by hand.
 
 The core and the env label their parts with `record_function("esper.<part>")`
-(`esper_func/step.py`, `envs/morphogenetic.py`); this module adds `esper.policy` around
+(`esper_func/core/step.py`, `envs/morphogenetic.py`); this module adds `esper.policy` around
 the controller's forward, profiles `steps` env steps after `warmup` untimed ones, and
 reports each part's time per step and its share of the step's wall time. The
 **controller's share** is policy + apply_action + tick + reward + observation (features,

@@ -2,7 +2,7 @@
 
 Worker k (rank k + 1 of torch.distributed's world of W + 1; the trainer is rank 0) steps
 shard k of the run's `env.n_envs` envs: a `MorphogeneticEnv` of n_envs / W envs with
-shard index k, whose random streams are keyed by (seed, k, episode) (`esper_func.seeding`),
+shard index k, whose random streams are keyed by (seed, k, episode) (`esper_func.core.seeding`),
 and samples actions with the policy and the env's noise. So a batch gathered from W
 workers equals a local run's over W shards (`envs.ShardedEnv`), value for value (bit for
 bit at equal torch thread counts).

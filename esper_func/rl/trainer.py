@@ -269,7 +269,7 @@ class PPOTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, normalizers, counters,
         the minibatch generator. The env's streams need no saving: batch U is episode U of
-        every shard (`esper_func.seeding`), and the actions are sampled with the env's noise."""
+        every shard (`esper_func.core.seeding`), and the actions are sampled with the env's noise."""
         return {
             "actor": self.nets.actor.state_dict(),
             "critic": self.nets.critic.state_dict(),
