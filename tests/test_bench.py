@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from esper_func.perf import bench, step_profile
+from esper_func.perf import bench, bench_variants, step_profile
 from esper_func.perf.bench_checks import covered_us, saturation_point
 from esper_func.core.blueprints import param_count
 
@@ -67,9 +67,9 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
 
 @pytest.mark.parametrize("scenario", bench.SCENARIOS)
 def test_both_sides_train_the_same_architecture(scenario: str) -> None:
-    baseline, vmapped = bench.trained_param_counts("cifar", scenario)
+    baseline, vmapped = bench_variants.trained_param_counts("cifar", scenario)
     assert baseline == vmapped
-    seed = param_count("cnn", bench.SEED_BLUEPRINT, 16) if scenario == "seeded" else 0
+    seed = param_count("cnn", bench_variants.SEED_BLUEPRINT, 16) if scenario == "seeded" else 0
     assert baseline == 6418 + seed  # the cifar host (STACK-NOTES), plus conv_light at the 16-channel mid slot
 
 

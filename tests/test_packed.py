@@ -13,7 +13,7 @@ from esper_func.core.blueprints import Blueprint, register_blueprint
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
 from esper_func.core.initialization import ZERO
 from esper_func.core.model import build_model
-from esper_func.core.packed import Packed
+from esper_func.core.packed_modules import Packed
 from esper_func.core.stages import Stage
 from esper_func.core.state import init_state
 from esper_func.core.host_training import TrainStepCache, train_epoch

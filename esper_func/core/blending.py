@@ -17,7 +17,7 @@ from esper_func.core.initialization import ZERO, Init, Initialized
 from esper_func.core.stages import BlendMode
 
 if TYPE_CHECKING:
-    from esper_func.core.packed import Packed
+    from esper_func.core.packed_modules import Packed
 
 
 def alpha_schedule(blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float | torch.Tensor) -> torch.Tensor:

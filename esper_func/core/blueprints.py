@@ -19,7 +19,7 @@ from esper_func.core.initialization import ONE, ZERO, Init, Initialized
 from esper_func.core.layers import CausalSelfAttention, group_count
 
 if TYPE_CHECKING:
-    from esper_func.core.packed import Packed
+    from esper_func.core.packed_modules import Packed
 
 Topology = Literal["cnn", "transformer"]
 

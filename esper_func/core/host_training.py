@@ -25,7 +25,8 @@ from torch.func import functional_call, grad, vmap
 
 from esper_func.core.config import OptimConfig
 from esper_func.core.model import BankPlan, Model, SlotPlan, bank_plan, slot_controls
-from esper_func.core.packed import Packed, packed_logits, per_env_cross_entropy
+from esper_func.core.packed import packed_logits, per_env_cross_entropy
+from esper_func.core.packed_modules import Packed
 from esper_func.core.stages import SEED_TRAINABLE, stage_lookup
 from esper_func.core.state import seed_param_count
 

@@ -20,7 +20,7 @@ from esper_func.core.initialization import Init, Initialized
 from esper_func.core.layers import CausalSelfAttention
 
 if TYPE_CHECKING:
-    from esper_func.core.packed import Packed
+    from esper_func.core.packed_modules import Packed
 
 
 class Host(Initialized):

@@ -8,15 +8,11 @@ import platform
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from esper_func.perf.bench_checks import AmpEffect, PPOUpdateTiming, Scaling
+from esper_func.perf.bench_variants import ParamCheck, VariantResult
 from esper_func.perf.step_profile import CollectorOverhead
-
-if TYPE_CHECKING:
-    from esper_func.perf.bench import ParamCheck, VariantResult
 
 
 def device_name(device: torch.device) -> str:

@@ -14,20 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import traceback
 
 import torch
-from torchrl.collectors.distributed.generic import _distributed_init_delayed
 
-from esper_func.rl.distributed import ENGINE_ERRORS, beat_forever, exit_now
-
-
-def serve(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
-    """Collect for the trainer until it shuts the run down (returns then). The heartbeat
-    thread lets the trainer tell a lost worker from a slow one."""
-    threading.Thread(target=beat_forever, args=(master_addr, port + 3, rank, connect_timeout_s), daemon=True).start()
-    _distributed_init_delayed(rank, "gloo", master_addr, port, world_size)
+from esper_func.rl.distributed import ENGINE_ERRORS, exit_now, serve
 
 
 def resolve_rank(parser: argparse.ArgumentParser, rank: str) -> int:
@@ -39,13 +30,6 @@ def resolve_rank(parser: argparse.ArgumentParser, rank: str) -> int:
     if not rank.isdigit():
         parser.error(f"--rank must be an integer or 'env', got {rank!r}")
     return int(rank)
-
-
-def serve_then_exit(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
-    """`serve`, then end the process with status 0 (a SLURM job submitted by the
-    `submitit` launcher; `exit_now` says why not a normal exit)."""
-    serve(rank, world_size, master_addr, port, connect_timeout_s)
-    exit_now(0)
 
 
 def main(argv: list[str] | None = None) -> int:

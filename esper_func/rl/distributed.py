@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 from torchrl.collectors.distributed import DistributedCollector
+from torchrl.collectors.distributed.generic import _distributed_init_delayed
 from torchrl.envs import Compose, EnvBase, Transform, TransformedEnv
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv
@@ -196,6 +197,20 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def serve(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
+    """Collect for the trainer until it shuts the run down (returns then). The heartbeat
+    thread lets the trainer tell a lost worker from a slow one."""
+    threading.Thread(target=beat_forever, args=(master_addr, port + 3, rank, connect_timeout_s), daemon=True).start()
+    _distributed_init_delayed(rank, "gloo", master_addr, port, world_size)
+
+
+def serve_then_exit(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
+    """`serve`, then end the process with status 0 (a SLURM job submitted by the
+    `submitit` launcher; `exit_now` says why not a normal exit)."""
+    serve(rank, world_size, master_addr, port, connect_timeout_s)
+    exit_now(0)
+
+
 # --- the trainer's collector ---------------------------------------------------------------
 
 
@@ -270,8 +285,6 @@ class DistributedRollouts:
                 self.processes.append(subprocess.Popen(worker_command(rank, world_size, addr, port, threads), start_new_session=True))
         elif collector.launcher == "submitit":
             import submitit  # checked by require_launcher_packages
-
-            from esper_func.rl.collect_worker import serve_then_exit
 
             executor = submitit.AutoExecutor(folder=run_dir / "slurm")
             slurm = {"timeout_min": collector.slurm_timeout_min, "cpus_per_task": collector.slurm_cpus_per_task}
