@@ -62,7 +62,7 @@ from esper_func.core.rewards import SEEDED, RewardConfig, component_names, compu
 from esper_func.core.signals import SignalConfig, init_signals, update_signals
 from esper_func.core.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
 from esper_func.core.state import init_state, seed_param_count
-from esper_func.core.step import Steps, env_step
+from esper_func.core.step import StepFunctions, env_step
 from esper_func.core.host_evaluation import evaluate
 from esper_func.data.prefetch import BatchPrefetcher
 from esper_func.core.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
@@ -262,7 +262,7 @@ class MorphogeneticEnv(EnvBase):
         reward_tables(self.config.rewards)
         preload_tables(device)  # every lookup table on the device before the first step reads it
         check_fits(config.n_envs, self._memory_estimate(), available_memory(device), device)
-        self.steps = Steps(self.model)
+        self.steps = StepFunctions(self.model)
         self.max_epochs = self.config.core.lifecycle.max_epochs
         self.shard = shard
         self.generator = torch.Generator(device=device)

@@ -11,7 +11,7 @@ from esper_func.core.config import CNNHostConfig, CoreConfig
 from esper_func.core.model import build_model
 from esper_func.core.stages import BlendMode, Stage
 from esper_func.core.state import init_state
-from esper_func.core.step import Batches, Steps, env_step
+from esper_func.core.step import Batches, StepFunctions, env_step
 from esper_func.core.blueprints import blueprint_index
 from tensordict import TensorDict
 
@@ -22,8 +22,8 @@ def test_compiled_env_step_matches_eager(mode: str) -> None:
     """'reduce-overhead' captures CUDA graphs on CUDA only; on a CPU this checks its step
     marking and output copies leave the results unchanged."""
     config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode=mode)
-    compiled = Steps(build_model(config))
-    eager = Steps(build_model(dataclasses.replace(config, compile=False, compile_mode="default")))
+    compiled = StepFunctions(build_model(config))
+    eager = StepFunctions(build_model(dataclasses.replace(config, compile=False, compile_mode="default")))
     state = init_state(compiled.model, 3, torch.Generator().manual_seed(0))
     for name in state["params"].keys():  # leave the function-preserving start
         state["params", name] += 0.05 * torch.randn(state["params", name].shape, generator=torch.Generator().manual_seed(1))

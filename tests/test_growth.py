@@ -24,7 +24,7 @@ from esper_func.core.hosts import build_host
 from esper_func.core.model import build_model
 from esper_func.core.stages import BlendMode, Op, Stage
 from esper_func.core.state import init_state
-from esper_func.core.step import Steps, env_step
+from esper_func.core.step import StepFunctions, env_step
 from esper_func.data.tasks import TaskConfig, build_task
 from policies import HeuristicConfig, ScriptedGrowthPolicy
 
@@ -38,7 +38,7 @@ SMALL_TASK = replace(
 @pytest.mark.parametrize("slot", range(3))
 def test_every_blueprint_at_every_slot_leaves_training_under_the_default_gates(slot: int) -> None:
     task = build_task(SMALL_TASK)
-    steps = Steps(build_model(CoreConfig(host=task.host_config, compile=False)))
+    steps = StepFunctions(build_model(CoreConfig(host=task.host_config, compile=False)))
     model = steps.model
     lifecycle = model.config.lifecycle
     n = len(model.blueprint_names)

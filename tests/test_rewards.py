@@ -36,7 +36,7 @@ from esper_func.core.rewards import (
 )
 from esper_func.core.stages import BlendMode, Op, Stage
 from esper_func.core.state import empty_slots, init_state
-from esper_func.core.step import Batches, Steps, env_step
+from esper_func.core.step import Batches, StepFunctions, env_step
 
 S = 3
 CONV_LIGHT = 4  # CNN catalogue: noop, norm, attention, depthwise, conv_light, conv_heavy
@@ -524,7 +524,7 @@ def test_total_is_the_sum_and_an_env_step_rewards():
     x = torch.randn(2, 8, 3, 8, 8, generator=generator)
     y = torch.randint(0, 10, (2, 8), generator=generator)
     action = actions([Op.GERMINATE, Op.WAIT, Op.CULL], [0, 1, 2])
-    nxt, metrics = env_step(Steps(model), prev, action, Batches(x, y, x, y), generator)
+    nxt, metrics = env_step(StepFunctions(model), prev, action, Batches(x, y, x, y), generator)
     assert metrics["executed"].tolist() == [True, True, False]
     for family in FAMILIES:
         config = RewardConfig(family=family)

@@ -21,8 +21,9 @@ from esper_func.core.host_training import TrainStepCache, train_epoch
 
 
 @dataclass
-class Steps:
-    """The (compiled, per bank plan) train and eval functions of one model."""
+class StepFunctions:
+    """The step functions of one model: its train and eval functions, compiled per bank plan
+    when `CoreConfig.compile` is on, built once and reused by every step."""
 
     model: Model
     train: TrainStepCache = field(init=False)
@@ -45,7 +46,7 @@ class Batches:
 
 
 def env_step(
-    steps: Steps, state: TensorDict, action: TensorDict, batches: Batches, generator: torch.Generator
+    steps: StepFunctions, state: TensorDict, action: TensorDict, batches: Batches, generator: torch.Generator
 ) -> tuple[TensorDict, TensorDict]:
     """Apply `action`, train one epoch, evaluate with counterfactuals, check, tick.
 

@@ -35,7 +35,7 @@ from esper_func.core.config import CNNHostConfig, CoreConfig, HostConfig, Transf
 from esper_func.core.host_evaluation import evaluate
 from esper_func.core.model import build_model
 from esper_func.core.state import init_state
-from esper_func.core.step import Batches, Steps
+from esper_func.core.step import Batches, StepFunctions
 from esper_func.core.host_training import train_epoch
 
 TaskName = Literal["synthetic", "cifar10", "tinystories"]
@@ -696,7 +696,7 @@ def train_static_host(task: Task, host: HostConfig, epochs: int, n_envs: int, se
     start = time.perf_counter()
     core = CoreConfig(host=host, compile=False)
     core = replace(core, lifecycle=replace(core.lifecycle, max_epochs=epochs))
-    steps = Steps(build_model(core, task.device))
+    steps = StepFunctions(build_model(core, task.device))
     state = init_state(steps.model, n_envs, torch.Generator(task.device).manual_seed(seed))
     sampler = torch.Generator(task.device).manual_seed(seed + 1)
     accuracy = []
