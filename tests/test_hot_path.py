@@ -14,7 +14,7 @@ from envs import MorphogeneticEnv
 from esper_func.core import stages
 from esper_func.core.rewards import RewardConfig, reward_tables
 from esper_func.perf.sync_audit import HostSyncAudit, HostSyncError
-from esper_func.data.tasks import _to
+from esper_func.data.images import draws_on
 from policies import HeuristicConfig, HeuristicPolicy
 from tests.test_governor import FAULT_ENV, N_ENVS, lively_env
 
@@ -97,7 +97,7 @@ def test_the_audit_records_reads_shape_dependent_ops_and_device_moves() -> None:
         "tolist": lambda: x.tolist(),
         "nonzero": lambda: torch.nonzero(x),
         "__getitem__": lambda: x[x > 1],
-        "to": lambda: _to(x, torch.device("meta")),  # a move made by our code
+        "to": lambda: draws_on(x, torch.device("meta")),  # a move made by our code
     }
     for name, call in cases.items():
         with HostSyncAudit() as audit:

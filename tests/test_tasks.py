@@ -16,23 +16,12 @@ import torch
 
 from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig, from_dict, to_dict
 from esper_func.core.governor import random_guess_loss
-from esper_func.data.tasks import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR10_SUBDIR,
-    PATTERNS,
-    PALETTE,
-    SHAPES,
-    Task,
-    TaskConfig,
-    TaskDataError,
-    build_task,
-    crop_and_flip,
-    generate_synthetic,
-    load_task_config,
-    prototype_table,
-    train_static_host,
-)
+from esper_func.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10_SUBDIR
+from esper_func.data.errors import TaskDataError
+from esper_func.data.images import crop_and_flip
+from esper_func.data.synthetic import PALETTE, PATTERNS, SHAPES, generate_synthetic, prototype_table
+from esper_func.data.tasks import Task, TaskConfig, build_task, load_task_config
+from esper_func.perf.calibration import train_static_host
 
 SMALL_SYNTHETIC = TaskConfig(batch_size=16, train_iters=3, val_batches=2, n_train=200, n_val=40, n_test=40)
 CIFAR_PER_FILE = 50

@@ -124,7 +124,7 @@ def packed_counterfactual_logits(
 ) -> torch.Tensor:
     """Evaluation logits `[B, K, N, classes]` of every env under K configurations: k = 0 the
     network as it is, then one per slot with a seed running in some env, that slot forced
-    to identity (the counterfactual of `evaluation.evaluate`), in slot order.
+    to identity (the counterfactual of `host_evaluation.evaluate`), in slot order.
 
     A configuration that switches slot s off equals the network as it is up to slot s, so
     it branches off there: the packed tensor gains one branch (the slot's input, passed

@@ -8,8 +8,8 @@ Variants, all on the same synthetic data (generated on the device once):
   `nn.Module`s, each with its own `torch.optim.SGD` (hyperparameters and gradient clipping
   from `OptimConfig`), stepped in a Python loop over envs for every batch; on CUDA each env
   on its own stream.
-- `vmap_eager`: `training.train_epoch` with `CoreConfig(compile=False)`.
-- `vmap_compiled`: `training.train_epoch` with `CoreConfig(compile=True)`.
+- `vmap_eager`: `host_training.train_epoch` with `CoreConfig(compile=False)`.
+- `vmap_compiled`: `host_training.train_epoch` with `CoreConfig(compile=True)`.
 - `vmap_cudagraphs`: the same with `compile_mode="reduce-overhead"`, which captures CUDA
   graphs (CUDA only: on a CPU it would be `vmap_compiled` again).
 

@@ -29,7 +29,7 @@ from esper_func.core.config import ConfigError
 from esper_func.rl.episodes import EpisodeResult, play_episode
 from esper_func.rl.plots import plot_accuracy
 from esper_func.rl.trainer import policy_env
-from esper_func.data.tasks import TaskDataError
+from esper_func.data.errors import TaskDataError
 from esper_func.rl.run_config import TrainingConfig, load_training_config
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 from policies.ppo import ActorCritic, make_actor_critic

@@ -42,7 +42,8 @@ from esper_func.rl.distributed import DistributedError, engine_left_running, exi
 from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
 from esper_func.core.rewards import RewardConfig
 from esper_func.core.stages import SLOT_NAMES
-from esper_func.data.tasks import TaskConfig, TaskDataError
+from esper_func.data.errors import TaskDataError
+from esper_func.data.tasks import TaskConfig
 from esper_func.rl.telemetry import JsonlWriter, RunDirError, create_run_dir
 from esper_func.rl.run_config import (
     COLLECTORS,
