@@ -58,7 +58,9 @@ from esper_func.core.governor import Panic, take_snapshots
 from esper_func.core.masks import action_masks
 from esper_func.core.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
 from esper_func.core.model import Model, build_model
-from esper_func.core.rewards import SEEDED, RewardConfig, component_names, compute_reward, reward_tables, total
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.reward_transition import SEEDED
+from esper_func.core.rewards import component_names, compute_reward, reward_tables, total
 from esper_func.core.signals import SignalConfig, init_signals, update_signals
 from esper_func.core.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
 from esper_func.core.state import init_state, seed_param_count

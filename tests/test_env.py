@@ -14,7 +14,8 @@ from torchrl.envs.utils import check_env_specs, step_mdp
 from envs import EnvConfig, MorphogeneticEnv, make_env
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
 from esper_func.core.memory import check_fits, estimate_memory
-from esper_func.core.rewards import RewardConfig, potential
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.reward_transition import potential
 from esper_func.core.stages import Op, Stage
 from esper_func.core.state import empty_slots
 from esper_func.data.tasks import TaskConfig

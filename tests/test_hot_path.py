@@ -12,7 +12,8 @@ from torchrl.envs.utils import step_mdp
 
 from envs import MorphogeneticEnv
 from esper_func.core import stages
-from esper_func.core.rewards import RewardConfig, reward_tables
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.rewards import reward_tables
 from esper_func.perf.sync_audit import HostSyncAudit, HostSyncError
 from esper_func.data.images import draws_on
 from policies import HeuristicConfig, HeuristicPolicy

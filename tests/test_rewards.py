@@ -3,7 +3,7 @@
 States come from `init_state` on the tiny CNN host with slot fields set directly; the
 epoch's metrics are hand-written. Unless a test says otherwise the config is the default
 ("shaped", gamma 0.995) and every expected value below is worked out from the formulas in
-the `esper_func.core.rewards` docstring.
+the docstrings of `esper_func.core.reward_components`.
 """
 
 from __future__ import annotations
@@ -20,20 +20,16 @@ from tensordict import TensorDict
 
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, from_dict
 from esper_func.core.model import Model, build_model
-from esper_func.core.rewards import (
-    FAMILY_COMPONENTS,
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.reward_transition import (
     INTERVENTION_COST,
     STAGE_POTENTIAL,
-    RewardConfig,
     Transition,
-    component_names,
-    compute_reward,
     intervention_cost_table,
     pbrs_shaping,
     potential,
-    register_reward_family,
-    total,
 )
+from esper_func.core.rewards import FAMILY_COMPONENTS, component_names, compute_reward, register_reward_family, total
 from esper_func.core.stages import BlendMode, Op, Stage
 from esper_func.core.state import empty_slots, init_state
 from esper_func.core.step import Batches, StepFunctions, env_step

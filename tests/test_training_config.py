@@ -12,7 +12,7 @@ import pytest
 from esper_func.rl import collect_worker
 from esper_func.core.config import ConfigError, to_dict
 from esper_func.rl.distributed import require_launcher_packages
-from esper_func.core.rewards import RewardConfig
+from esper_func.core.reward_config import RewardConfig
 from esper_func.rl.train_cli import parse_args, resolve_config
 from esper_func.rl.run_config import PRESETS, CollectorConfig, PPOConfig, TrainingConfig, load_training_config, read_training_config
 

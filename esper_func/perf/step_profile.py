@@ -39,7 +39,7 @@ from torchrl.envs.utils import step_mdp
 from envs import EnvConfig, MorphogeneticEnv
 from esper_func.core.config import CoreConfig, LifecycleConfig
 from esper_func.rl.evaluate_cli import baseline_controller
-from esper_func.core.rewards import RewardConfig
+from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import IN_FORWARD, stage_lookup
 from esper_func.data.tasks import TaskConfig
 from esper_func.rl.run_config import TrainingConfig

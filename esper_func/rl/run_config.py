@@ -20,7 +20,7 @@ import torch
 
 from envs.morphogenetic import EnvConfig
 from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, require, require_fields, to_dict
-from esper_func.core.rewards import RewardConfig
+from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import ACTION_HEADS
 from esper_func.data.tasks import TaskConfig
 from policies.ppo import PolicyConfig

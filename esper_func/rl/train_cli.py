@@ -40,7 +40,7 @@ from esper_func.rl.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
 from esper_func.rl.plots import plot_accuracy, plot_lifecycle, plot_returns
 from esper_func.rl.distributed import DistributedError, engine_left_running, exit_now, require_launcher_packages
 from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
-from esper_func.core.rewards import RewardConfig
+from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import SLOT_NAMES
 from esper_func.data.errors import TaskDataError
 from esper_func.data.tasks import TaskConfig
