@@ -13,9 +13,8 @@ from esper_func.core.config import (
     LifecycleConfig,
     OptimConfig,
     TransformerHostConfig,
-    from_dict,
-    to_dict,
 )
+from esper_func.core.config_json import from_dict, to_dict
 
 # --- validation -------------------------------------------------------------------------
 

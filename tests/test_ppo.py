@@ -14,7 +14,8 @@ from torchrl.envs import Transform, TransformedEnv
 
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.rl.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from esper_func.core.config import ConfigError, to_dict
+from esper_func.core.config import ConfigError
+from esper_func.core.config_json import to_dict
 from esper_func.rl.episodes import play_episode
 from esper_func.rl.hooks import CheckpointHook, EarlyStopping
 from esper_func.rl.trainer import (

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, from_dict
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig
+from esper_func.core.config_json import from_dict
 from esper_func.core.model import Model, build_model
 from esper_func.core.reward_config import RewardConfig
 from esper_func.core.reward_transition import (

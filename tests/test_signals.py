@@ -25,7 +25,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_func.core.config import ConfigError, from_dict
+from esper_func.core.config import ConfigError
+from esper_func.core.config_json import from_dict
 from esper_func.core.signals import SignalConfig, init_signals, update_signals
 
 LOSSES = [[2.0, 1.5, 1.47, 1.46, 1.5, 1.0, 3.0], [0.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig, from_dict, to_dict
+from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig
+from esper_func.core.config_json import from_dict, to_dict
 from esper_func.core.governor import random_guess_loss
 from esper_func.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10_SUBDIR
 from esper_func.data.errors import TaskDataError

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from esper_func.rl import collect_worker
-from esper_func.core.config import ConfigError, to_dict
+from esper_func.core.config import ConfigError
+from esper_func.core.config_json import to_dict
 from esper_func.rl.distributed import require_launcher_packages
 from esper_func.core.reward_config import RewardConfig
 from esper_func.rl.train_cli import parse_args, resolve_config

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from esper_func.core.config import CNNHostConfig, HostConfig, TransformerHostConfig, from_dict, require
+from esper_func.core.config import CNNHostConfig, HostConfig, TransformerHostConfig, require
+from esper_func.core.config_json import from_dict
 from esper_func.core.step import Batches
 from esper_func.data.cifar10 import (
     CIFAR10_MEAN,
@@ -148,7 +149,7 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
 def load_task_config(data: dict[str, Any]) -> TaskConfig:
     """A TaskConfig from a plain dict, missing keys filled from the preset of `data["name"]`.
 
-    Strict like `config.from_dict`: unknown or mistyped keys are errors that name them.
+    Strict like `config_json.from_dict`: unknown or mistyped keys are errors that name them.
     """
     name = data.get("name", "synthetic")
     require(name in TASK_PRESETS, f"TaskConfig.name: {name!r} is not one of {list(TASK_NAMES)}")

@@ -39,7 +39,8 @@ from tensordict.nn import TensorDictModuleBase  # noqa: E402
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv  # noqa: E402
 from esper_func.core.blueprints import blueprint_index  # noqa: E402
-from esper_func.core.config import CNNHostConfig, CoreConfig, from_dict, to_dict  # noqa: E402
+from esper_func.core.config import CNNHostConfig, CoreConfig  # noqa: E402
+from esper_func.core.config_json import from_dict, to_dict  # noqa: E402
 from esper_func.rl.episodes import play_episode  # noqa: E402
 from esper_func.core.stages import HOLDS_SEED, LIVE, Stage, stage_lookup  # noqa: E402
 from esper_func.core.state import seed_param_count  # noqa: E402

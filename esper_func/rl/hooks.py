@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from esper_func.rl.checkpoints import save_checkpoint
-from esper_func.core.config import to_dict
+from esper_func.core.config_json import to_dict
 from esper_func.rl.trainer import TrainerState, scalar_metrics
 from esper_func.rl.telemetry import JsonlWriter
 

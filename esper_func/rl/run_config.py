@@ -19,7 +19,8 @@ from typing import Any, Literal, get_args
 import torch
 
 from envs.morphogenetic import EnvConfig
-from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, require, require_fields, to_dict
+from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig, require, require_fields
+from esper_func.core.config_json import from_dict, to_dict
 from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import ACTION_HEADS
 from esper_func.data.tasks import TaskConfig
