@@ -48,29 +48,37 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torch.profiler import record_function
+from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
 from esper_func.core.features import feature_names, observe
 from esper_func.core.governor import Panic, take_snapshots
+from esper_func.core.host_evaluation import evaluate
 from esper_func.core.masks import action_masks
 from esper_func.core.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
 from esper_func.core.model import Model, build_model
 from esper_func.core.reward_config import RewardConfig
 from esper_func.core.reward_transition import SEEDED
 from esper_func.core.rewards import component_names, compute_reward, reward_tables, total
+from esper_func.core.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
 from esper_func.core.signals import SignalConfig, init_signals, update_signals
 from esper_func.core.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
 from esper_func.core.state import init_state, seed_param_count
 from esper_func.core.step import StepFunctions, env_step
-from esper_func.core.host_evaluation import evaluate
 from esper_func.data.prefetch import BatchPrefetcher
-from esper_func.core.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
 from esper_func.data.tasks import Task, TaskConfig, build_task
 
-SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "contribution_ema", "improvement")
+SEED_KEYS: tuple[str, ...] = (
+    "stage",
+    "alpha",
+    "blueprint",
+    "epochs_in_stage",
+    "contribution",
+    "contribution_ema",
+    "improvement",
+)
 METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")
 SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
 SPEC_MASKED_HEADS: tuple[str, ...] = ("op", "blueprint", "blend")
@@ -158,13 +166,20 @@ def _checked_host(task: Task, host: HostConfig) -> HostConfig:
     if not isinstance(host, TransformerHostConfig):
         raise ConfigError(f"task {name!r} needs a transformer host (kind 'transformer'), got kind {host.kind!r}")
     if host.vocab_size != task.num_classes:
-        raise ConfigError(f"EnvConfig.host.vocab_size={host.vocab_size} does not fit task {name!r}; set it to {task.num_classes}")
+        raise ConfigError(
+            f"EnvConfig.host.vocab_size={host.vocab_size} does not fit task {name!r}; set it to {task.num_classes}"
+        )
     if host.context < task.config.context:
-        raise ConfigError(f"EnvConfig.host.context={host.context} is shorter than task {name!r} windows ({task.config.context}); raise it")
+        raise ConfigError(
+            f"EnvConfig.host.context={host.context} is shorter than task {name!r} windows ({task.config.context}); "
+            "raise it"
+        )
     return host
 
 
-def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device) -> tuple[Composite, Composite, Composite, Composite]:
+def make_specs(
+    model: Model, rewards: RewardConfig, n: int, device: torch.device
+) -> tuple[Composite, Composite, Composite, Composite]:
     """Action, observation, reward and done specs of `n` envs of `model` on `device`."""
     s = model.n_slots
     n_blueprints = len(model.blueprint_names)
@@ -177,12 +192,20 @@ def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device
         shape=(n,),
     )
     per_slot = (n, s)
-    mask_shapes = {"op": (n, len(Op)), "slot": (n, len(Op), s), "blueprint": (n, n_blueprints), "blend": (n, len(BlendMode))}
+    mask_shapes = {
+        "op": (n, len(Op)),
+        "slot": (n, len(Op), s),
+        "blueprint": (n, n_blueprints),
+        "blend": (n, len(BlendMode)),
+    }
     observation = Composite(
         observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(model))), dtype=torch.float32, device=device),
         **{ACTION_NOISE: Bounded(0.0, 1.0, shape=(n, ACTION_NOISE_SIZE), dtype=torch.float32, device=device)},
         action_mask=Composite(
-            {head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=device) for head, shape in mask_shapes.items()},
+            {
+                head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=device)
+                for head, shape in mask_shapes.items()
+            },
             shape=(n,),
         ),
         seeds=Composite(
@@ -225,7 +248,10 @@ def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device
     )
     reward = Composite(reward=Unbounded(shape=(n, 1), dtype=torch.float32, device=device), shape=(n,))
     done = Composite(
-        {key: Categorical(2, shape=(n, 1), dtype=torch.bool, device=device) for key in ("done", "terminated", "truncated")},
+        {
+            key: Categorical(2, shape=(n, 1), dtype=torch.bool, device=device)
+            for key in ("done", "terminated", "truncated")
+        },
         shape=(n,),
     )
     return action, observation, reward, done
@@ -250,7 +276,9 @@ def canonical_device(device: torch.device | str) -> torch.device:
 class MorphogeneticEnv(EnvBase):
     """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
 
-    def __init__(self, config: EnvConfig, device: torch.device | str = "cpu", shard: int = 0, first_episode: int = 0) -> None:
+    def __init__(
+        self, config: EnvConfig, device: torch.device | str = "cpu", shard: int = 0, first_episode: int = 0
+    ) -> None:
         """`shard`: this env batch's index among the run's shards (its random streams'
         key); `first_episode`: the episode the env starts in."""
         if shard < 0 or first_episode < 0:
@@ -303,7 +331,9 @@ class MorphogeneticEnv(EnvBase):
         self._stepped = False
 
     def _draw_noise(self) -> torch.Tensor:
-        return 1.0 - torch.rand(self.config.n_envs, ACTION_NOISE_SIZE, generator=self.noise_generator, device=self.device)
+        return 1.0 - torch.rand(
+            self.config.n_envs, ACTION_NOISE_SIZE, generator=self.noise_generator, device=self.device
+        )
 
     # -- state -------------------------------------------------------------------------
 
@@ -373,7 +403,10 @@ class MorphogeneticEnv(EnvBase):
             state[reset] = fresh[reset]
             self.state = state
         zero_components = TensorDict(
-            {name: torch.zeros(n, device=self.device) for name in self.full_observation_spec["reward_components"].keys()},
+            {
+                name: torch.zeros(n, device=self.device)
+                for name in self.full_observation_spec["reward_components"].keys()
+            },
             batch_size=[n],
         )
         out = self._observation(
@@ -463,7 +496,9 @@ def make_env(
     """
     device = torch.device(device)
     overrides = {"data_dir": data_dir, "batch_size": batch_size, "train_iters": train_iters}
-    task_config = fit_context(TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None}), preset)
+    task_config = fit_context(
+        TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None}), preset
+    )
     core = CoreConfig(compile=device.type == "cuda" if compile is None else compile)
     if max_epochs is not None:
         core = replace(core, lifecycle=replace(core.lifecycle, max_epochs=max_epochs))

@@ -34,7 +34,9 @@ from esper_func.core.masks import action_masks
 def shard_sizes(n_envs: int, n_shards: int) -> tuple[int, ...]:
     """As even as possible, the first shards taking the remainder."""
     if n_envs < n_shards:
-        raise ConfigError(f"n_envs={n_envs} cannot be sharded over {n_shards} devices; use n_envs >= {n_shards} or fewer devices")
+        raise ConfigError(
+            f"n_envs={n_envs} cannot be sharded over {n_shards} devices; use n_envs >= {n_shards} or fewer devices"
+        )
     base, extra = divmod(n_envs, n_shards)
     return tuple(base + (k < extra) for k in range(n_shards))
 
@@ -49,7 +51,8 @@ class ShardedEnv(EnvBase):
         self.sizes = shard_sizes(config.n_envs, len(devices))
         super().__init__(device=devices[0], batch_size=torch.Size([config.n_envs]))
         self.shards = [
-            MorphogeneticEnv(replace(config, n_envs=size), device, shard=k) for k, (size, device) in enumerate(zip(self.sizes, devices))
+            MorphogeneticEnv(replace(config, n_envs=size), device, shard=k)
+            for k, (size, device) in enumerate(zip(self.sizes, devices))
         ]
         first = self.shards[0]
         self.config = replace(first.config, n_envs=config.n_envs, seed=config.seed)
@@ -57,7 +60,9 @@ class ShardedEnv(EnvBase):
         self.max_epochs = first.max_epochs
         self.streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for device in devices]
         for stream, device in zip(self.streams, devices):
-            if stream is not None:  # each shard was built on its device's current stream: its stream comes after that once
+            if (
+                stream is not None
+            ):  # each shard was built on its device's current stream: its stream comes after that once
                 stream.wait_stream(torch.cuda.current_stream(device))
         self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
             self.model, self.config.rewards, config.n_envs, self.device
@@ -149,7 +154,9 @@ class ShardedEnv(EnvBase):
         return None if parts[0] is None else torch.cat([part.to(self.device) for part in parts if part is not None])
 
 
-def build_env(config: EnvConfig, device: torch.device | str, devices: Sequence[str] = ()) -> MorphogeneticEnv | ShardedEnv:
+def build_env(
+    config: EnvConfig, device: torch.device | str, devices: Sequence[str] = ()
+) -> MorphogeneticEnv | ShardedEnv:
     """One env batch on `device`, or sharded over `devices` when they name more than one."""
     if len(devices) > 1:
         return ShardedEnv(config, devices)

@@ -113,7 +113,9 @@ def test_masked_out_action_is_executed_as_wait_and_counted(env: MorphogeneticEnv
     assert (env.state["slots", "stage"] == before["stage"]).all()
     wait = RewardConfig()
     assert wait.family == "shaped"
-    assert not torch.equal(env.state["params", "host.head.weight"], params_before["host.head.weight"]), "hosts still train"
+    assert not torch.equal(env.state["params", "host.head.weight"], params_before["host.head.weight"]), (
+        "hosts still train"
+    )
 
 
 def test_partial_reset_only_resets_flagged_envs(env: MorphogeneticEnv) -> None:
@@ -132,7 +134,12 @@ def test_episode_terminates_after_max_epochs_with_no_potential_left() -> None:
     `terminated`, never `truncated`, and the last step's PBRS term pays back the whole
     potential of the state before it (Phi = 0 at the terminal state)."""
     env = small_env(max_epochs=3)
-    rollout = env.rollout(3, HeuristicPolicy("cnn", N_ENVS, HeuristicConfig(min_epoch_to_germinate=0, germinate_by_epoch=0, require_stabilization=False)))
+    rollout = env.rollout(
+        3,
+        HeuristicPolicy(
+            "cnn", N_ENVS, HeuristicConfig(min_epoch_to_germinate=0, germinate_by_epoch=0, require_stabilization=False)
+        ),
+    )
     assert rollout["next", "terminated"][:, -1].all() and rollout["next", "done"][:, -1].all()
     assert not rollout["next", "done"][:, :-1].any()
     assert not rollout["next", "truncated"].any()
@@ -185,7 +192,10 @@ def test_heuristic_germinates_blends_and_fossilizes_on_a_tiny_setting() -> None:
     env = MorphogeneticEnv(
         replace(
             env.config,
-            core=replace(env.config.core, lifecycle=replace(env.config.core.lifecycle, grad_ratio_threshold=0.0, fossilize_min_contribution=0.0)),
+            core=replace(
+                env.config.core,
+                lifecycle=replace(env.config.core.lifecycle, grad_ratio_threshold=0.0, fossilize_min_contribution=0.0),
+            ),
             task=replace(env.config.task, train_iters=4, batch_size=32),
         )
     )
@@ -205,7 +215,11 @@ def test_test_accuracy_is_each_env_network_on_the_held_out_split_as_a_plain_modu
     """Seeds germinated and training or blending: every env's accuracy on the test split,
     against the per-env reference network (ordinary modules) built from the same state."""
     env = small_env(n_envs=2, max_epochs=8, min_training_epochs=1, blend_steps=2)
-    policy = HeuristicPolicy(env.model.topology, 2, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    policy = HeuristicPolicy(
+        env.model.topology,
+        2,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+    )
     td = env.reset()
     for _ in range(4):
         td = step_mdp(env.step(policy(td)))
@@ -247,6 +261,8 @@ def test_an_explicit_host_is_checked_against_the_task() -> None:
     env = MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=deeper, n_envs=2))
     assert env.config.core.host == deeper
     with pytest.raises(ConfigError, match=r"EnvConfig.host.image_size=8 does not fit task 'synthetic', which needs 16"):
-        MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=CNNHostConfig.preset("tiny"), n_envs=2))
+        MorphogeneticEnv(
+            EnvConfig(task=task, core=CoreConfig(compile=False), host=CNNHostConfig.preset("tiny"), n_envs=2)
+        )
     with pytest.raises(ConfigError, match="both host and host_preset"):
         EnvConfig(task=task, host=deeper, host_preset="cifar")

@@ -14,8 +14,8 @@ from envs import MorphogeneticEnv
 from esper_func.core import stages
 from esper_func.core.reward_config import RewardConfig
 from esper_func.core.rewards import reward_tables
-from esper_func.perf.sync_audit import HostSyncAudit, HostSyncError
 from esper_func.data.images import draws_on
+from esper_func.perf.sync_audit import HostSyncAudit, HostSyncError
 from policies import HeuristicConfig, HeuristicPolicy
 from tests.test_governor import FAULT_ENV, N_ENVS, lively_env
 
@@ -27,7 +27,12 @@ def audited_episode(bank_mode: str, device: str = "cpu") -> tuple[list[HostSyncA
     with every env step and every policy call audited."""
     env = lively_env()
     env = MorphogeneticEnv(replace(env.config, core=replace(env.config.core, bank_mode=bank_mode)), device)
-    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0), device)
+    policy = HeuristicPolicy(
+        env.model.topology,
+        N_ENVS,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+        device,
+    )
     audits = []
     rolled_back = torch.zeros(N_ENVS, dtype=torch.bool, device=device)
     td = env.reset()
@@ -75,7 +80,11 @@ def test_no_lookup_table_is_made_inside_a_step(single_thread: None) -> None:
     env = MorphogeneticEnv(replace(lively_env().config, rewards=rewards))
     made_at_build = set(stages._TABLES)
     assert {id(table) for table in reward_tables(rewards)} <= made_at_build
-    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    policy = HeuristicPolicy(
+        env.model.topology,
+        N_ENVS,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+    )
     td = env.reset()
     for _ in range(env.max_epochs):
         td = step_mdp(env.step(policy(td)))

@@ -8,7 +8,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"esper_func.core": 0, "esper_func.data": 1, "envs": 2, "policies": 2, "esper_func.rl": 3, "esper_func.perf": 4}
+LAYERS = {
+    "esper_func.core": 0,
+    "esper_func.data": 1,
+    "envs": 2,
+    "policies": 2,
+    "esper_func.rl": 3,
+    "esper_func.perf": 4,
+}
 """Rank of each layer: a module imports from its own layer or from a lower rank (envs and policies are side by side)."""
 ENTRY_POINTS = ("train", "evaluate", "growth", "collect_worker", "bench", "bench_distributed", "tasks")
 """The thin `python -m esper_func.<name>` modules at the package's top; they import nothing of ours."""
@@ -34,12 +41,20 @@ def our_imports(path: Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {module_name(path): path for package in ("esper_func", "envs", "policies") for path in (ROOT / package).rglob("*.py")}
+    modules = {
+        module_name(path): path
+        for package in ("esper_func", "envs", "policies")
+        for path in (ROOT / package).rglob("*.py")
+    }
     return {name: {imported for imported in our_imports(path) if imported in modules} for name, path in modules.items()}
 
 
 def test_every_module_sits_in_a_layer_or_is_an_entry_point() -> None:
-    top = {name for name in import_graph() if name.count(".") == 1 and name.startswith("esper_func.") and name not in LAYERS}
+    top = {
+        name
+        for name in import_graph()
+        if name.count(".") == 1 and name.startswith("esper_func.") and name not in LAYERS
+    }
     assert top - {f"esper_func.{name}" for name in ENTRY_POINTS} == set()
     for name in ENTRY_POINTS:
         assert our_imports(ROOT / "esper_func" / f"{name}.py") == set(), name

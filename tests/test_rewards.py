@@ -81,7 +81,9 @@ def epoch_metrics(acc, contribution=None, loss=None) -> TensorDict:
             "val_accuracy": torch.tensor(acc, dtype=torch.float32),
             "val_loss": torch.tensor(loss if loss is not None else [1.0] * n, dtype=torch.float32),
             "train_loss": torch.ones(n),
-            "contribution": torch.zeros(n, S) if contribution is None else torch.tensor(contribution, dtype=torch.float32),
+            "contribution": torch.zeros(n, S)
+            if contribution is None
+            else torch.tensor(contribution, dtype=torch.float32),
         },
         batch_size=[n],
     )
@@ -154,7 +156,13 @@ def test_config_from_dict_and_tasks():
     with pytest.raises(ConfigError, match="family"):
         from_dict(RewardConfig, {"family": "dense"})
     stories = RewardConfig.for_task("tinystories", family="loss")
-    assert (stories.family, stories.loss_sigma, stories.loss_baseline, stories.loss_target, stories.loss_rent_weight) == (
+    assert (
+        stories.family,
+        stories.loss_sigma,
+        stories.loss_baseline,
+        stories.loss_target,
+        stories.loss_rent_weight,
+    ) == (
         "loss",
         0.15,
         5.545,
@@ -395,7 +403,9 @@ def test_sparse_and_minimal():
     doubled = dataclasses.replace(sparse, sparse_scale=2.0)
     scaled = reward(prev, nxt, epoch_metrics([100.0] * 3), config=doubled, is_last=True)
     assert values(scaled, "sparse")[:2] == pytest.approx([2.0, 2.0])  # clamped before scaling
-    minimal = reward(prev, nxt, metrics, actions([Op.CULL, Op.CULL, Op.WAIT], [1, 1, 1]), RewardConfig(family="minimal"))
+    minimal = reward(
+        prev, nxt, metrics, actions([Op.CULL, Op.CULL, Op.WAIT], [1, 1, 1]), RewardConfig(family="minimal")
+    )
     assert values(minimal, "action_shaping") == pytest.approx([-0.1, 0.0, 0.0])  # ages 3, 5
 
 
@@ -413,7 +423,9 @@ def test_loss_family_rewards_a_decrease():
     # terminal clamp((2.3 - loss) / (2.3 - 0.3), 0, 1)
     assert values(got, "terminal") == pytest.approx([0.2, 0.625, 0.0, 1.0, 0.05], rel=1e-5)
     stories = RewardConfig.for_task("tinystories", family="loss")
-    got = reward(prev, nxt, epoch_metrics([50.0] * n, loss=[3.5225] * n), config=stories, is_last=True)  # midway between 5.545 and 1.5
+    got = reward(
+        prev, nxt, epoch_metrics([50.0] * n, loss=[3.5225] * n), config=stories, is_last=True
+    )  # midway between 5.545 and 1.5
     assert values(got, "terminal") == pytest.approx([0.5] * n, rel=1e-5)
 
 
@@ -525,7 +537,9 @@ def test_total_is_the_sum_and_an_env_step_rewards():
     assert metrics["executed"].tolist() == [True, True, False]
     for family in FAMILIES:
         config = RewardConfig(family=family)
-        got = compute_reward(config, model, prev, nxt, action, metrics["executed"], metrics, torch.ones(3, dtype=torch.bool))
+        got = compute_reward(
+            config, model, prev, nxt, action, metrics["executed"], metrics, torch.ones(3, dtype=torch.bool)
+        )
         assert tuple(got.keys()) == component_names(config)
         assert torch.isfinite(total(got)).all()
         assert torch.equal(total(got), sum(got.values()))

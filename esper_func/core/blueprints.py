@@ -314,7 +314,9 @@ def register_blueprint(topology: Topology, blueprint: type[Blueprint]) -> type[B
         raise ValueError(f"{blueprint.__name__} needs a class attribute `name`, a Python identifier, got {name!r}")
     taken = _REGISTRY[topology].get(name)
     if taken is not None and taken is not blueprint:
-        raise ValueError(f"{topology} blueprint name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pick another name")
+        raise ValueError(
+            f"{topology} blueprint name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pick another name"
+        )
     _REGISTRY[topology][name] = blueprint
     return blueprint
 

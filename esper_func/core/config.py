@@ -7,8 +7,8 @@ dataclasses strictly: an unknown or mistyped key is an error that names it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import torch
@@ -65,7 +65,10 @@ class CNNHostConfig:
     def __post_init__(self) -> None:
         require(self.kind == "cnn", f"CNNHostConfig.kind must be 'cnn', got {self.kind!r}")
         require_fields(
-            self, ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels", "channel_factor"), lambda value: value >= 1, ">= 1"
+            self,
+            ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels", "channel_factor"),
+            lambda value: value >= 1,
+            ">= 1",
         )
         require(self.num_classes >= 2, f"CNNHostConfig.num_classes must be >= 2, got {self.num_classes}")
         min_size = 2**self.n_blocks
@@ -193,9 +196,17 @@ class LifecycleConfig:
     min_cull_age: int = 1
 
     def __post_init__(self) -> None:
-        require_fields(self, ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"), lambda value: value >= 1, ">= 1")
         require_fields(
-            self, ("embargo_epochs", "reset_epochs"), lambda value: value >= 1, ">= 1 (each cooldown stage is observed for at least one epoch)"
+            self,
+            ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"),
+            lambda value: value >= 1,
+            ">= 1",
+        )
+        require_fields(
+            self,
+            ("embargo_epochs", "reset_epochs"),
+            lambda value: value >= 1,
+            ">= 1 (each cooldown stage is observed for at least one epoch)",
         )
         require(self.min_cull_age >= 0, f"LifecycleConfig.min_cull_age must be >= 0, got {self.min_cull_age}")
         require_fields(self, ("training_grace_epochs", "probation_judge_epochs"), lambda value: value >= 0, ">= 0")
@@ -209,7 +220,9 @@ class LifecycleConfig:
         )
         require(self.sigmoid_steepness > 0, "LifecycleConfig.sigmoid_steepness must be > 0")
         require(self.grad_ratio_threshold >= 0, "LifecycleConfig.grad_ratio_threshold must be >= 0")
-        require_fields(self, ("train_dwell_fraction", "probation_timeout_fraction"), lambda value: 0.0 <= value <= 1.0, "in [0, 1]")
+        require_fields(
+            self, ("train_dwell_fraction", "probation_timeout_fraction"), lambda value: 0.0 <= value <= 1.0, "in [0, 1]"
+        )
 
     @property
     def training_epochs(self) -> int:
@@ -290,9 +303,13 @@ class GovernorConfig:
             1 <= self.min_samples <= self.window,
             f"GovernorConfig.min_samples must be in 1..window={self.window}, got {self.min_samples}",
         )
-        require_fields(self, ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"), lambda value: value > 0, "> 0")
+        require_fields(
+            self, ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"), lambda value: value > 0, "> 0"
+        )
         require_fields(self, ("consecutive_spikes", "snapshot_every"), lambda value: value >= 1, ">= 1")
-        require_fields(self, ("collapse_history_fraction", "collapse_tolerance"), lambda value: 0.0 < value < 1.0, "in (0, 1)")
+        require_fields(
+            self, ("collapse_history_fraction", "collapse_tolerance"), lambda value: 0.0 < value < 1.0, "in (0, 1)"
+        )
 
 
 def _default_host() -> HostConfig:
@@ -366,11 +383,16 @@ class CoreConfig:
         )
         require(
             self.compile or self.compile_mode == "default",
-            f"CoreConfig.compile_mode={self.compile_mode!r} needs compile=True (CUDA graphs are captured by torch.compile)",
+            f"CoreConfig.compile_mode={self.compile_mode!r} needs compile=True (CUDA graphs are captured by "
+            "torch.compile)",
         )
 
     def packs_envs(self, device: torch.device) -> bool:
         """Whether the core runs the packed path on `device` (`env_batching` resolved)."""
         if self.env_batching == "auto":
-            return device.type == "cpu" and self.host.kind == "cnn" and all(cls.packs() for cls in catalogue(self.host.kind, self.blueprints))
+            return (
+                device.type == "cpu"
+                and self.host.kind == "cnn"
+                and all(cls.packs() for cls in catalogue(self.host.kind, self.blueprints))
+            )
         return self.env_batching == "packed"

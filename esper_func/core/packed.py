@@ -47,12 +47,16 @@ class _StraightThrough(torch.autograd.Function):
     for the envs where `scale` is 1, in no extra op on the forward."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(scale)
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         (scale,) = ctx.saved_tensors
         return grad, grad * scale, None
 
@@ -84,7 +88,9 @@ def packed_slot(
     for index in plan.blueprints:
         name = net.names[index]
         out = packed.run(bank.blueprints[name], f"{prefix}blueprints.{name}.", seed_input)
-        seed = out if seed is None else torch.where(per_channel(controls["blueprint"][:, s] == index, channels), out, seed)
+        seed = (
+            out if seed is None else torch.where(per_channel(controls["blueprint"][:, s] == index, channels), out, seed)
+        )
     assert seed is not None
     seed = seed.to(h.dtype)
     blend = (mode == int(SlotMode.BLEND)).to(h.dtype)
@@ -139,7 +145,9 @@ def packed_counterfactual_logits(
         if slot_plan.blueprints:
             tiled = {key: value.repeat(branches, 1) for key, value in controls.items()}
             passed_through = h[:, : h.shape[1] // branches]  # the first branch: the network as it is
-            h = torch.cat((packed_slot(net, packed, s, h, tiled, tiled["mode"][:, s], slot_plan), passed_through), dim=1)
+            h = torch.cat(
+                (packed_slot(net, packed, s, h, tiled, tiled["mode"][:, s], slot_plan), passed_through), dim=1
+            )
             branches += 1
             packed = Packed(params, buffers, n_envs * branches, training=False, tile=branches)
     return net.host.packed_tail(packed, h).unflatten(1, (branches, n_envs))

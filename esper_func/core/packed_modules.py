@@ -65,7 +65,11 @@ class Packed:
             children = list(module)
             i = 0
             while i < len(children):
-                if isinstance(children[i], nn.ReLU) and i + 1 < len(children) and isinstance(children[i + 1], nn.MaxPool2d):
+                if (
+                    isinstance(children[i], nn.ReLU)
+                    and i + 1 < len(children)
+                    and isinstance(children[i + 1], nn.MaxPool2d)
+                ):
                     # ReLU and max-pool commute (both monotone): pooling first runs the ReLU,
                     # forward and backward, on a quarter of the values. Same values and gradients.
                     x = F.relu(self.run(children[i + 1], f"{prefix}{i + 1}.", x))
@@ -122,7 +126,9 @@ def _batch_norm(packed: Packed, norm: nn.BatchNorm2d, prefix: str, x: torch.Tens
     mean, var = mean.clone(), var.clone()  # F.batch_norm updates the running statistics in place
     out = F.batch_norm(x.float(), mean, var, weight, bias, True, norm.momentum, norm.eps)
     n = packed.n_envs
-    packed.new_buffers.update({names[0]: mean.view(n, -1), names[1]: var.view(n, -1), names[2]: packed.buffer(names[2]) + 1})
+    packed.new_buffers.update(
+        {names[0]: mean.view(n, -1), names[1]: var.view(n, -1), names[2]: packed.buffer(names[2]) + 1}
+    )
     return out
 
 

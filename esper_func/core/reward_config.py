@@ -32,8 +32,8 @@ class RewardConfig:
     """Reward family, ablation switches and every constant of the formulas.
 
     Magnitudes are non-negative; the sign of each term is in its formula (the docstring
-    of the component computing it, `reward_components.py`). esper-lite's values, with a probation penalty linear (and capped) in the
-    epochs past the grace period.
+    of the component computing it, `reward_components.py`). esper-lite's values, with a
+    probation penalty linear (and capped) in the epochs past the grace period.
     """
 
     family: str = "shaped"

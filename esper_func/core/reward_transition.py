@@ -14,7 +14,17 @@ from tensordict import TensorDict
 
 from esper_func.core.model import Model
 from esper_func.core.reward_config import RewardConfig
-from esper_func.core.stages import HOLDS_SEED, IN_FORWARD, LIVE, NUM_STAGE_VALUES, Op, Stage, lookup_table, on_device, stage_lookup
+from esper_func.core.stages import (
+    HOLDS_SEED,
+    IN_FORWARD,
+    LIVE,
+    NUM_STAGE_VALUES,
+    Op,
+    Stage,
+    lookup_table,
+    on_device,
+    stage_lookup,
+)
 from esper_func.core.state import seed_param_count
 
 SEEDED = HOLDS_SEED
@@ -23,7 +33,9 @@ SEEDED = HOLDS_SEED
 ATTRIBUTED = lookup_table(LIVE & IN_FORWARD)
 """Seeds earning attribution: live and running in the forward (fossilized ones do not)."""
 
-_ACTION_STAGE = lookup_table(torch.tensor([0, int(Stage.GERMINATED), int(Stage.CULLED), int(Stage.FOSSILIZED)], dtype=torch.int64))
+_ACTION_STAGE = lookup_table(
+    torch.tensor([0, int(Stage.GERMINATED), int(Stage.CULLED), int(Stage.FOSSILIZED)], dtype=torch.int64)
+)
 """Stage an executed op puts its slot in, indexed by op (WAIT's entry is never used)."""
 
 

@@ -57,8 +57,13 @@ def register_reward_family(name: str, components: dict[str, Component]) -> None:
     same components again is a no-op; built-in families cannot be replaced."""
     require(name.isidentifier(), f"reward family name must be an identifier, got {name!r}")
     require(name not in FAMILY_COMPONENTS, f"{name!r} is a built-in reward family; pick another name")
-    require(bool(components) and all(callable(fn) for fn in components.values()), "components must be a non-empty dict of callables")
-    require(all(key.isidentifier() for key in components), f"component names must be identifiers, got {list(components)}")
+    require(
+        bool(components) and all(callable(fn) for fn in components.values()),
+        "components must be a non-empty dict of callables",
+    )
+    require(
+        all(key.isidentifier() for key in components), f"component names must be identifiers, got {list(components)}"
+    )
     family = {**components}
     family.setdefault("governor", governor)
     require(

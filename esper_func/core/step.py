@@ -13,11 +13,11 @@ import torch
 from tensordict import TensorDict
 from torch.profiler import record_function
 
-from esper_func.core.host_evaluation import EvalStepCache, evaluate
 from esper_func.core.governor import Panic, check, random_guess_loss, rollback, snapshot_due, take_snapshots
+from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.host_training import TrainStepCache, train_epoch
 from esper_func.core.lifecycle import apply_action, tick
 from esper_func.core.model import Model
-from esper_func.core.host_training import TrainStepCache, train_epoch
 
 
 @dataclass

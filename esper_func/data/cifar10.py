@@ -84,7 +84,9 @@ def read_cifar10_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             batch = _unpickle(handle)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-            raise TaskDataError(f"{str(path)!r} is not a readable pickle ({error}); expected {CIFAR10_FORMAT}") from None
+            raise TaskDataError(
+                f"{str(path)!r} is not a readable pickle ({error}); expected {CIFAR10_FORMAT}"
+            ) from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise TaskDataError(f"{str(path)!r} holds {keys}; expected {CIFAR10_FORMAT}")

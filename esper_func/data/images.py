@@ -50,7 +50,9 @@ def crop_and_flip(
     """
     m, _, height, width = images.shape
     draw_device = generator.device
-    offsets = draws_on(torch.randint(0, 2 * padding + 1, (m, 2), generator=generator, device=draw_device), images.device)
+    offsets = draws_on(
+        torch.randint(0, 2 * padding + 1, (m, 2), generator=generator, device=draw_device), images.device
+    )
     flips = draws_on(torch.randint(0, 2, (m,), generator=generator, device=draw_device), images.device).bool()
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = offsets[:, :1] + torch.arange(height, device=images.device)

@@ -100,7 +100,9 @@ def _shape_mask(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.stack(masks).gather(0, shape.expand_as(u).unsqueeze(0)).squeeze(0)
 
 
-def _pattern_mask(pattern: torch.Tensor, x: torch.Tensor, y: torch.Tensor, period: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+def _pattern_mask(
+    pattern: torch.Tensor, x: torch.Tensor, y: torch.Tensor, period: torch.Tensor, phase: torch.Tensor
+) -> torch.Tensor:
     """Bright (True) or dark pixels of each image's fill pattern."""
     w = 2 * math.pi / period
     sx, sy = torch.sin(w * x + phase), torch.sin(w * y + phase)

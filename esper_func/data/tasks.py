@@ -40,7 +40,6 @@ from esper_func.data.images import NUM_IMAGE_CLASSES, ImageData, channel_stats, 
 from esper_func.data.synthetic import SYNTHETIC_RENDER_SIZE, SYNTHETIC_SIZES, downsample, generate_synthetic
 from esper_func.data.text import BYTE_VOCAB, TextData, evenly_spaced_starts, load_text, sample_windows, windows
 
-
 TaskName = Literal["synthetic", "cifar10", "tinystories"]
 TASK_NAMES: tuple[str, ...] = ("synthetic", "cifar10", "tinystories")
 
@@ -105,7 +104,8 @@ class TaskConfig:
             require(self.n_test >= 1, f"TaskConfig.n_test must be >= 1, got {self.n_test}")
             require(
                 self.image_size in SYNTHETIC_SIZES,
-                f"TaskConfig.image_size={self.image_size} must be one of {list(SYNTHETIC_SIZES)} (32 divided by a power of 2)",
+                f"TaskConfig.image_size={self.image_size} must be one of {list(SYNTHETIC_SIZES)} (32 divided by a "
+                "power of 2)",
             )
             require(
                 self.n_val >= val_examples,

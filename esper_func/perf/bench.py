@@ -55,6 +55,7 @@ from pathlib import Path
 import tensordict
 import torch
 
+from esper_func.core.config import CNNHostConfig
 from esper_func.perf.bench_checks import (
     AmpEffect,
     PPOUpdateTiming,
@@ -75,7 +76,6 @@ from esper_func.perf.bench_report import (
     format_table,
     load_average,
 )
-from esper_func.core.config import CNNHostConfig
 from esper_func.perf.bench_variants import (
     CUDA_ONLY_VARIANTS,
     DTYPE,

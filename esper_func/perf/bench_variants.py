@@ -13,15 +13,12 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from esper_func.perf.bench_checks import (
-    Bound,
-    Scaling,
-    model_flops,
-    peak_memory_mib,
-    profile_bound,
-    reset_peak_memory,
-    saturation_point,
-)
+from esper_func.core.blueprints import blueprint_index
+from esper_func.core.config import CNNHostConfig, CoreConfig
+from esper_func.core.host_training import TrainStepCache, planned_param_names, train_epoch
+from esper_func.core.model import Model, bank_plan, build_model
+from esper_func.core.stages import Stage
+from esper_func.core.state import init_state
 from esper_func.perf.bench_baseline import (
     SEED_ALPHA,
     SEED_BLUEPRINT,
@@ -31,15 +28,18 @@ from esper_func.perf.bench_baseline import (
     build_baseline_net,
     state_key,
 )
-from esper_func.core.blueprints import blueprint_index
-from esper_func.core.config import CNNHostConfig, CoreConfig
-from esper_func.core.model import Model, bank_plan, build_model
-from esper_func.core.stages import Stage
-from esper_func.core.state import init_state
+from esper_func.perf.bench_checks import (
+    Bound,
+    Scaling,
+    model_flops,
+    peak_memory_mib,
+    profile_bound,
+    reset_peak_memory,
+    saturation_point,
+)
 from esper_func.perf.step_profile import (
     timed,
 )
-from esper_func.core.host_training import TrainStepCache, planned_param_names, train_epoch
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
 VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs", "packed")

@@ -21,6 +21,7 @@ from esper_func.core.state import init_state
 from esper_func.core.step import StepFunctions
 from esper_func.data.tasks import Task, TaskConfig, build_task
 
+
 @dataclass(frozen=True)
 class StaticRun:
     """Validation accuracy (percent) of static hosts (every slot DORMANT) after each epoch."""

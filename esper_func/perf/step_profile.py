@@ -38,10 +38,10 @@ from torchrl.envs.utils import step_mdp
 
 from envs import EnvConfig, MorphogeneticEnv
 from esper_func.core.config import CoreConfig, LifecycleConfig
-from esper_func.rl.evaluate_cli import baseline_controller
 from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import IN_FORWARD, stage_lookup
 from esper_func.data.tasks import TaskConfig
+from esper_func.rl.evaluate_cli import baseline_controller
 from esper_func.rl.run_config import TrainingConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -105,14 +105,24 @@ def timed(run: Callable[[], T], device: torch.device) -> tuple[float, T]:
 
 
 def synthetic_env(
-    device: torch.device, n_envs: int, batch: int, iters: int, max_epochs: int, bank_mode: str, compile: bool, amp: bool = False, seed: int = 0
+    device: torch.device,
+    n_envs: int,
+    batch: int,
+    iters: int,
+    max_epochs: int,
+    bank_mode: str,
+    compile: bool,
+    amp: bool = False,
+    seed: int = 0,
 ) -> MorphogeneticEnv:
     """The synthetic task at a given per-epoch budget (validation batches fit its validation set)."""
     preset = TaskConfig.preset("synthetic")
     val_batches = max(1, min(preset.val_batches, preset.n_val // batch))
     task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters, val_batches=val_batches)
     core = CoreConfig(compile=compile, bank_mode=bank_mode, amp=amp, lifecycle=LifecycleConfig(max_epochs=max_epochs))  # type: ignore[arg-type]
-    return MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs, seed=seed), device)
+    return MorphogeneticEnv(
+        EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs, seed=seed), device
+    )
 
 
 def profile_env_steps(
@@ -166,7 +176,9 @@ def profile_env_steps(
         if event.key.startswith("esper.") and event.device_type == torch.autograd.DeviceType.CPU
     }
     parts = {part: ranges[part].cpu_time_total / steps / 1000.0 for part in PARTS if part in ranges}
-    device_parts = {part: ranges[part].device_time_total / steps / 1000.0 for part in parts} if device.type == "cuda" else {}
+    device_parts = (
+        {part: ranges[part].device_time_total / steps / 1000.0 for part in parts} if device.type == "cuda" else {}
+    )
     step_ms = 1000.0 * statistics.median(wall)
     controller = sum(max(parts.get(part, 0.0), device_parts.get(part, 0.0)) for part in CONTROLLER_PARTS)
     return StepProfile(
@@ -187,7 +199,11 @@ def profile_env_steps(
 
 def format_profiles(profiles: list[StepProfile]) -> str:
     """One row per configuration: the step, each part (ms per step), and the controller's share."""
-    header = f"{'configuration':<26} {'step ms':>8} " + " ".join(f"{part[:11]:>11}" for part in PARTS) + f" {'controller':>10}"
+    header = (
+        f"{'configuration':<26} {'step ms':>8} "
+        + " ".join(f"{part[:11]:>11}" for part in PARTS)
+        + f" {'controller':>10}"
+    )
     rows = [header, "-" * len(header)]
     for p in profiles:
         cells = " ".join(f"{p.parts_ms.get(part, 0.0):>11.1f}" for part in PARTS)
@@ -210,7 +226,9 @@ class CollectorOverhead:
     """(collector - by hand) / collector: the share of a collected batch spent outside env and policy."""
 
 
-def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int, steps: int, repeats: int, compile: bool) -> CollectorOverhead:
+def collector_overhead(
+    device: torch.device, n_envs: int, batch: int, iters: int, steps: int, repeats: int, compile: bool
+) -> CollectorOverhead:
     """One episode of `steps` env steps under a random policy, by hand and collected."""
     env = synthetic_env(device, n_envs, batch, iters, steps, "active", compile)
     policy = RandomPolicy(torch.Generator(device=device).manual_seed(0))
@@ -222,8 +240,14 @@ def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int
 
     def collected() -> None:
         collector = Collector(
-            env, policy, frames_per_batch=n_envs * steps, total_frames=n_envs * steps, reset_at_each_iter=True, device=device,
-            trust_policy=True, auto_register_policy_transforms=False,  # a parameter-free, stateless policy
+            env,
+            policy,
+            frames_per_batch=n_envs * steps,
+            total_frames=n_envs * steps,
+            reset_at_each_iter=True,
+            device=device,
+            trust_policy=True,
+            auto_register_policy_transforms=False,  # a parameter-free, stateless policy
         )
         for _batch in collector:
             pass
@@ -280,8 +304,15 @@ def main_job_episodes(device: torch.device, n_envs: int, repeats: int) -> list[E
             times[case].append(episode(case))
     rates = {case: n_envs * envs[case].max_epochs / statistics.median(times[case]) for case in cases}
     return [
-        EpisodeTiming(controller, batching, n_envs, envs[controller, batching].max_epochs, times[controller, batching], rates[controller, batching],
-                      rates[controller, batching] / rates[controller, "vmap"])
+        EpisodeTiming(
+            controller,
+            batching,
+            n_envs,
+            envs[controller, batching].max_epochs,
+            times[controller, batching],
+            rates[controller, batching],
+            rates[controller, batching] / rates[controller, "vmap"],
+        )
         for controller, batching in cases
     ]
 
@@ -290,5 +321,8 @@ def format_episodes(timings: list[EpisodeTiming]) -> str:
     header = f"{'controller':<11} {'env batching':<13} {'episode s':>10} {'env-steps/s':>12} {'vs vmap':>8}"
     rows = [header, "-" * len(header)]
     for t in timings:
-        rows.append(f"{t.controller:<11} {t.env_batching:<13} {statistics.median(t.episode_s):>10.2f} {t.env_steps_per_s:>12.1f} {t.speedup_vs_vmap:>7.2f}x")
+        rows.append(
+            f"{t.controller:<11} {t.env_batching:<13} {statistics.median(t.episode_s):>10.2f} "
+            f"{t.env_steps_per_s:>12.1f} {t.speedup_vs_vmap:>7.2f}x"
+        )
     return "\n".join(rows)

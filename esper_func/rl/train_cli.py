@@ -20,11 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
-
 from envs.morphogenetic import MorphogeneticEnv, fit_context
 from envs.sharded import ShardedEnv, build_env
-from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.core.config import ConfigError
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.stages import SLOT_NAMES
+from esper_func.data.errors import TaskDataError
+from esper_func.data.tasks import TaskConfig
+from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+from esper_func.rl.distributed import DistributedError, engine_left_running, exit_now, require_launcher_packages
 from esper_func.rl.episodes import play_episode
 from esper_func.rl.evaluate_cli import (
     baseline_controller,
@@ -38,13 +42,6 @@ from esper_func.rl.evaluate_cli import (
 )
 from esper_func.rl.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
 from esper_func.rl.plots import plot_accuracy, plot_lifecycle, plot_returns
-from esper_func.rl.distributed import DistributedError, engine_left_running, exit_now, require_launcher_packages
-from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
-from esper_func.core.reward_config import RewardConfig
-from esper_func.core.stages import SLOT_NAMES
-from esper_func.data.errors import TaskDataError
-from esper_func.data.tasks import TaskConfig
-from esper_func.rl.telemetry import JsonlWriter, RunDirError, create_run_dir
 from esper_func.rl.run_config import (
     COLLECTORS,
     LAUNCHERS,
@@ -56,6 +53,8 @@ from esper_func.rl.run_config import (
     read_training_config,
     write_training_config,
 )
+from esper_func.rl.telemetry import JsonlWriter, RunDirError, create_run_dir
+from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
 COLLECTOR_FLAGS = {

@@ -44,13 +44,13 @@ from tqdm import tqdm
 from envs.morphogenetic import MorphogeneticEnv, canonical_device
 from envs.sharded import ShardedEnv, build_env
 from envs.transforms import ActionMaskCheck
-from esper_func.rl.checkpoints import CheckpointError
 from esper_func.core.config import require
 from esper_func.core.config_json import to_dict
-from esper_func.rl.distributed import DistributedRollouts, require_launcher_packages, shard_factories
-from esper_func.rl.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
-from esper_func.rl.run_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
 from esper_func.core.stages import ACTION_HEADS, Op
+from esper_func.rl.checkpoints import CheckpointError
+from esper_func.rl.distributed import DistributedRollouts, require_launcher_packages, shard_factories
+from esper_func.rl.run_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
+from esper_func.rl.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from policies.ppo import ENTROPY_KEYS, LOG_PROB_KEYS, ActorCritic, ObservationNormalizer, make_actor_critic
 
 HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
