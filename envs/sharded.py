@@ -26,7 +26,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import EnvBase
 
-from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device, make_specs, update_action_masks
+from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device
+from envs.specs import make_specs, update_action_masks
 from esper_func.core.config import ConfigError
 from esper_func.core.masks import action_masks
 

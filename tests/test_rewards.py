@@ -114,9 +114,11 @@ def reward(
 ) -> TensorDict:
     n = prev.batch_size[0]
     action = action if action is not None else actions([Op.WAIT] * n)
-    executed = torch.ones(n, dtype=torch.bool) if executed is None else torch.tensor(executed)
+    metrics = metrics.clone()
+    metrics["executed"] = torch.ones(n, dtype=torch.bool) if executed is None else torch.tensor(executed)
+    metrics["rolled_back"] = torch.zeros(n, dtype=torch.bool) if rollback is None else torch.as_tensor(rollback)
     last = torch.full((n,), is_last) if isinstance(is_last, bool) else torch.tensor(is_last)
-    return compute_reward(config, tiny_model(), prev, nxt, action, executed, metrics, last, rollback)
+    return compute_reward(config, tiny_model(), prev, nxt, action, metrics, last)
 
 
 def values(components: TensorDict, key: str) -> list[float]:
@@ -537,9 +539,7 @@ def test_total_is_the_sum_and_an_env_step_rewards():
     assert metrics["executed"].tolist() == [True, True, False]
     for family in FAMILIES:
         config = RewardConfig(family=family)
-        got = compute_reward(
-            config, model, prev, nxt, action, metrics["executed"], metrics, torch.ones(3, dtype=torch.bool)
-        )
+        got = compute_reward(config, model, prev, nxt, action, metrics, torch.ones(3, dtype=torch.bool))
         assert tuple(got.keys()) == component_names(config)
         assert torch.isfinite(total(got)).all()
         assert torch.equal(total(got), sum(got.values()))

@@ -133,17 +133,16 @@ def make_transition(
     prev_state: TensorDict,
     next_state: TensorDict,
     action: TensorDict,
-    executed: torch.Tensor,
     metrics: TensorDict,
     is_last: torch.Tensor,
-    rollback: torch.Tensor | None,
 ) -> Transition:
     """The tensors the components share for the transition `prev_state -> next_state`:
-    the executed op (WAIT where the action did not execute), the acted-on slot, the stage
-    during the epoch (after the action, before the tick), and the epoch's metrics."""
+    the executed op (WAIT where the action did not execute, `metrics["executed"]`), the
+    acted-on slot, the stage during the epoch (after the action, before the tick), and the
+    epoch's metrics."""
     prev, nxt = prev_state["slots"], next_state["slots"]
     n_slots = prev.batch_size[1]
-    op = torch.where(executed, action["op"], int(Op.WAIT))
+    op = torch.where(metrics["executed"], action["op"], int(Op.WAIT))
     acted = torch.nn.functional.one_hot(action["slot"].clamp(0, n_slots - 1), n_slots).bool()
     acted = acted & (op != int(Op.WAIT)).unsqueeze(-1)
     target = on_device(_ACTION_STAGE, op.device)[op].unsqueeze(-1)
@@ -161,7 +160,7 @@ def make_transition(
         prev_val_loss=prev_state["metrics", "val_loss"],
         contribution=metrics["contribution"],
         is_last=is_last,
-        rollback=torch.zeros_like(executed) if rollback is None else rollback,
+        rollback=metrics["rolled_back"],
         seed_params=torch.where(seeded_next, seed_param_count(model, nxt), 0),
         host_params=model.host_param_count,
     )

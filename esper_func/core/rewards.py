@@ -84,21 +84,19 @@ def compute_reward(
     prev_state: TensorDict,
     next_state: TensorDict,
     action: TensorDict,
-    executed: torch.Tensor,
     metrics: TensorDict,
     is_last: torch.Tensor,
-    rollback: torch.Tensor | None = None,
 ) -> TensorDict:
     """Reward components `[N]` (float32) of the transition `prev_state -> next_state`.
 
-    `action`: heads `op`, `slot` (others unused); `executed` `[N]` bool from `env_step`
-    (False: rewarded as WAIT); `metrics`: the epoch's `val_accuracy`, `val_loss` `[N]` and
-    `contribution` `[N, S]`; `is_last` `[N]` bool: the episode's last step; `rollback`
-    `[N]` bool: the governor rolled the env back in this step (None: nowhere).
-    `prev_state["metrics"]` must be the previous evaluation (the env evaluates at reset).
-    Pure; no host sync; keys are `component_names(config)` in order.
+    `action`: heads `op`, `slot` (others unused); `metrics`: the epoch's, from `env_step`:
+    `val_accuracy`, `val_loss` `[N]`, `contribution` `[N, S]`, `executed` `[N]` bool (False:
+    rewarded as WAIT) and `rolled_back` `[N]` bool (the governor rolled the env back in
+    this step); `is_last` `[N]` bool: the episode's last step. `prev_state["metrics"]` must
+    be the previous evaluation (the env evaluates at reset). Pure; no host sync; keys are
+    `component_names(config)` in order.
     """
-    t = make_transition(model, prev_state, next_state, action, executed, metrics, is_last, rollback)
+    t = make_transition(model, prev_state, next_state, action, metrics, is_last)
     components = {name: fn(config, t) for name, fn in _family(config).items()}
     return TensorDict(components, batch_size=prev_state.batch_size, device=prev_state.device)
 

@@ -13,6 +13,11 @@ State is one `TensorDict` with batch size `[N]` (N environments):
 | `("metrics", "train_loss")` | `[N]` | float32 | mean training loss of the latest epoch |
 | `"epoch"` | `[N]` | int64 | host epochs completed |
 | `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.core.governor`) |
+| `("signals", ...)` | `[N]`, `[N, H]` | | training signals: plateau, stabilization, best values, short histories (`esper_func.core.signals`) |
+| `"illegal_actions"` | `[N]` | int64 | actions this episode that the masks forbade (each executed as WAIT) |
+
+`init_state` makes all but the last two; `step.reset_state` adds them (the fresh hosts'
+evaluation is the signals' first epoch) and `step.step_env` updates them.
 
 Blueprint indices refer to the host topology's catalogue (`blueprints.CATALOGUE`); stage
 values are `stages.Stage`; blend values are `stages.BlendMode`. A slot's seed bank holds
