@@ -88,3 +88,14 @@ def test_no_import_cycles() -> None:
         if name not in done:
             visit(name, [name])
     assert cycles == []
+
+
+def test_the_core_and_the_data_know_nothing_of_torchrl() -> None:
+    users = []
+    for package in ("core", "data"):
+        for path in (ROOT / "esper_func" / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                modules += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                users += [f"{module_name(path)} -> {m}" for m in modules if m.split(".")[0] == "torchrl"]
+    assert users == []
