@@ -16,8 +16,10 @@ from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, Lifec
 from esper_func.core.memory import check_fits, estimate_memory
 from esper_func.core.reward_config import RewardConfig
 from esper_func.core.reward_transition import potential
+from esper_func.core.seeding import ACTION_NOISE, Stream, stream_seed
 from esper_func.core.stages import Op, Stage
 from esper_func.core.state import empty_slots
+from esper_func.core.step import reset_observation, reset_state, step_env
 from esper_func.data.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -266,3 +268,28 @@ def test_an_explicit_host_is_checked_against_the_task() -> None:
         )
     with pytest.raises(ConfigError, match="both host and host_preset"):
         EnvConfig(task=task, host=deeper, host_preset="cifar")
+
+
+def test_reset_and_step_are_the_core_reset_state_and_step_env() -> None:
+    """`_reset` and `_step` only adapt the core's pure `reset_state` and `step_env` to TorchRL:
+    replayed from the same generator state, the core gives the same state, observation,
+    reward and done."""
+    env = small_env(max_epochs=2)
+    generator = torch.Generator().manual_seed(stream_seed(env.config.seed, env.shard, 0, Stream.ENV))
+    fresh = reset_state(env.steps, env.config.signals, N_ENVS, generator, env.task.sample_batches)
+    assert (fresh == env.state).all()
+    shown = env.reset().exclude(ACTION_NOISE, "done", "terminated", "truncated")
+    assert (reset_observation(env.model, env.config.rewards, fresh) == shown).all()
+    for op in (Op.GERMINATE, Op.WAIT):
+        heads = {"op": int(op), "slot": 0, "blueprint": 0, "blend": 0}
+        action = TensorDict({head: torch.full((N_ENVS,), value) for head, value in heads.items()}, batch_size=[N_ENVS])
+        state, before = env.state.clone(), env.batches.generator_state()
+        out = env.step(TensorDict({"action": action}, batch_size=[N_ENVS]))["next"]
+        replay = torch.Generator().set_state(before)
+        obs, next_state, reward, done = step_env(
+            env.steps, env.config.rewards, env.config.signals, state, action, env.task.sample_batches(replay), replay
+        )
+        assert (next_state == env.state).all()
+        assert (obs == out.exclude(ACTION_NOISE, "reward", "done", "terminated", "truncated")).all()
+        assert torch.equal(reward, out["reward"].squeeze(-1)) and torch.equal(done, out["done"].squeeze(-1))
+    assert bool(done.all())
