@@ -2,11 +2,12 @@
 
 One step of the `[N]`-batched env is one host epoch in every environment: apply the
 action, train one epoch on shared batches, evaluate with counterfactuals, tick the
-lifecycle, compute the reward, build the next observation and masks. The env object holds
-the state TensorDict and two generators; every transition is a pure function of the core.
+lifecycle, compute the reward, build the next observation and masks: the core's
+`step.step_env`, and `step.reset_state` for a reset. The env object holds the state
+TensorDict and two generators, and adapts those pure functions to TorchRL.
 
 Randomness: shard `shard` of a run seeded `seed` draws episode e from generators seeded
-`esper_func.seeding.stream_seed(seed, shard, e, ...)` at the episode's first reset, so an
+`esper_func.core.seeding.stream_seed(seed, shard, e, ...)` at the episode's first reset, so an
 episode depends on (seed, shard, e) only. Episode 0 is drawn when the env is built; a
 reset after at least one step starts the next episode; a reset before any step of the
 episode changes nothing (a collector's extra resets draw nothing); `seek_episode(e)`
@@ -48,31 +49,23 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torch.profiler import record_function
 from torchrl.envs import EnvBase
 
+from envs.specs import make_specs, update_action_masks
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
-from esper_func.core.features import feature_names, observe
-from esper_func.core.governor import Panic, take_snapshots
+from esper_func.core.host_evaluation import evaluate
 from esper_func.core.masks import action_masks
 from esper_func.core.memory import MemoryEstimate, available_memory, check_fits, estimate_memory
-from esper_func.core.model import Model, build_model
-from esper_func.core.rewards import SEEDED, RewardConfig, component_names, compute_reward, reward_tables, total
-from esper_func.core.signals import SignalConfig, init_signals, update_signals
-from esper_func.core.stages import ACTION_HEADS, BlendMode, Op, preload_tables, stage_lookup
-from esper_func.core.state import init_state, seed_param_count
-from esper_func.core.step import Steps, env_step
-from esper_func.core.host_evaluation import evaluate
-from esper_func.data.prefetch import BatchPrefetcher
+from esper_func.core.model import build_model
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.rewards import reward_tables
 from esper_func.core.seeding import ACTION_NOISE, ACTION_NOISE_SIZE, Stream, stream_seed
+from esper_func.core.signals import SignalConfig
+from esper_func.core.stages import ACTION_HEADS, preload_tables
+from esper_func.core.step import StepFunctions, reset_observation, reset_state, step_env
+from esper_func.data.prefetch import BatchPrefetcher
 from esper_func.data.tasks import Task, TaskConfig, build_task
-
-SEED_KEYS: tuple[str, ...] = ("stage", "alpha", "blueprint", "epochs_in_stage", "contribution", "contribution_ema", "improvement")
-METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")
-SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
-SPEC_MASKED_HEADS: tuple[str, ...] = ("op", "blueprint", "blend")
-"""Heads whose mask the action spec carries; the slot's depends on the op."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ class EnvConfig:
     The host is `host` when given (checked against the task's data), else `host_preset`
     of the task's topology, else the task's default host; `core.host` is replaced by the
     resolved one when the env is built. `prefetch_batches` draws each step's batches at
-    the end of the step before (on a side stream on CUDA; `esper_func.prefetch`), with
+    the end of the step before (on a side stream on CUDA; `esper_func.data.prefetch`), with
     the same draws in the same order as without it.
     """
 
@@ -156,84 +149,15 @@ def _checked_host(task: Task, host: HostConfig) -> HostConfig:
     if not isinstance(host, TransformerHostConfig):
         raise ConfigError(f"task {name!r} needs a transformer host (kind 'transformer'), got kind {host.kind!r}")
     if host.vocab_size != task.num_classes:
-        raise ConfigError(f"EnvConfig.host.vocab_size={host.vocab_size} does not fit task {name!r}; set it to {task.num_classes}")
+        raise ConfigError(
+            f"EnvConfig.host.vocab_size={host.vocab_size} does not fit task {name!r}; set it to {task.num_classes}"
+        )
     if host.context < task.config.context:
-        raise ConfigError(f"EnvConfig.host.context={host.context} is shorter than task {name!r} windows ({task.config.context}); raise it")
+        raise ConfigError(
+            f"EnvConfig.host.context={host.context} is shorter than task {name!r} windows ({task.config.context}); "
+            "raise it"
+        )
     return host
-
-
-def make_specs(model: Model, rewards: RewardConfig, n: int, device: torch.device) -> tuple[Composite, Composite, Composite, Composite]:
-    """Action, observation, reward and done specs of `n` envs of `model` on `device`."""
-    s = model.n_slots
-    n_blueprints = len(model.blueprint_names)
-    heads = {"op": len(Op), "slot": s, "blueprint": n_blueprints, "blend": len(BlendMode)}
-    action = Composite(
-        action=Composite(
-            {head: Categorical(size, shape=(n,), dtype=torch.int64, device=device) for head, size in heads.items()},
-            shape=(n,),
-        ),
-        shape=(n,),
-    )
-    per_slot = (n, s)
-    mask_shapes = {"op": (n, len(Op)), "slot": (n, len(Op), s), "blueprint": (n, n_blueprints), "blend": (n, len(BlendMode))}
-    observation = Composite(
-        observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(model))), dtype=torch.float32, device=device),
-        **{ACTION_NOISE: Bounded(0.0, 1.0, shape=(n, ACTION_NOISE_SIZE), dtype=torch.float32, device=device)},
-        action_mask=Composite(
-            {head: Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=device) for head, shape in mask_shapes.items()},
-            shape=(n,),
-        ),
-        seeds=Composite(
-            {
-                "stage": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
-                "alpha": Bounded(0.0, 1.0, shape=per_slot, dtype=torch.float32, device=device),
-                "blueprint": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
-                "epochs_in_stage": Unbounded(shape=per_slot, dtype=torch.int64, device=device),
-                "contribution": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
-                "contribution_ema": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
-                "improvement": Unbounded(shape=per_slot, dtype=torch.float32, device=device),
-            },
-            shape=(n,),
-        ),
-        metrics=Composite(
-            {
-                **{key: Unbounded(shape=(n,), dtype=torch.float32, device=device) for key in METRIC_KEYS},
-                "epoch": Unbounded(shape=(n,), dtype=torch.int64, device=device),
-                "action_executed": Categorical(2, shape=(n,), dtype=torch.bool, device=device),
-                "illegal_actions": Unbounded(shape=(n,), dtype=torch.int64, device=device),
-                "seed_params": Unbounded(shape=(n,), dtype=torch.int64, device=device),
-                "rolled_back": Categorical(2, shape=(n,), dtype=torch.bool, device=device),
-                "panic": Categorical(len(Panic), shape=(n,), dtype=torch.int64, device=device),
-                "rollbacks": Unbounded(shape=(n,), dtype=torch.int64, device=device),
-            },
-            shape=(n,),
-        ),
-        signals=Composite(
-            {
-                "stabilized": Categorical(2, shape=(n,), dtype=torch.bool, device=device),
-                "plateau_epochs": Unbounded(shape=(n,), dtype=torch.int64, device=device),
-            },
-            shape=(n,),
-        ),
-        reward_components=Composite(
-            {name: Unbounded(shape=(n,), dtype=torch.float32, device=device) for name in component_names(rewards)},
-            shape=(n,),
-        ),
-        shape=(n,),
-    )
-    reward = Composite(reward=Unbounded(shape=(n, 1), dtype=torch.float32, device=device), shape=(n,))
-    done = Composite(
-        {key: Categorical(2, shape=(n, 1), dtype=torch.bool, device=device) for key in ("done", "terminated", "truncated")},
-        shape=(n,),
-    )
-    return action, observation, reward, done
-
-
-def update_action_masks(action_spec: Composite, masks: TensorDictBase) -> None:
-    """Put the `SPEC_MASKED_HEADS` rows of `masks` (`action_masks`) into `action_spec`,
-    so that its random draws take only legal values of those heads."""
-    for head in SPEC_MASKED_HEADS:
-        action_spec["action", head].update_mask(masks[head])
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
@@ -248,7 +172,9 @@ def canonical_device(device: torch.device | str) -> torch.device:
 class MorphogeneticEnv(EnvBase):
     """N morphogenetic training environments stepped together (`batch_size=[N]`)."""
 
-    def __init__(self, config: EnvConfig, device: torch.device | str = "cpu", shard: int = 0, first_episode: int = 0) -> None:
+    def __init__(
+        self, config: EnvConfig, device: torch.device | str = "cpu", shard: int = 0, first_episode: int = 0
+    ) -> None:
         """`shard`: this env batch's index among the run's shards (its random streams'
         key); `first_episode`: the episode the env starts in."""
         if shard < 0 or first_episode < 0:
@@ -262,7 +188,7 @@ class MorphogeneticEnv(EnvBase):
         reward_tables(self.config.rewards)
         preload_tables(device)  # every lookup table on the device before the first step reads it
         check_fits(config.n_envs, self._memory_estimate(), available_memory(device), device)
-        self.steps = Steps(self.model)
+        self.steps = StepFunctions(self.model)
         self.max_epochs = self.config.core.lifecycle.max_epochs
         self.shard = shard
         self.generator = torch.Generator(device=device)
@@ -301,58 +227,16 @@ class MorphogeneticEnv(EnvBase):
         self._stepped = False
 
     def _draw_noise(self) -> torch.Tensor:
-        return 1.0 - torch.rand(self.config.n_envs, ACTION_NOISE_SIZE, generator=self.noise_generator, device=self.device)
+        return 1.0 - torch.rand(
+            self.config.n_envs, ACTION_NOISE_SIZE, generator=self.noise_generator, device=self.device
+        )
 
     # -- state -------------------------------------------------------------------------
 
     def _fresh_state(self) -> TensorDict:
-        """New hosts for every env, evaluated once so the first observation is real."""
-        state = init_state(self.model, self.config.n_envs, self.generator)
-        batches = self.task.sample_batches(self.generator)
-        metrics = evaluate(self.model, state, batches.val_x, batches.val_y, self.steps.eval)
-        state["metrics", "val_loss"] = metrics["val_loss"]
-        state["metrics", "val_accuracy"] = metrics["val_accuracy"]
-        # The untrained hosts' evaluation is the signals' first epoch: deltas at step 1 are real.
-        signals = init_signals(self.config.signals, self.config.n_envs, self.device)
-        state["signals"] = update_signals(self.config.signals, signals, metrics)
-        state["illegal_actions"] = torch.zeros(self.config.n_envs, dtype=torch.int64, device=self.device)
-        # The first snapshot holds the evaluated fresh hosts, so a rollback restores real metrics.
-        return take_snapshots(state, torch.ones(self.config.n_envs, dtype=torch.bool, device=self.device))
-
-    def _observation(
-        self, state: TensorDict, executed: torch.Tensor, panic: torch.Tensor, components: TensorDict
-    ) -> TensorDict:
+        """`reset_state` of every env, from the env stream."""
         n = self.config.n_envs
-        slots = state["slots"]
-        occupied_params = seed_param_count(self.model, slots)
-        seeds = {key: slots[key] for key in SEED_KEYS if key != "improvement"}
-        seeds["improvement"] = state["metrics", "val_accuracy"].unsqueeze(-1) - slots["acc_at_stage_start"]
-        live_params = torch.where(stage_lookup(SEEDED, slots["stage"]), occupied_params, 0).sum(-1)
-        return TensorDict(
-            {
-                "observation": observe(self.model, state, state["signals"], self.max_epochs),
-                ACTION_NOISE: self.action_noise,
-                "action_mask": action_masks(self.model, state),
-                "seeds": TensorDict(seeds, batch_size=[n]),
-                "metrics": TensorDict(
-                    {
-                        **{key: state["metrics", key] for key in METRIC_KEYS},
-                        "epoch": state["epoch"],
-                        "action_executed": executed,
-                        "illegal_actions": state["illegal_actions"],
-                        "seed_params": live_params,
-                        "rolled_back": panic != int(Panic.NONE),
-                        "panic": panic,
-                        "rollbacks": state["governor", "rollbacks"],
-                    },
-                    batch_size=[n],
-                ),
-                "signals": TensorDict({key: state["signals", key] for key in SIGNAL_KEYS}, batch_size=[n]),
-                "reward_components": components,
-            },
-            batch_size=[n],
-            device=self.device,
-        )
+        return reset_state(self.steps, self.config.signals, n, self.generator, self.task.sample_batches)
 
     # -- EnvBase ---------------------------------------------------------------------------
 
@@ -370,16 +254,8 @@ class MorphogeneticEnv(EnvBase):
             state = self.state.clone()
             state[reset] = fresh[reset]
             self.state = state
-        zero_components = TensorDict(
-            {name: torch.zeros(n, device=self.device) for name in self.full_observation_spec["reward_components"].keys()},
-            batch_size=[n],
-        )
-        out = self._observation(
-            self.state,
-            torch.ones(n, dtype=torch.bool, device=self.device),
-            torch.zeros(n, dtype=torch.int64, device=self.device),
-            zero_components,
-        )
+        out = reset_observation(self.model, self.config.rewards, self.state)
+        out[ACTION_NOISE] = self.action_noise
         for key in ("done", "terminated", "truncated"):
             out[key] = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
         update_action_masks(self.full_action_spec, out["action_mask"])
@@ -388,26 +264,16 @@ class MorphogeneticEnv(EnvBase):
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = TensorDict({head: tensordict["action", head] for head in ACTION_HEADS}, batch_size=self.batch_size)
-        prev = self.state
         batches = self.batches.take()
-        state, metrics = env_step(self.steps, prev, action, batches, self.generator)
+        out, self.state, reward, done = step_env(
+            self.steps, self.config.rewards, self.config.signals, self.state, action, batches, self.generator
+        )
         self._stepped = True
-        executed = metrics["executed"]
-        is_last = state["epoch"] >= self.max_epochs
-        with record_function("esper.reward"):
-            components = compute_reward(
-                self.config.rewards, self.model, prev, state, action, executed, metrics, is_last, metrics["rolled_back"]
-            )
         with record_function("esper.observation"):
-            state["signals"] = update_signals(self.config.signals, prev["signals"], metrics)
-            state["illegal_actions"] = prev["illegal_actions"] + (~executed).long()
-            self.state = state
             self.action_noise = self._draw_noise()
-            out = self._observation(state, executed, metrics["panic"], components)
-        out["reward"] = total(components).unsqueeze(-1)
-        # The fixed horizon is a true termination (the observation carries the epoch
-        # fraction): GAE must not bootstrap past it, and the PBRS potential is 0 there.
-        done = is_last.unsqueeze(-1)
+        out[ACTION_NOISE] = self.action_noise
+        out["reward"] = reward.unsqueeze(-1)
+        done = done.unsqueeze(-1)
         out["done"] = done
         out["terminated"] = done
         out["truncated"] = torch.zeros_like(done)
@@ -461,7 +327,9 @@ def make_env(
     """
     device = torch.device(device)
     overrides = {"data_dir": data_dir, "batch_size": batch_size, "train_iters": train_iters}
-    task_config = fit_context(TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None}), preset)
+    task_config = fit_context(
+        TaskConfig.preset(task, **{key: value for key, value in overrides.items() if value is not None}), preset
+    )
     core = CoreConfig(compile=device.type == "cuda" if compile is None else compile)
     if max_epochs is not None:
         core = replace(core, lifecycle=replace(core.lifecycle, max_epochs=max_epochs))

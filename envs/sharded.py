@@ -3,7 +3,7 @@
 Shard k is a `MorphogeneticEnv` of `sizes[k]` envs on `devices[k]` with shard index k, so
 its random streams are keyed by (seed, k, episode) and the sharded batch is exactly the
 concatenation of K independent env batches (each shard draws its own batches and seeds),
-the same K batches `esper_func.distributed` collects on K workers. Outputs are gathered on the first device, and the
+the same K batches `esper_func.rl.distributed` collects on K workers. Outputs are gathered on the first device, and the
 action spec carries the gathered op, blueprint and blend masks, as `MorphogeneticEnv`'s does.
 
 On CUDA each shard steps on its own stream, entered outside the shard's (compiled) step:
@@ -26,7 +26,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import EnvBase
 
-from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device, make_specs, update_action_masks
+from envs.morphogenetic import EnvConfig, MorphogeneticEnv, canonical_device
+from envs.specs import make_specs, update_action_masks
 from esper_func.core.config import ConfigError
 from esper_func.core.masks import action_masks
 
@@ -34,7 +35,9 @@ from esper_func.core.masks import action_masks
 def shard_sizes(n_envs: int, n_shards: int) -> tuple[int, ...]:
     """As even as possible, the first shards taking the remainder."""
     if n_envs < n_shards:
-        raise ConfigError(f"n_envs={n_envs} cannot be sharded over {n_shards} devices; use n_envs >= {n_shards} or fewer devices")
+        raise ConfigError(
+            f"n_envs={n_envs} cannot be sharded over {n_shards} devices; use n_envs >= {n_shards} or fewer devices"
+        )
     base, extra = divmod(n_envs, n_shards)
     return tuple(base + (k < extra) for k in range(n_shards))
 
@@ -49,7 +52,8 @@ class ShardedEnv(EnvBase):
         self.sizes = shard_sizes(config.n_envs, len(devices))
         super().__init__(device=devices[0], batch_size=torch.Size([config.n_envs]))
         self.shards = [
-            MorphogeneticEnv(replace(config, n_envs=size), device, shard=k) for k, (size, device) in enumerate(zip(self.sizes, devices))
+            MorphogeneticEnv(replace(config, n_envs=size), device, shard=k)
+            for k, (size, device) in enumerate(zip(self.sizes, devices))
         ]
         first = self.shards[0]
         self.config = replace(first.config, n_envs=config.n_envs, seed=config.seed)
@@ -57,7 +61,9 @@ class ShardedEnv(EnvBase):
         self.max_epochs = first.max_epochs
         self.streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for device in devices]
         for stream, device in zip(self.streams, devices):
-            if stream is not None:  # each shard was built on its device's current stream: its stream comes after that once
+            if (
+                stream is not None
+            ):  # each shard was built on its device's current stream: its stream comes after that once
                 stream.wait_stream(torch.cuda.current_stream(device))
         self.full_action_spec, self.full_observation_spec, self.full_reward_spec, self.full_done_spec = make_specs(
             self.model, self.config.rewards, config.n_envs, self.device
@@ -149,7 +155,9 @@ class ShardedEnv(EnvBase):
         return None if parts[0] is None else torch.cat([part.to(self.device) for part in parts if part is not None])
 
 
-def build_env(config: EnvConfig, device: torch.device | str, devices: Sequence[str] = ()) -> MorphogeneticEnv | ShardedEnv:
+def build_env(
+    config: EnvConfig, device: torch.device | str, devices: Sequence[str] = ()
+) -> MorphogeneticEnv | ShardedEnv:
     """One env batch on `device`, or sharded over `devices` when they name more than one."""
     if len(devices) > 1:
         return ShardedEnv(config, devices)

@@ -1,4 +1,4 @@
-"""`python -m esper_func.bench_distributed`: runs `esper_func.perf.bench_distributed` (the distributed collection benchmark)."""
+"""`python -m esper_func.bench_distributed`: runs `esper_func.perf.bench_distributed` (the distributed benchmark)."""
 
 import runpy
 

@@ -1,6 +1,6 @@
-"""`python -m esper_func.tasks`: runs `esper_func.data.tasks` (the synthetic task's calibration)."""
+"""`python -m esper_func.tasks`: runs `esper_func.perf.calibration` (the synthetic task's calibration)."""
 
 import runpy
 
 if __name__ == "__main__":
-    runpy.run_module("esper_func.data.tasks", run_name="__main__", alter_sys=True)
+    runpy.run_module("esper_func.perf.calibration", run_name="__main__", alter_sys=True)

@@ -15,8 +15,8 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 from esper_func.core.blueprints import Topology, catalogue
-from esper_func.core.masks import EXCLUDED_BLUEPRINTS
 from esper_func.core.config import ConfigError
+from esper_func.core.masks import EXCLUDED_BLUEPRINTS
 from esper_func.core.stages import ACTION_HEADS, LIVE, BlendMode, Op, Stage, stage_lookup
 
 ACTION_KEYS = [("action", head) for head in ACTION_HEADS]
@@ -89,7 +89,9 @@ class ScriptedGrowthPolicy(TensorDictModuleBase):
     in_keys = MASK_KEYS
     out_keys = ACTION_KEYS
 
-    def __init__(self, blueprint: int, slot_order: tuple[int, ...] = (0, 1, 2), blend: int = int(BlendMode.SIGMOID)) -> None:
+    def __init__(
+        self, blueprint: int, slot_order: tuple[int, ...] = (0, 1, 2), blend: int = int(BlendMode.SIGMOID)
+    ) -> None:
         super().__init__()
         check_slot_order(slot_order, "ScriptedGrowthPolicy")
         self.blueprint = blueprint
@@ -196,7 +198,9 @@ class HeuristicPolicy(TensorDictModuleBase):
         self.config = config
         names = blueprint_names or tuple(cls.name for cls in catalogue(topology))
         extra = [name for name in names if name not in ROTATION[topology] and name not in EXCLUDED_BLUEPRINTS]
-        rotation = [names.index(name) for name in ROTATION[topology] if name in names] + [names.index(name) for name in extra]
+        rotation = [names.index(name) for name in ROTATION[topology] if name in names] + [
+            names.index(name) for name in extra
+        ]
         if not rotation:
             raise ValueError(f"no blueprint to germinate among {list(names)}")
         self.register_buffer("rotation", torch.tensor(rotation, dtype=torch.int64, device=device))
@@ -254,7 +258,9 @@ class HeuristicPolicy(TensorDictModuleBase):
         op = torch.where(cull, int(Op.CULL), op)
         op = torch.where(fossilize, int(Op.FOSSILIZE), op)
         slot = torch.where(
-            fossilize, first_true(fossilizable), torch.where(cull, first_true(cullable), order[first_true(empty_in_order)])
+            fossilize,
+            first_true(fossilizable),
+            torch.where(cull, first_true(cullable), order[first_true(empty_in_order)]),
         )
 
         culled_blueprint = tensordict["seeds", "blueprint"].gather(1, slot.unsqueeze(-1)).squeeze(-1)

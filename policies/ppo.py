@@ -13,7 +13,7 @@ whose statistics are buffers of the policy, so a weight sync or a policy checkpo
 carries them; the normalized value is written under `"observation_norm"`),
 `("action_mask", head)` and the env's `"action_noise"` (one uniform per head; the actor
 samples by inverse CDF with it, so its actions are a function of the env's random
-streams, `esper_func.seeding`). Keys written by the actor: `("action", head)`,
+streams, `esper_func.core.seeding`). Keys written by the actor: `("action", head)`,
 `("action", "<head>_log_prob")`, and, with the LSTM, `recurrent_state_h/c`. The critic
 writes `state_value` `[..., 1]`.
 """
@@ -164,7 +164,9 @@ class FactoredActionDistribution(CompositeDistribution):
     def _slot_given_op(self, per_op: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
         return per_op.gather(-1, op.unsqueeze(-1)).squeeze(-1)
 
-    def _actions(self, op: torch.Tensor, slot_per_op: torch.Tensor, blueprint: torch.Tensor, blend: torch.Tensor) -> TensorDict:
+    def _actions(
+        self, op: torch.Tensor, slot_per_op: torch.Tensor, blueprint: torch.Tensor, blend: torch.Tensor
+    ) -> TensorDict:
         slot = self._slot_given_op(slot_per_op, op)
         actions = {"op": op, "slot": slot, "blueprint": blueprint, "blend": blend}
         return TensorDict({"action": TensorDict(actions, batch_size=op.shape)}, batch_size=op.shape)
@@ -176,11 +178,20 @@ class FactoredActionDistribution(CompositeDistribution):
                 raise ValueError(f"one noise draw per action: sample() takes no shape with noise, got {tuple(shape)}")
             op_u, slot_u, blueprint_u, blend_u = self.noise.unbind(-1)
             op = inverse_cdf_sample(self.op.probs, op_u)
-            slot_probs = self.slot_by_op.probs.gather(-2, op.view(*op.shape, 1, 1).expand(*op.shape, 1, self.slot_by_op.probs.shape[-1]))
+            slot_probs = self.slot_by_op.probs.gather(
+                -2, op.view(*op.shape, 1, 1).expand(*op.shape, 1, self.slot_by_op.probs.shape[-1])
+            )
             slot = inverse_cdf_sample(slot_probs.squeeze(-2), slot_u)
-            actions = {"op": op, "slot": slot, "blueprint": inverse_cdf_sample(self.blueprint.probs, blueprint_u), "blend": inverse_cdf_sample(self.blend.probs, blend_u)}
+            actions = {
+                "op": op,
+                "slot": slot,
+                "blueprint": inverse_cdf_sample(self.blueprint.probs, blueprint_u),
+                "blend": inverse_cdf_sample(self.blend.probs, blend_u),
+            }
             return TensorDict({"action": TensorDict(actions, batch_size=op.shape)}, batch_size=op.shape)
-        return self._actions(self.op.sample(shape), self.slot_by_op.sample(shape), self.blueprint.sample(shape), self.blend.sample(shape))
+        return self._actions(
+            self.op.sample(shape), self.slot_by_op.sample(shape), self.blueprint.sample(shape), self.blend.sample(shape)
+        )
 
     @property
     def mode(self) -> TensorDict:
@@ -195,7 +206,12 @@ class FactoredActionDistribution(CompositeDistribution):
         uses_slot = op != int(Op.WAIT)  # int: dynamo compares a tensor with an IntEnum member as a Python bool
         uses_seed = op == int(Op.GERMINATE)
         zero = torch.zeros((), dtype=self.op.logits.dtype, device=op.device)
-        slot_lp = self._slot_given_op(self.slot_by_op.log_prob(sample["action", "slot"].unsqueeze(-1).expand(*op.shape, self.slot_by_op.logits.shape[-2])), op)
+        slot_lp = self._slot_given_op(
+            self.slot_by_op.log_prob(
+                sample["action", "slot"].unsqueeze(-1).expand(*op.shape, self.slot_by_op.logits.shape[-2])
+            ),
+            op,
+        )
         per_head = {
             "op_log_prob": self.op.log_prob(op),
             "slot_log_prob": torch.where(uses_slot, slot_lp, zero),
@@ -271,7 +287,8 @@ def _lstm_module(input_size: int, hidden: int) -> LSTMModule:
 
 @dataclass(frozen=True)
 class ActorCritic:
-    """The actor (network + `FactoredActionDistribution`) and critic (the normalizer, then a `ValueOperator`), plus the LSTM when on.
+    """The actor (network + `FactoredActionDistribution`) and critic (the normalizer, then a
+    `ValueOperator`), plus the LSTM when on.
 
     The actor is tensordict's `ProbabilisticTensorDictSequential`, which samples through the
     distribution's own `sample`/`log_prob` (TorchRL's `ProbabilisticActor` samples a
@@ -292,7 +309,10 @@ def make_actor_critic(
     obs = NORMALIZED_OBSERVATION
     normalizer = ObservationNormalizer(observation_size)
     normalize = TensorDictModule(normalizer, ["observation"], [obs])
-    modules: list[TensorDictModule] = [normalize, TensorDictModule(_feature_net(observation_size, config.hidden), [obs], ["features"])]
+    modules: list[TensorDictModule] = [
+        normalize,
+        TensorDictModule(_feature_net(observation_size, config.hidden), [obs], ["features"]),
+    ]
     lstm = None
     embedding_size = config.hidden
     if config.lstm:
@@ -303,7 +323,11 @@ def make_actor_critic(
     else:
         modules.append(TensorDictModule(nn.Identity(), ["features"], ["embedding"]))
     logit_keys = [("params", f"{head}_logits") for head in ACTION_HEADS]
-    modules.append(TensorDictModule(ActionHeads(embedding_size, config.head_hidden, n_slots, n_blueprints), ["embedding"], logit_keys))
+    modules.append(
+        TensorDictModule(
+            ActionHeads(embedding_size, config.head_hidden, n_slots, n_blueprints), ["embedding"], logit_keys
+        )
+    )
     dist_inputs = {}
     for head, logit_key in zip(ACTION_HEADS, logit_keys):
         dist_inputs[f"{head}_logits"] = logit_key

@@ -28,7 +28,8 @@ class StubEnv(EnvBase):
         self.action_spec = Categorical(ACTIONS, shape=(ENVS,))
         self.reward_spec = Unbounded((ENVS, 1))
         self.full_done_spec = Composite(
-            {key: Categorical(2, (ENVS, 1), dtype=torch.bool) for key in ("done", "terminated", "truncated")}, shape=(ENVS,)
+            {key: Categorical(2, (ENVS, 1), dtype=torch.bool) for key in ("done", "terminated", "truncated")},
+            shape=(ENVS,),
         )
         self.count = torch.zeros(ENVS, dtype=torch.long)
 

@@ -21,7 +21,6 @@ epoch, `floor + (1 - floor) (1 + cos(pi min(epoch / max_epochs, 1))) / 2`.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

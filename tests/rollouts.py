@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from tensordict import TensorDictBase
 
-from esper_func.rl.trainer import PPOTrainer
 from esper_func.core.stages import ACTION_HEADS
 from esper_func.rl.run_config import TelemetryConfig, TrainingConfig
+from esper_func.rl.trainer import PPOTrainer
 
 QUIET = TelemetryConfig(level="off", logger="none", plots=False, progress_bar=False)
 BATCH_KEYS = [
@@ -22,7 +22,10 @@ BATCH_KEYS = [
     ("next", "observation"),
     *(("action", head) for head in ACTION_HEADS),
     *(("action", f"{head}_log_prob") for head in ACTION_HEADS),
-    *(("next", "metrics", name) for name in ("val_accuracy", "val_loss", "train_loss", "seed_params", "action_executed")),
+    *(
+        ("next", "metrics", name)
+        for name in ("val_accuracy", "val_loss", "train_loss", "seed_params", "action_executed")
+    ),
 ]
 """What a batch must repeat exactly: the envs' draws, the policy's samples and log-probs
 (which read the synced weights and normalizer statistics), the hosts' training."""

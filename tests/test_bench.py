@@ -14,12 +14,19 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from esper_func.perf import bench, step_profile
-from esper_func.perf.bench_checks import covered_us, saturation_point
 from esper_func.core.blueprints import param_count
+from esper_func.perf import bench, bench_variants, step_profile
+from esper_func.perf.bench_checks import covered_us, saturation_point
 
 TINY = ["--n-envs", "2", "--batch", "8", "--iters", "2", "--repeats", "1", "--no-compile", "--host-preset", "tiny"]
-FIGURES = ("median_s", "env_steps_per_s", "samples_per_s", "iterations_per_s", "env_iterations_per_s", "speedup_vs_baseline")
+FIGURES = (
+    "median_s",
+    "env_steps_per_s",
+    "samples_per_s",
+    "iterations_per_s",
+    "env_iterations_per_s",
+    "speedup_vs_baseline",
+)
 
 
 @pytest.fixture
@@ -35,7 +42,18 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
     assert bench.main([*TINY, "--threads", "1", "--json", str(path)]) == 0
 
     report = json.loads(path.read_text())
-    for key in ("device", "torch_version", "tensordict_version", "n_envs", "batch", "iters", "dtype", "compile_modes", "results", "param_checks"):
+    for key in (
+        "device",
+        "torch_version",
+        "tensordict_version",
+        "n_envs",
+        "batch",
+        "iters",
+        "dtype",
+        "compile_modes",
+        "results",
+        "param_checks",
+    ):
         assert key in report, key
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert (report["n_envs"], report["batch"], report["iters"], report["dtype"]) == (2, 8, 2, "float32")
@@ -57,7 +75,10 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
     for scenario in ("host", "seeded"):
         assert rows[scenario, "baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
         for variant in ("vmap_eager", "packed"):
-            assert rows[scenario, "baseline"]["trained_params_per_env"] == rows[scenario, variant]["trained_params_per_env"]
+            assert (
+                rows[scenario, "baseline"]["trained_params_per_env"]
+                == rows[scenario, variant]["trained_params_per_env"]
+            )
 
     # Both sides trained the same parameters from the same state to the same values.
     for check in report["param_checks"]:
@@ -67,9 +88,9 @@ def test_main_writes_report_with_positive_figures(tmp_path: Path, restore_thread
 
 @pytest.mark.parametrize("scenario", bench.SCENARIOS)
 def test_both_sides_train_the_same_architecture(scenario: str) -> None:
-    baseline, vmapped = bench.trained_param_counts("cifar", scenario)
+    baseline, vmapped = bench_variants.trained_param_counts("cifar", scenario)
     assert baseline == vmapped
-    seed = param_count("cnn", bench.SEED_BLUEPRINT, 16) if scenario == "seeded" else 0
+    seed = param_count("cnn", bench_variants.SEED_BLUEPRINT, 16) if scenario == "seeded" else 0
     assert baseline == 6418 + seed  # the cifar host (STACK-NOTES), plus conv_light at the 16-channel mid slot
 
 
@@ -110,7 +131,21 @@ def test_device_busy_time_counts_overlapping_kernels_once() -> None:
 
 def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, restore_threads: None) -> None:
     path, plot = tmp_path / "bench.json", tmp_path / "plots" / "scaling.png"
-    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--sweep-n", "1", "3", "--profile-step", "--json", str(path), "--plot", str(plot)]
+    argv = [
+        *TINY,
+        "--threads",
+        "1",
+        "--scenarios",
+        "host",
+        "--sweep-n",
+        "1",
+        "3",
+        "--profile-step",
+        "--json",
+        str(path),
+        "--plot",
+        str(plot),
+    ]
     assert bench.main(argv) == 0
     report = json.loads(path.read_text())
     assert report["complete"] is True
@@ -129,7 +164,17 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
     for profile in profiles.values():
         parts = profile["parts_ms"]
         assert profile["parts_device_ms"] == {}  # device times are CUDA only
-        assert {"policy", "sample_batches", "apply_action", "train_epoch", "evaluate", "governor", "tick", "reward", "observation"} <= set(parts)
+        assert {
+            "policy",
+            "sample_batches",
+            "apply_action",
+            "train_epoch",
+            "evaluate",
+            "governor",
+            "tick",
+            "reward",
+            "observation",
+        } <= set(parts)
         assert all(value > 0 for value in parts.values())
         assert sum(parts.values()) <= profile["step_ms"] * 1.05  # the parts lie inside the step
         assert 0 < profile["controller_share"] < 1
@@ -137,7 +182,9 @@ def test_sweep_and_step_profile_report_every_n_and_every_part(tmp_path: Path, re
     assert profiles["heuristic, active bank"]["live_seeds_per_env"] > 0
 
 
-def test_a_sweep_stopped_part_way_keeps_what_it_measured(tmp_path: Path, restore_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sweep_stopped_part_way_keeps_what_it_measured(
+    tmp_path: Path, restore_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, plot = tmp_path / "bench.json", tmp_path / "scaling.png"
     measure = bench.run_benchmark
 
@@ -147,7 +194,23 @@ def test_a_sweep_stopped_part_way_keeps_what_it_measured(tmp_path: Path, restore
         return measure(settings, log)
 
     monkeypatch.setattr(bench, "run_benchmark", stopped_at_three_envs)
-    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--variants", "baseline", "--sweep-n", "1", "2", "3", "--json", str(path), "--plot", str(plot)]
+    argv = [
+        *TINY,
+        "--threads",
+        "1",
+        "--scenarios",
+        "host",
+        "--variants",
+        "baseline",
+        "--sweep-n",
+        "1",
+        "2",
+        "3",
+        "--json",
+        str(path),
+        "--plot",
+        str(plot),
+    ]
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv)
     report = json.loads(path.read_text())
@@ -159,12 +222,31 @@ def test_a_sweep_stopped_part_way_keeps_what_it_measured(tmp_path: Path, restore
 
 def test_chunk_sizes_and_interleaving_give_one_row_per_case(tmp_path: Path, restore_threads: None) -> None:
     path = tmp_path / "bench.json"
-    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--repeats", "2", "--vmap-chunk-size", "all", "1", "--interleave", "--json", str(path)]
+    argv = [
+        *TINY,
+        "--threads",
+        "1",
+        "--scenarios",
+        "host",
+        "--repeats",
+        "2",
+        "--vmap-chunk-size",
+        "all",
+        "1",
+        "--interleave",
+        "--json",
+        str(path),
+    ]
     assert bench.main(argv) == 0
     report = json.loads(path.read_text())
     assert report["interleaved"] is True and report["vmap_chunk_sizes"] == [None, 1]
     rows = {(r["variant"], r["vmap_chunk_size"]): r for r in report["results"]}
-    assert set(rows) == {("baseline", None), ("vmap_eager", None), ("vmap_eager", 1), ("packed", None)}  # packed has no vmap chunks
+    assert set(rows) == {
+        ("baseline", None),
+        ("vmap_eager", None),
+        ("vmap_eager", 1),
+        ("packed", None),
+    }  # packed has no vmap chunks
     assert all(len(r["times_s"]) == 2 and len(r["warmup_s"]) == 1 for r in rows.values())
     assert len({r["peak_memory_mib"] for r in rows.values()}) == 1  # built together: one peak
     assert [(c["variant"]) for c in report["scaling"]] == []  # one N: no curve
@@ -172,11 +254,29 @@ def test_chunk_sizes_and_interleaving_give_one_row_per_case(tmp_path: Path, rest
 
 def test_collector_overhead_is_reported(tmp_path: Path, restore_threads: None) -> None:
     path = tmp_path / "bench.json"
-    assert bench.main([*TINY, "--threads", "1", "--scenarios", "host", "--variants", "vmap_eager", "--collector", "--json", str(path)]) == 0
+    assert (
+        bench.main(
+            [
+                *TINY,
+                "--threads",
+                "1",
+                "--scenarios",
+                "host",
+                "--variants",
+                "vmap_eager",
+                "--collector",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     overhead = json.loads(path.read_text())["collector_overhead"]
     assert overhead["n_envs"] == 2 and overhead["steps"] >= 1
     assert overhead["by_hand_s"] > 0 and overhead["collector_s"] > 0
-    assert overhead["overhead_fraction"] == pytest.approx((overhead["collector_s"] - overhead["by_hand_s"]) / overhead["collector_s"])
+    assert overhead["overhead_fraction"] == pytest.approx(
+        (overhead["collector_s"] - overhead["by_hand_s"]) / overhead["collector_s"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -190,7 +290,9 @@ def test_collector_overhead_is_reported(tmp_path: Path, restore_threads: None) -
         ([1.0, 1.05, 1.08, 1.09], 1),  # flat from the start
     ],
 )
-def test_saturation_is_the_first_n_no_larger_n_beats_by_ten_percent(throughput: list[float], saturates_at: int | None) -> None:
+def test_saturation_is_the_first_n_no_larger_n_beats_by_ten_percent(
+    throughput: list[float], saturates_at: int | None
+) -> None:
     assert saturation_point([1, 2, 4, 8], throughput) == saturates_at
 
 
@@ -209,7 +311,9 @@ def test_a_compiled_step_profile_compiles_before_the_profiler_starts(monkeypatch
 
     monkeypatch.setattr(step_profile, "profile", watched)
     compiled_before = counters["stats"]["unique_graphs"]
-    profile = step_profile.profile_env_steps("host", torch.device("cpu"), 2, 8, 2, steps=2, warmup=0, policy_name="static", bank_mode="active", compile=True)
+    profile = step_profile.profile_env_steps(
+        "host", torch.device("cpu"), 2, 8, 2, steps=2, warmup=0, policy_name="static", bank_mode="active", compile=True
+    )
     assert counters["stats"]["unique_graphs"] > compiled_before, "the steps should have been compiled"
     assert graphs_made_while_profiling == [0]
     assert set(step_profile.PARTS) - {"policy"} <= set(profile.parts_ms)
@@ -220,7 +324,22 @@ def test_amp_bound_and_ppo_update_are_reported(tmp_path: Path, restore_threads: 
     """bf16 rows next to fp32 ones, the accuracy effect on the same seeds, a bound for every
     row, and the PPO update eager vs compiled (ClipPPOLoss compiles: tens of seconds)."""
     path = tmp_path / "bench.json"
-    argv = [*TINY, "--threads", "1", "--scenarios", "host", "--variants", "vmap_eager", "--amp", "--amp-epochs", "2", "--bound", "--ppo-update", "--json", str(path)]
+    argv = [
+        *TINY,
+        "--threads",
+        "1",
+        "--scenarios",
+        "host",
+        "--variants",
+        "vmap_eager",
+        "--amp",
+        "--amp-epochs",
+        "2",
+        "--bound",
+        "--ppo-update",
+        "--json",
+        str(path),
+    ]
     assert bench.main(argv) == 0
     report = json.loads(path.read_text())
     rows = {r["dtype"]: r for r in report["results"]}

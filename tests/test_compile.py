@@ -6,14 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+from tensordict import TensorDict
 
+from esper_func.core.blueprints import blueprint_index
 from esper_func.core.config import CNNHostConfig, CoreConfig
 from esper_func.core.model import build_model
 from esper_func.core.stages import BlendMode, Stage
 from esper_func.core.state import init_state
-from esper_func.core.step import Batches, Steps, env_step
-from esper_func.core.blueprints import blueprint_index
-from tensordict import TensorDict
+from esper_func.core.step import Batches, StepFunctions, env_step
 
 
 @pytest.mark.compile
@@ -22,19 +22,28 @@ def test_compiled_env_step_matches_eager(mode: str) -> None:
     """'reduce-overhead' captures CUDA graphs on CUDA only; on a CPU this checks its step
     marking and output copies leave the results unchanged."""
     config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode=mode)
-    compiled = Steps(build_model(config))
-    eager = Steps(build_model(dataclasses.replace(config, compile=False, compile_mode="default")))
+    compiled = StepFunctions(build_model(config))
+    eager = StepFunctions(build_model(dataclasses.replace(config, compile=False, compile_mode="default")))
     state = init_state(compiled.model, 3, torch.Generator().manual_seed(0))
     for name in state["params"].keys():  # leave the function-preserving start
-        state["params", name] += 0.05 * torch.randn(state["params", name].shape, generator=torch.Generator().manual_seed(1))
+        state["params", name] += 0.05 * torch.randn(
+            state["params", name].shape, generator=torch.Generator().manual_seed(1)
+        )
     slots = state["slots"]
-    slots["stage"][:] = torch.tensor([[int(Stage.TRAINING), 1, 1], [1, int(Stage.BLENDING), 1], [1, 1, int(Stage.FOSSILIZED)]])
+    slots["stage"][:] = torch.tensor(
+        [[int(Stage.TRAINING), 1, 1], [1, int(Stage.BLENDING), 1], [1, 1, int(Stage.FOSSILIZED)]]
+    )
     slots["blueprint"][:] = torch.tensor([[blueprint_index("cnn", "conv_light"), 0, 0], [0, 2, 0], [0, 0, 3]])
     slots["blend"][1, 1] = int(BlendMode.GATED)
     slots["alpha"][1, 1] = 0.4
     slots["alpha"][2, 2] = 1.0
     action = TensorDict(
-        {"op": torch.tensor([0, 0, 1]), "slot": torch.tensor([0, 0, 0]), "blueprint": torch.tensor([0, 0, 5]), "blend": torch.tensor([0, 0, 1])},
+        {
+            "op": torch.tensor([0, 0, 1]),
+            "slot": torch.tensor([0, 0, 0]),
+            "blueprint": torch.tensor([0, 0, 5]),
+            "blend": torch.tensor([0, 0, 1]),
+        },
         batch_size=[3],
     )
     data = torch.Generator().manual_seed(2)
@@ -69,7 +78,10 @@ def test_cuda_graph_epochs_match_eager_and_keep_their_results() -> None:
 
     device = torch.device("cuda")
     config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode="reduce-overhead")
-    graphs, eager = build_model(config, device), build_model(dataclasses.replace(config, compile=False, compile_mode="default"), device)
+    graphs, eager = (
+        build_model(config, device),
+        build_model(dataclasses.replace(config, compile=False, compile_mode="default"), device),
+    )
     start = init_state(graphs, 3, torch.Generator(device).manual_seed(0))
     data = torch.Generator(device).manual_seed(1)
     x = torch.randn(2, 3, 16, 3, 8, 8, generator=data, device=device)

@@ -13,9 +13,8 @@ from esper_func.core.config import (
     LifecycleConfig,
     OptimConfig,
     TransformerHostConfig,
-    from_dict,
-    to_dict,
 )
+from esper_func.core.config_json import from_dict, to_dict
 
 # --- validation -------------------------------------------------------------------------
 
@@ -173,7 +172,9 @@ CONFIGS = [
     CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False),
     CoreConfig(host=CNNHostConfig.preset("cifar_deep"), lifecycle=LifecycleConfig(max_epochs=50, embargo_epochs=2)),
     CoreConfig(host=TransformerHostConfig.preset("tiny"), optim=OptimConfig(grad_clip_norm=None), bank_mode="full"),
-    CoreConfig(host=TransformerHostConfig.preset("tinystories"), optim=OptimConfig(seed_lr=0.003, host_weight_decay=0.0)),
+    CoreConfig(
+        host=TransformerHostConfig.preset("tinystories"), optim=OptimConfig(seed_lr=0.003, host_weight_decay=0.0)
+    ),
 ]
 
 

@@ -78,12 +78,22 @@ def validation_data(model: Model, state: TensorDict) -> tuple[torch.Tensor, torc
 def explicit_logits(model: Model, state: TensorDict, env: int, controls: dict, x: torch.Tensor) -> torch.Tensor:
     params = {name: value[env] for name, value in state["params"].items()}
     buffers = {name: value[env] for name, value in state["buffers"].items()}
-    args = (x, controls["mode"], controls["detach"], controls["blueprint"], controls["gated"], controls["alpha"], full_plan(model))
+    args = (
+        x,
+        controls["mode"],
+        controls["detach"],
+        controls["blueprint"],
+        controls["gated"],
+        controls["alpha"],
+        full_plan(model),
+    )
     with torch.no_grad():
         return functional_call(model.net_eval, (params, buffers), args)
 
 
-def explicit_correct(model: Model, state: TensorDict, env: int, off: int | None, x: torch.Tensor, y: torch.Tensor) -> int:
+def explicit_correct(
+    model: Model, state: TensorDict, env: int, off: int | None, x: torch.Tensor, y: torch.Tensor
+) -> int:
     """Correct predictions of env `env` over all batches, slot `off` forced to identity."""
     controls = {k: v[env].clone() for k, v in slot_controls(model, state["slots"]).items()}
     if off is not None:

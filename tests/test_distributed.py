@@ -17,8 +17,8 @@ import torch
 
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.rl.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
-from esper_func.rl.trainer import PPOTrainer
 from esper_func.rl.run_config import CollectorConfig, TrainingConfig, write_training_config
+from esper_func.rl.trainer import PPOTrainer
 from policies import StaticPolicy
 from tests.distributed_stub import ENVS, STEPS, StubEnvFactory, make_policy, prefer
 from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update
@@ -28,11 +28,15 @@ pytestmark = pytest.mark.distributed
 HOST = "127.0.0.1"
 
 
-def stub_rollouts(tmp_path: Path, batches: int, send_weights: bool = True, **collector: object) -> tuple[DistributedRollouts, torch.nn.Module]:
+def stub_rollouts(
+    tmp_path: Path, batches: int, send_weights: bool = True, **collector: object
+) -> tuple[DistributedRollouts, torch.nn.Module]:
     policy = make_policy(0)
     config = CollectorConfig(kind="distributed", workers=2, master_addr=HOST, **collector)  # type: ignore[arg-type]
     frames = 2 * ENVS * STEPS
-    rollouts = DistributedRollouts([StubEnvFactory()] * 2, policy, frames, batches, config, "cpu", tmp_path, send_weights=send_weights)
+    rollouts = DistributedRollouts(
+        [StubEnvFactory()] * 2, policy, frames, batches, config, "cpu", tmp_path, send_weights=send_weights
+    )
     return rollouts, policy
 
 
@@ -81,7 +85,10 @@ def test_a_distributed_run_collects_the_batches_of_a_local_run_over_as_many_shar
         (tmp_path / name).mkdir()
     local_trainer = PPOTrainer(tiny(devices=("cpu", "cpu")), tmp_path / "local")
     after_first: list[dict[str, object]] = []
-    local_trainer.register_hook("after_batch", lambda state: after_first.append(copy.deepcopy(local_trainer.state_dict())) if state.update == 1 else None)
+    local_trainer.register_hook(
+        "after_batch",
+        lambda state: after_first.append(copy.deepcopy(local_trainer.state_dict())) if state.update == 1 else None,
+    )
     local = recorded_batches(local_trainer)
     distributed = tiny(collector=CollectorConfig(kind="distributed", workers=2, master_addr=HOST, worker_threads=1))
     remote = recorded_batches(PPOTrainer(distributed, tmp_path / "remote"))
@@ -104,7 +111,11 @@ def find_worker(port: int, rank: int) -> int:
             argv = (entry / "cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if "esper_func.collect_worker" in argv and str(port) in argv and argv[argv.index("--rank") : argv.index("--rank") + 3] == wanted:
+        if (
+            "esper_func.collect_worker" in argv
+            and str(port) in argv
+            and argv[argv.index("--rank") : argv.index("--rank") + 3] == wanted
+        ):
             return int(entry.name)
     raise LookupError(f"no collect_worker of rank {rank} on port {port}")
 
@@ -140,7 +151,9 @@ def test_a_worker_that_never_connects_stops_the_trainer_with_an_error_naming_it(
     port = free_port_block(HOST)
     started = time.monotonic()
     trainer = subprocess.Popen(
-        train_command(tmp_path / "run", port, "--launcher", "delayed", "--connect-timeout", "5"), stderr=subprocess.PIPE, text=True
+        train_command(tmp_path / "run", port, "--launcher", "delayed", "--connect-timeout", "5"),
+        stderr=subprocess.PIPE,
+        text=True,
     )
     worker = subprocess.Popen(worker_command(1, 3, HOST, port, threads=1), stderr=subprocess.DEVNULL)
     try:
@@ -185,7 +198,10 @@ def test_the_layout_env_has_the_real_envs_keys_and_shapes_for_less_work() -> Non
     layout = MorphogeneticEnv(replace(config.env, n_envs=2, task=layout_task(config.env.task)))
     assert layout.config.task.train_iters == 1 < real.config.task.train_iters
     shapes = [
-        {key: (value.shape, value.dtype) for key, value in env.rollout(2, StaticPolicy(), break_when_any_done=False).items(True, True)}
+        {
+            key: (value.shape, value.dtype)
+            for key, value in env.rollout(2, StaticPolicy(), break_when_any_done=False).items(True, True)
+        }
         for env in (real, layout)
     ]
     assert shapes[0] == shapes[1]
@@ -197,7 +213,10 @@ def test_a_hung_worker_is_found_by_its_heartbeat(tmp_path: Path) -> None:
     port = free_port_block(HOST)
     run_dir = tmp_path / "run"
     config = TrainingConfig.preset("tiny")
-    config = replace(config, collector=CollectorConfig(kind="distributed", workers=2, master_addr=HOST, port=port, heartbeat_timeout_s=3.0))
+    config = replace(
+        config,
+        collector=CollectorConfig(kind="distributed", workers=2, master_addr=HOST, port=port, heartbeat_timeout_s=3.0),
+    )
     config_json = tmp_path / "config.json"
     write_training_config(config, config_json)
     command = [sys.executable, "-m", "esper_func.train", "--config-json", str(config_json), "--episodes", "4"]

@@ -14,9 +14,12 @@ from torchrl.envs.utils import check_env_specs, step_mdp
 from envs import EnvConfig, MorphogeneticEnv, make_env
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, LifecycleConfig
 from esper_func.core.memory import check_fits, estimate_memory
-from esper_func.core.rewards import RewardConfig, potential
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.reward_transition import potential
+from esper_func.core.seeding import ACTION_NOISE, Stream, stream_seed
 from esper_func.core.stages import Op, Stage
 from esper_func.core.state import empty_slots
+from esper_func.core.step import reset_observation, reset_state, step_env
 from esper_func.data.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -112,7 +115,9 @@ def test_masked_out_action_is_executed_as_wait_and_counted(env: MorphogeneticEnv
     assert (env.state["slots", "stage"] == before["stage"]).all()
     wait = RewardConfig()
     assert wait.family == "shaped"
-    assert not torch.equal(env.state["params", "host.head.weight"], params_before["host.head.weight"]), "hosts still train"
+    assert not torch.equal(env.state["params", "host.head.weight"], params_before["host.head.weight"]), (
+        "hosts still train"
+    )
 
 
 def test_partial_reset_only_resets_flagged_envs(env: MorphogeneticEnv) -> None:
@@ -131,7 +136,12 @@ def test_episode_terminates_after_max_epochs_with_no_potential_left() -> None:
     `terminated`, never `truncated`, and the last step's PBRS term pays back the whole
     potential of the state before it (Phi = 0 at the terminal state)."""
     env = small_env(max_epochs=3)
-    rollout = env.rollout(3, HeuristicPolicy("cnn", N_ENVS, HeuristicConfig(min_epoch_to_germinate=0, germinate_by_epoch=0, require_stabilization=False)))
+    rollout = env.rollout(
+        3,
+        HeuristicPolicy(
+            "cnn", N_ENVS, HeuristicConfig(min_epoch_to_germinate=0, germinate_by_epoch=0, require_stabilization=False)
+        ),
+    )
     assert rollout["next", "terminated"][:, -1].all() and rollout["next", "done"][:, -1].all()
     assert not rollout["next", "done"][:, :-1].any()
     assert not rollout["next", "truncated"].any()
@@ -184,7 +194,10 @@ def test_heuristic_germinates_blends_and_fossilizes_on_a_tiny_setting() -> None:
     env = MorphogeneticEnv(
         replace(
             env.config,
-            core=replace(env.config.core, lifecycle=replace(env.config.core.lifecycle, grad_ratio_threshold=0.0, fossilize_min_contribution=0.0)),
+            core=replace(
+                env.config.core,
+                lifecycle=replace(env.config.core.lifecycle, grad_ratio_threshold=0.0, fossilize_min_contribution=0.0),
+            ),
             task=replace(env.config.task, train_iters=4, batch_size=32),
         )
     )
@@ -204,7 +217,11 @@ def test_test_accuracy_is_each_env_network_on_the_held_out_split_as_a_plain_modu
     """Seeds germinated and training or blending: every env's accuracy on the test split,
     against the per-env reference network (ordinary modules) built from the same state."""
     env = small_env(n_envs=2, max_epochs=8, min_training_epochs=1, blend_steps=2)
-    policy = HeuristicPolicy(env.model.topology, 2, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    policy = HeuristicPolicy(
+        env.model.topology,
+        2,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+    )
     td = env.reset()
     for _ in range(4):
         td = step_mdp(env.step(policy(td)))
@@ -246,6 +263,33 @@ def test_an_explicit_host_is_checked_against_the_task() -> None:
     env = MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=deeper, n_envs=2))
     assert env.config.core.host == deeper
     with pytest.raises(ConfigError, match=r"EnvConfig.host.image_size=8 does not fit task 'synthetic', which needs 16"):
-        MorphogeneticEnv(EnvConfig(task=task, core=CoreConfig(compile=False), host=CNNHostConfig.preset("tiny"), n_envs=2))
+        MorphogeneticEnv(
+            EnvConfig(task=task, core=CoreConfig(compile=False), host=CNNHostConfig.preset("tiny"), n_envs=2)
+        )
     with pytest.raises(ConfigError, match="both host and host_preset"):
         EnvConfig(task=task, host=deeper, host_preset="cifar")
+
+
+def test_reset_and_step_are_the_core_reset_state_and_step_env() -> None:
+    """`_reset` and `_step` only adapt the core's pure `reset_state` and `step_env` to TorchRL:
+    replayed from the same generator state, the core gives the same state, observation,
+    reward and done."""
+    env = small_env(max_epochs=2)
+    generator = torch.Generator().manual_seed(stream_seed(env.config.seed, env.shard, 0, Stream.ENV))
+    fresh = reset_state(env.steps, env.config.signals, N_ENVS, generator, env.task.sample_batches)
+    assert (fresh == env.state).all()
+    shown = env.reset().exclude(ACTION_NOISE, "done", "terminated", "truncated")
+    assert (reset_observation(env.model, env.config.rewards, fresh) == shown).all()
+    for op in (Op.GERMINATE, Op.WAIT):
+        heads = {"op": int(op), "slot": 0, "blueprint": 0, "blend": 0}
+        action = TensorDict({head: torch.full((N_ENVS,), value) for head, value in heads.items()}, batch_size=[N_ENVS])
+        state, before = env.state.clone(), env.batches.generator_state()
+        out = env.step(TensorDict({"action": action}, batch_size=[N_ENVS]))["next"]
+        replay = torch.Generator().set_state(before)
+        obs, next_state, reward, done = step_env(
+            env.steps, env.config.rewards, env.config.signals, state, action, env.task.sample_batches(replay), replay
+        )
+        assert (next_state == env.state).all()
+        assert (obs == out.exclude(ACTION_NOISE, "reward", "done", "terminated", "truncated")).all()
+        assert torch.equal(reward, out["reward"].squeeze(-1)) and torch.equal(done, out["done"].squeeze(-1))
+    assert bool(done.all())

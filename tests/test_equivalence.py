@@ -24,10 +24,10 @@ from tensordict import TensorDict
 
 from esper_func.core.config import CNNHostConfig, CoreConfig, OptimConfig, TransformerHostConfig
 from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.host_training import TrainStepCache, train_epoch
 from esper_func.core.model import Model, build_model
 from esper_func.core.stages import BlendMode, Stage
 from esper_func.core.state import init_state
-from esper_func.core.host_training import TrainStepCache, train_epoch
 
 try:
     from tests.reference import BLEND_STAGES, SEED_RUNS, RefEnv
@@ -81,7 +81,9 @@ ENV_BATCHINGS = ("vmap", "packed")
 
 
 def cnn_config(bank_mode: str, clip: float | None = 5.0, env_batching: str = "vmap") -> CoreConfig:
-    return dataclasses.replace(CNN_BASE, bank_mode=bank_mode, optim=OptimConfig(grad_clip_norm=clip), env_batching=env_batching)
+    return dataclasses.replace(
+        CNN_BASE, bank_mode=bank_mode, optim=OptimConfig(grad_clip_norm=clip), env_batching=env_batching
+    )
 
 
 def transformer_config(bank_mode: str, clip: float | None = 5.0) -> CoreConfig:
@@ -217,7 +219,9 @@ def test_cnn_training_matches_per_env_reference(bank_mode: str, env_batching: st
     g = torch.Generator().manual_seed(1)
     x = torch.randn(ITERATIONS, 16, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (ITERATIONS, 16), generator=g)
-    norms = assert_training_equivalent(cnn_config(bank_mode, CNN_CLIP, env_batching), CNN_LAYOUT, x, y, seed=0, noise=0.1)
+    norms = assert_training_equivalent(
+        cnn_config(bank_mode, CNN_CLIP, env_batching), CNN_LAYOUT, x, y, seed=0, noise=0.1
+    )
     assert_clipping_exercised(norms, CNN_CLIP)
 
 

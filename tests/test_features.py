@@ -90,7 +90,9 @@ def test_shape_dtype_and_fresh_values(topology: str) -> None:
 
 
 def test_docs_table_matches_the_cnn_schema() -> None:
-    rows = re.findall(r"^\| (\d+) \| `([^`]+)` \| (.+) \| \[(-?[\d.]+), (-?[\d.]+)\] \|$", DOC.read_text(), re.MULTILINE)
+    rows = re.findall(
+        r"^\| (\d+) \| `([^`]+)` \| (.+) \| \[(-?[\d.]+), (-?[\d.]+)\] \|$", DOC.read_text(), re.MULTILINE
+    )
     spec = feature_spec(model("cnn"))
     assert [(int(i), name, formula, float(lo), float(hi)) for i, name, formula, lo, hi in rows] == [
         (i, f.name, f.formula, f.low, f.high) for i, f in enumerate(spec)
@@ -103,7 +105,11 @@ def test_global_features_by_name() -> None:
     config = SignalConfig()
     state, signals = fresh(m, 2)
     for loss, acc in ((2.0, 20.0), (1.5, 30.0), (1.5, 30.2)):
-        signals = update_signals(config, signals, TensorDict({"val_loss": torch.tensor([loss, 15.0]), "val_accuracy": torch.tensor([acc, 50.0])}, [2]))
+        signals = update_signals(
+            config,
+            signals,
+            TensorDict({"val_loss": torch.tensor([loss, 15.0]), "val_accuracy": torch.tensor([acc, 50.0])}, [2]),
+        )
     state["epoch"] = torch.tensor([5, 40])
     state["metrics", "val_accuracy"] = torch.tensor([30.2, 50.0])
     state["metrics", "val_loss"] = torch.tensor([1.5, 15.0])
@@ -139,7 +145,9 @@ def test_parameter_growth_and_share() -> None:
     state, signals = fresh(m, 2)
     # env 0: a conv_light seed (gated) in mid, a fossilized norm seed in late, a culled seed in early.
     bp = m.blueprint_names
-    state = set_slot(state, 0, 1, stage=int(Stage.TRAINING), blueprint=bp.index("conv_light"), blend=int(BlendMode.GATED))
+    state = set_slot(
+        state, 0, 1, stage=int(Stage.TRAINING), blueprint=bp.index("conv_light"), blend=int(BlendMode.GATED)
+    )
     state = set_slot(state, 0, 2, stage=int(Stage.FOSSILIZED), blueprint=bp.index("norm"), alpha=1.0)
     state = set_slot(state, 0, 0, stage=int(Stage.CULLED), blueprint=bp.index("conv_heavy"))
     obs = observe(m, state, signals, MAX_EPOCHS)
@@ -158,7 +166,9 @@ def test_parameter_growth_and_share() -> None:
 def test_empty_slots_are_zero_blocks_whatever_their_stale_fields() -> None:
     m = model()
     state, signals = fresh(m, 2)
-    stale = dict(alpha=0.7, contribution=-4.0, grad_ratio_ema=3.0, epochs_in_stage=9, blueprint=4, blend=2, epochs_total=12)
+    stale = dict(
+        alpha=0.7, contribution=-4.0, grad_ratio_ema=3.0, epochs_in_stage=9, blueprint=4, blend=2, epochs_total=12
+    )
     state = set_slot(state, 0, 0, **stale)  # DORMANT with leftovers from an earlier seed
     state = set_slot(state, 0, 2, stage=int(Stage.BLENDING), **stale)
     obs = observe(m, state, signals, MAX_EPOCHS)
@@ -190,7 +200,17 @@ def test_stage_and_blueprint_one_hots() -> None:
 def test_slot_scalars_by_name() -> None:
     m = model()
     state, signals = fresh(m, 1)
-    state = set_slot(state, 0, 1, stage=int(Stage.BLENDING), alpha=0.4, contribution=2.5, grad_ratio_ema=0.05, epochs_in_stage=3, blueprint=2)
+    state = set_slot(
+        state,
+        0,
+        1,
+        stage=int(Stage.BLENDING),
+        alpha=0.4,
+        contribution=2.5,
+        grad_ratio_ema=0.05,
+        epochs_in_stage=3,
+        blueprint=2,
+    )
     obs = observe(m, state, signals, 10)
     torch.testing.assert_close(column(m, obs, "mid.alpha"), torch.tensor([0.4]))
     torch.testing.assert_close(column(m, obs, "mid.contribution"), torch.tensor([math.tanh(0.5)]))
@@ -198,12 +218,21 @@ def test_slot_scalars_by_name() -> None:
     torch.testing.assert_close(column(m, obs, "mid.epochs_in_stage"), torch.tensor([0.3]))
 
 
-EXTREME_FLOATS = st.sampled_from([0.0, -0.0, 1e-12, 0.5, 1.0, 2.3, 99.9, 100.0, 150.0, -5.0, -1e30, 1e30, math.inf, -math.inf, math.nan])
+EXTREME_FLOATS = st.sampled_from(
+    [0.0, -0.0, 1e-12, 0.5, 1.0, 2.3, 99.9, 100.0, 150.0, -5.0, -1e30, 1e30, math.inf, -math.inf, math.nan]
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(topology=st.sampled_from(["cnn", "transformer"]), n_envs=st.integers(1, 4), max_epochs=st.integers(1, 200), data=st.data())
-def test_every_feature_is_finite_and_within_its_documented_range(topology: str, n_envs: int, max_epochs: int, data) -> None:
+@given(
+    topology=st.sampled_from(["cnn", "transformer"]),
+    n_envs=st.integers(1, 4),
+    max_epochs=st.integers(1, 200),
+    data=st.data(),
+)
+def test_every_feature_is_finite_and_within_its_documented_range(
+    topology: str, n_envs: int, max_epochs: int, data
+) -> None:
     m = model(topology)
     n_bp = len(m.blueprint_names)
     config = SignalConfig(history=data.draw(st.integers(1, 7)))
@@ -211,19 +240,29 @@ def test_every_feature_is_finite_and_within_its_documented_range(topology: str, 
 
     def floats(*shape: int) -> torch.Tensor:
         count = math.prod(shape)
-        return torch.tensor(data.draw(st.lists(EXTREME_FLOATS, min_size=count, max_size=count)), dtype=torch.float32).reshape(shape)
+        return torch.tensor(
+            data.draw(st.lists(EXTREME_FLOATS, min_size=count, max_size=count)), dtype=torch.float32
+        ).reshape(shape)
 
     for _ in range(data.draw(st.integers(0, 8))):
         step = TensorDict({"val_loss": floats(n_envs), "val_accuracy": floats(n_envs)}, [n_envs])
         signals = update_signals(config, signals, step)
     stage_values = [int(s) for s in Stage]
     slots = state["slots"]
-    slots["stage"] = torch.tensor(data.draw(st.lists(st.sampled_from(stage_values), min_size=3 * n_envs, max_size=3 * n_envs))).reshape(n_envs, 3)
-    slots["blueprint"] = torch.tensor(data.draw(st.lists(st.integers(0, n_bp - 1), min_size=3 * n_envs, max_size=3 * n_envs))).reshape(n_envs, 3)
-    slots["blend"] = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=3 * n_envs, max_size=3 * n_envs))).reshape(n_envs, 3)
+    slots["stage"] = torch.tensor(
+        data.draw(st.lists(st.sampled_from(stage_values), min_size=3 * n_envs, max_size=3 * n_envs))
+    ).reshape(n_envs, 3)
+    slots["blueprint"] = torch.tensor(
+        data.draw(st.lists(st.integers(0, n_bp - 1), min_size=3 * n_envs, max_size=3 * n_envs))
+    ).reshape(n_envs, 3)
+    slots["blend"] = torch.tensor(
+        data.draw(st.lists(st.integers(0, 2), min_size=3 * n_envs, max_size=3 * n_envs))
+    ).reshape(n_envs, 3)
     for key in ("alpha", "contribution", "grad_ratio_ema"):
         slots[key] = floats(n_envs, 3)
-    slots["epochs_in_stage"] = torch.tensor(data.draw(st.lists(st.integers(0, 10**9), min_size=3 * n_envs, max_size=3 * n_envs))).reshape(n_envs, 3)
+    slots["epochs_in_stage"] = torch.tensor(
+        data.draw(st.lists(st.integers(0, 10**9), min_size=3 * n_envs, max_size=3 * n_envs))
+    ).reshape(n_envs, 3)
     for key in ("train_loss", "val_loss", "val_accuracy"):
         state["metrics", key] = floats(n_envs)
     state["epoch"] = torch.tensor(data.draw(st.lists(st.integers(0, 10**9), min_size=n_envs, max_size=n_envs)))
@@ -235,11 +274,15 @@ def test_every_feature_is_finite_and_within_its_documented_range(topology: str, 
     obs = observe(m, state, signals, max_epochs)
     spec = feature_spec(m)
     assert obs.shape == (n_envs, len(spec))
-    assert bool(torch.isfinite(obs).all()), f"non-finite features: {[f.name for f, ok in zip(spec, torch.isfinite(obs).all(0)) if not ok]}"
+    assert bool(torch.isfinite(obs).all()), (
+        f"non-finite features: {[f.name for f, ok in zip(spec, torch.isfinite(obs).all(0)) if not ok]}"
+    )
     low = torch.tensor([f.low for f in spec])
     high = torch.tensor([f.high for f in spec])
     outside = ((obs < low) | (obs > high)).any(0)
-    assert not bool(outside.any()), f"out of range: {[(f.name, obs[:, i].tolist()) for i, f in enumerate(spec) if outside[i]]}"
+    assert not bool(outside.any()), (
+        f"out of range: {[(f.name, obs[:, i].tolist()) for i, f in enumerate(spec) if outside[i]]}"
+    )
     assert bool(((obs >= -1) & (obs <= 1)).all())
     for td, snapshot in ((state, snapshot_state), (signals, snapshot_signals)):
         for key, value in snapshot.items(include_nested=True, leaves_only=True):

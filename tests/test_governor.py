@@ -44,9 +44,16 @@ class RefGovernor:
             return Panic.NONE
         mean = statistics.fmean(self.history)
         std = statistics.pstdev(self.history)
-        anomalous = val_loss > mean + c.spike_sigma * std and val_loss > c.spike_mean_factor * mean and val_loss > c.spike_min_loss_factor * self.guess
+        anomalous = (
+            val_loss > mean + c.spike_sigma * std
+            and val_loss > c.spike_mean_factor * mean
+            and val_loss > c.spike_min_loss_factor * self.guess
+        )
         self.streak = self.streak + 1 if anomalous else 0
-        collapse = mean < c.collapse_history_fraction * self.guess and abs(val_loss - self.guess) < c.collapse_tolerance * self.guess
+        collapse = (
+            mean < c.collapse_history_fraction * self.guess
+            and abs(val_loss - self.guess) < c.collapse_tolerance * self.guess
+        )
         cause = Panic.LOSS_SPIKE if self.streak >= c.consecutive_spikes else Panic.COLLAPSE if collapse else Panic.NONE
         if not c.enabled:
             cause = Panic.NONE
@@ -60,12 +67,23 @@ class RefGovernor:
 def run_check(config: GovernorConfig, train: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     """Vectorized checks over `[N, T]` loss sequences; returns the panic causes `[N, T]`."""
     n = train.shape[0]
-    state = TensorDict({"epoch": torch.zeros(n, dtype=torch.int64), "params": {}, "buffers": {}, "momentum": {},
-                        "metrics": {}, "slots": TensorDict({"stage": torch.ones(n, 3, dtype=torch.int64)}, [n, 3])}, [n])
+    state = TensorDict(
+        {
+            "epoch": torch.zeros(n, dtype=torch.int64),
+            "params": {},
+            "buffers": {},
+            "momentum": {},
+            "metrics": {},
+            "slots": TensorDict({"stage": torch.ones(n, 3, dtype=torch.int64)}, [n, 3]),
+        },
+        [n],
+    )
     governor = init_governor(config, state)
     causes = []
     for t in range(train.shape[1]):
-        governor, cause = check(config, GUESS, governor, TensorDict({"train_loss": train[:, t], "val_loss": val[:, t]}, [n]))
+        governor, cause = check(
+            config, GUESS, governor, TensorDict({"train_loss": train[:, t], "val_loss": val[:, t]}, [n])
+        )
         causes.append(cause)
     return torch.stack(causes, dim=1)
 
@@ -112,7 +130,9 @@ loss_value = st.sampled_from([0.5, 0.75, 1.0, 1.25, 1.5, 8.0, 16.0, 32.0, GUESS,
     window=st.integers(4, 12),
     enabled=st.booleans(),
 )
-def test_vectorized_checks_match_a_per_env_reference_loop(sequences: list[list[tuple[float, float]]], window: int, enabled: bool) -> None:
+def test_vectorized_checks_match_a_per_env_reference_loop(
+    sequences: list[list[tuple[float, float]]], window: int, enabled: bool
+) -> None:
     config = replace(CONFIG, window=window, min_samples=window // 2, enabled=enabled)
     train = torch.tensor([[a for a, _ in seq] for seq in sequences])
     val = torch.tensor([[b for _, b in seq] for seq in sequences])
@@ -126,7 +146,11 @@ def test_vectorized_checks_match_a_per_env_reference_loop(sequences: list[list[t
 def test_snapshots_only_after_a_passed_check_on_schedule() -> None:
     n = 4
     state = TensorDict(
-        {"epoch": torch.tensor([5, 5, 5, 4]), "governor": TensorDict({"spike_streak": torch.tensor([0, 0, 1, 0])}, [n])}, [n]
+        {
+            "epoch": torch.tensor([5, 5, 5, 4]),
+            "governor": TensorDict({"spike_streak": torch.tensor([0, 0, 1, 0])}, [n]),
+        },
+        [n],
     )
     cause = torch.tensor([0, int(Panic.NON_FINITE), 0, 0])
     assert snapshot_due(CONFIG, state, cause).tolist() == [True, False, False, False]
@@ -159,7 +183,11 @@ def lively_env(**optim: float) -> MorphogeneticEnv:
 
 def play(env: MorphogeneticEnv, fault_at: int | None, fault: str = "nan") -> list[TensorDict]:
     """Heuristic episode; at step `fault_at`, corrupt env FAULT_ENV's classifier weights."""
-    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    policy = HeuristicPolicy(
+        env.model.topology,
+        N_ENVS,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+    )
     td = env.reset()
     steps = []
     for t in range(env.max_epochs):
@@ -199,7 +227,9 @@ def test_a_corrupted_env_rolls_back_and_every_other_env_is_bit_identical(
     assert hit["metrics", "rolled_back"].tolist() == [e == FAULT_ENV for e in range(N_ENVS)]
     assert hit["metrics", "panic"][FAULT_ENV].item() == int(Panic.NON_FINITE)
     assert hit["reward_components", "governor"][FAULT_ENV].item() == -env.config.rewards.governor_penalty
-    assert hit["reward"][FAULT_ENV, 0].item() == pytest.approx(sum(v[FAULT_ENV].item() for v in hit["reward_components"].values()))
+    assert hit["reward"][FAULT_ENV, 0].item() == pytest.approx(
+        sum(v[FAULT_ENV].item() for v in hit["reward_components"].values())
+    )
     assert hit["metrics", "rollbacks"][FAULT_ENV].item() == 1
     # Nothing non-finite reaches the controller, and the env goes on training.
     for step in steps[fault_at:]:
@@ -210,16 +240,31 @@ def test_a_corrupted_env_rolls_back_and_every_other_env_is_bit_identical(
 
     # Restored: the metrics are the snapshot's (the epoch-5 evaluation of the clean run).
     snapshot_epoch = 5
-    assert hit["metrics", "val_loss"][FAULT_ENV].item() == clean_steps[snapshot_epoch - 1]["next", "metrics", "val_loss"][FAULT_ENV].item()
+    assert (
+        hit["metrics", "val_loss"][FAULT_ENV].item()
+        == clean_steps[snapshot_epoch - 1]["next", "metrics", "val_loss"][FAULT_ENV].item()
+    )
     # Live seeds were culled; the seed fossilized at the snapshot stayed, and so did its events.
     prev_stage = steps[fault_at - 1]["next", "seeds", "stage"][FAULT_ENV]
     stage = hit["seeds", "stage"][FAULT_ENV]
     at_snapshot = steps[snapshot_epoch - 1]["next", "seeds", "stage"][FAULT_ENV]
-    live = [s for s in range(3) if prev_stage[s] in (int(Stage.GERMINATED), int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.PROBATIONARY))]
-    fossils = [s for s in range(3) if prev_stage[s] == int(Stage.FOSSILIZED) and at_snapshot[s] == int(Stage.FOSSILIZED)]
-    later_fossils = [s for s in range(3) if prev_stage[s] == int(Stage.FOSSILIZED) and at_snapshot[s] != int(Stage.FOSSILIZED)]
-    assert live and fossils, "the scenario should hold a live seed and a fossil from before the snapshot when the fault hits"
-    assert all(stage[s] == int(Stage.EMBARGOED) for s in live + later_fossils), "live seeds and fossils newer than the snapshot are culled"
+    live = [
+        s
+        for s in range(3)
+        if prev_stage[s] in (int(Stage.GERMINATED), int(Stage.TRAINING), int(Stage.BLENDING), int(Stage.PROBATIONARY))
+    ]
+    fossils = [
+        s for s in range(3) if prev_stage[s] == int(Stage.FOSSILIZED) and at_snapshot[s] == int(Stage.FOSSILIZED)
+    ]
+    later_fossils = [
+        s for s in range(3) if prev_stage[s] == int(Stage.FOSSILIZED) and at_snapshot[s] != int(Stage.FOSSILIZED)
+    ]
+    assert live and fossils, (
+        "the scenario should hold a live seed and a fossil from before the snapshot when the fault hits"
+    )
+    assert all(stage[s] == int(Stage.EMBARGOED) for s in live + later_fossils), (
+        "live seeds and fossils newer than the snapshot are culled"
+    )
     assert all(stage[s] == int(Stage.FOSSILIZED) for s in fossils)
     events = lifecycle_events(steps[fault_at - 1]["next"], steps[fault_at], env.model.blueprint_names, episode=0)
     assert events and all(e.cause == "governor:NON_FINITE" for e in events if e.env == FAULT_ENV)
@@ -227,7 +272,9 @@ def test_a_corrupted_env_rolls_back_and_every_other_env_is_bit_identical(
     assert record["env"] == FAULT_ENV and record["cause"] == "governor:NON_FINITE" and record["epoch"] == fault_at + 1
 
 
-def test_rollback_restores_the_snapshot_and_culls_seeds_fossilized_since(clean_run: tuple[MorphogeneticEnv, list[TensorDict]]) -> None:
+def test_rollback_restores_the_snapshot_and_culls_seeds_fossilized_since(
+    clean_run: tuple[MorphogeneticEnv, list[TensorDict]],
+) -> None:
     env, _ = clean_run
     model, state = env.model, env.state.clone()
     snapshot = state["governor", "snapshot"]
@@ -244,7 +291,10 @@ def test_rollback_restores_the_snapshot_and_culls_seeds_fossilized_since(clean_r
     panic = torch.tensor([True, False, True, False])
     new_state, new_metrics = rollback(model, state, metrics, panic)
 
-    assert new_state["slots", "stage"][panic].tolist() == [[int(Stage.CULLED), int(Stage.FOSSILIZED), int(Stage.CULLED)]] * 2
+    assert (
+        new_state["slots", "stage"][panic].tolist()
+        == [[int(Stage.CULLED), int(Stage.FOSSILIZED), int(Stage.CULLED)]] * 2
+    )
     assert (new_state["slots", "stage"][~panic] == state["slots", "stage"][~panic]).all()
     assert (new_state["slots", "alpha"][panic][:, [0, 2]] == 0).all()
     for name, value in new_state["params"].items():

@@ -4,7 +4,7 @@
   CNN blueprint with parameters reaches BLENDING at every slot under the default gates
   (none is stuck in TRAINING), and `noop`, which has nothing that could learn, is culled
   when the timeout comes.
-- A short growth run (`esper_func.growth`): the scripted "grow early and keep" schedule
+- A short growth run (`esper_func.rl.growth`): the scripted "grow early and keep" schedule
   ends above the static host on the same seeds, on held-out test images.
 """
 
@@ -19,13 +19,13 @@ import torch
 from tensordict import TensorDict
 
 from esper_func.core.config import ConfigError, CoreConfig
-from esper_func.rl.growth import base_env_config, controller_env, longest_training, main, run_controller
 from esper_func.core.hosts import build_host
 from esper_func.core.model import build_model
 from esper_func.core.stages import BlendMode, Op, Stage
 from esper_func.core.state import init_state
-from esper_func.core.step import Steps, env_step
+from esper_func.core.step import StepFunctions, env_step
 from esper_func.data.tasks import TaskConfig, build_task
+from esper_func.rl.growth import base_env_config, controller_env, longest_training, main, run_controller
 from policies import HeuristicConfig, ScriptedGrowthPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,13 +38,15 @@ SMALL_TASK = replace(
 @pytest.mark.parametrize("slot", range(3))
 def test_every_blueprint_at_every_slot_leaves_training_under_the_default_gates(slot: int) -> None:
     task = build_task(SMALL_TASK)
-    steps = Steps(build_model(CoreConfig(host=task.host_config, compile=False)))
+    steps = StepFunctions(build_model(CoreConfig(host=task.host_config, compile=False)))
     model = steps.model
     lifecycle = model.config.lifecycle
     n = len(model.blueprint_names)
     generator = torch.Generator().manual_seed(slot)
     state = init_state(model, n, generator)
-    wait = TensorDict({head: torch.zeros(n, dtype=torch.int64) for head in ("op", "slot", "blueprint", "blend")}, batch_size=[n])
+    wait = TensorDict(
+        {head: torch.zeros(n, dtype=torch.int64) for head in ("op", "slot", "blueprint", "blend")}, batch_size=[n]
+    )
     for _ in range(2):  # a host that has trained a little, as when a controller germinates
         state, _ = env_step(steps, state, wait, task.sample_batches(generator), generator)
     germinate = TensorDict(
@@ -98,8 +100,12 @@ def test_scripted_growth_ends_above_static_on_the_same_seeds() -> None:
     base = base_env_config(n_envs=2, max_epochs=10, task=task)
     gains = []
     for seed in (0, 1, 2):
-        static = run_controller("static", controller_env(base, "static", seed, host, 2), "conv_wide", static_params, torch.device("cpu"))
-        scripted = run_controller("scripted", controller_env(base, "scripted", seed, host, 2), "conv_wide", static_params, torch.device("cpu"))
+        static = run_controller(
+            "static", controller_env(base, "static", seed, host, 2), "conv_wide", static_params, torch.device("cpu")
+        )
+        scripted = run_controller(
+            "scripted", controller_env(base, "scripted", seed, host, 2), "conv_wide", static_params, torch.device("cpu")
+        )
         assert static.params_added == 0 and scripted.params_added > 0
         assert scripted.germinated >= 3 and scripted.longest_training <= base.core.lifecycle.training_timeout
         gains.append(scripted.test_accuracy - static.test_accuracy)
@@ -109,10 +115,29 @@ def test_scripted_growth_ends_above_static_on_the_same_seeds() -> None:
 def test_growth_cli_writes_its_json_and_plots(tmp_path: Path) -> None:
     task_json = tmp_path / "task.json"
     task_json.write_text(
-        '{"name": "synthetic", "n_train": 256, "n_val": 32, "n_test": 32, "batch_size": 16, "train_iters": 1, "val_batches": 2}'
+        '{"name": "synthetic", "n_train": 256, "n_val": 32, "n_test": 32, "batch_size": 16, "train_iters": 1, '
+        '"val_batches": 2}'
     )
     out = tmp_path / "growth"
-    assert main(["--seeds", "0", "--n-envs", "2", "--wide-envs", "1", "--max-epochs", "4", "--task-json", str(task_json), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--seeds",
+                "0",
+                "--n-envs",
+                "2",
+                "--wide-envs",
+                "1",
+                "--max-epochs",
+                "4",
+                "--task-json",
+                str(task_json),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "growth.json").read_text())
     assert set(record["summary"]) == {"static", "wide2", "wide4", "heuristic", "scripted"}
     assert record["summary"]["static"]["params_added_mean"] == 0
@@ -123,7 +148,9 @@ def test_growth_cli_writes_its_json_and_plots(tmp_path: Path) -> None:
 
 
 def test_germination_orders_must_name_each_slot_once() -> None:
-    with pytest.raises(ConfigError, match=r"ScriptedGrowthPolicy.slot_order must list each slot index once, got \(0, 0, 2\)"):
+    with pytest.raises(
+        ConfigError, match=r"ScriptedGrowthPolicy.slot_order must list each slot index once, got \(0, 0, 2\)"
+    ):
         ScriptedGrowthPolicy(blueprint=6, slot_order=(0, 0, 2))
     with pytest.raises(ConfigError, match="HeuristicConfig.slot_order"):
         HeuristicConfig(slot_order=(1, 2))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_func.core.blueprints import CATALOGUE, Blueprint, blueprint_index, blueprint_names, param_count, register_blueprint
+from esper_func.core.blueprints import (
+    CATALOGUE,
+    Blueprint,
+    blueprint_index,
+    blueprint_names,
+    param_count,
+    register_blueprint,
+)
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
 from esper_func.core.hosts import build_host
 from esper_func.core.initialization import ZERO, draw_parameters
@@ -57,7 +64,9 @@ def test_transformer_rejects_sequences_longer_than_its_context() -> None:
     ("topology", "channels", "shape"),
     [("cnn", 8, (2, 8, 6, 6)), ("cnn", 48, (2, 48, 4, 4)), ("transformer", 32, (2, 5, 32))],
 )
-def test_every_blueprint_preserves_shape_and_starts_as_identity(topology: str, channels: int, shape: tuple[int, ...]) -> None:
+def test_every_blueprint_preserves_shape_and_starts_as_identity(
+    topology: str, channels: int, shape: tuple[int, ...]
+) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape)
     for cls in CATALOGUE[topology]:
@@ -128,10 +137,16 @@ def test_registered_blueprints_join_only_the_models_that_list_them() -> None:
     register_blueprint("cnn", _Scale)
     register_blueprint("cnn", _Scale)  # the same class again: a no-op
     default = build_model(CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False))
-    custom = build_model(CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False, blueprints=("noop", "test_scale", "norm")))
+    custom = build_model(
+        CoreConfig(host=CNNHostConfig.preset("tiny"), compile=False, blueprints=("noop", "test_scale", "norm"))
+    )
     assert "test_scale" not in default.blueprint_names
     assert custom.blueprint_names == ("noop", "test_scale", "norm")
-    assert custom.blueprint_param_count[0].tolist() == [0, CNNHostConfig.preset("tiny").slot_channels()[0], default.blueprint_param_count[0, 1].item()]
+    assert custom.blueprint_param_count[0].tolist() == [
+        0,
+        CNNHostConfig.preset("tiny").slot_channels()[0],
+        default.blueprint_param_count[0, 1].item(),
+    ]
     heuristic = HeuristicPolicy("cnn", 2, blueprint_names=custom.blueprint_names)
     assert heuristic.rotation.tolist() == [2, 1]  # built-in order first (norm), then the new one
 
@@ -151,7 +166,9 @@ def test_blueprint_registration_and_selection_errors_name_the_problem() -> None:
         register_blueprint("cnn", Impostor)
     with pytest.raises(ValueError, match="unknown topology"):
         register_blueprint("rnn", _Scale)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"CoreConfig.blueprints: unknown cnn blueprint\(s\) \['nope'\].*register_blueprint"):
+    with pytest.raises(
+        ConfigError, match=r"CoreConfig.blueprints: unknown cnn blueprint\(s\) \['nope'\].*register_blueprint"
+    ):
         CoreConfig(blueprints=("noop", "nope"))
     with pytest.raises(ConfigError, match="unique"):
         CoreConfig(blueprints=("norm", "norm"))

@@ -12,9 +12,10 @@ from torchrl.envs.utils import step_mdp
 
 from envs import MorphogeneticEnv
 from esper_func.core import stages
-from esper_func.core.rewards import RewardConfig, reward_tables
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.rewards import reward_tables
+from esper_func.data.images import draws_on
 from esper_func.perf.sync_audit import HostSyncAudit, HostSyncError
-from esper_func.data.tasks import _to
 from policies import HeuristicConfig, HeuristicPolicy
 from tests.test_governor import FAULT_ENV, N_ENVS, lively_env
 
@@ -26,7 +27,12 @@ def audited_episode(bank_mode: str, device: str = "cpu") -> tuple[list[HostSyncA
     with every env step and every policy call audited."""
     env = lively_env()
     env = MorphogeneticEnv(replace(env.config, core=replace(env.config.core, bank_mode=bank_mode)), device)
-    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0), device)
+    policy = HeuristicPolicy(
+        env.model.topology,
+        N_ENVS,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+        device,
+    )
     audits = []
     rolled_back = torch.zeros(N_ENVS, dtype=torch.bool, device=device)
     td = env.reset()
@@ -74,7 +80,11 @@ def test_no_lookup_table_is_made_inside_a_step(single_thread: None) -> None:
     env = MorphogeneticEnv(replace(lively_env().config, rewards=rewards))
     made_at_build = set(stages._TABLES)
     assert {id(table) for table in reward_tables(rewards)} <= made_at_build
-    policy = HeuristicPolicy(env.model.topology, N_ENVS, HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0))
+    policy = HeuristicPolicy(
+        env.model.topology,
+        N_ENVS,
+        HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0),
+    )
     td = env.reset()
     for _ in range(env.max_epochs):
         td = step_mdp(env.step(policy(td)))
@@ -83,7 +93,7 @@ def test_no_lookup_table_is_made_inside_a_step(single_thread: None) -> None:
 
 
 def test_lookups_take_only_registered_tables() -> None:
-    with pytest.raises(ValueError, match="register this \\(3,\\) table with esper_func.stages.lookup_table"):
+    with pytest.raises(ValueError, match="register this \\(3,\\) table with esper_func.core.stages.lookup_table"):
         stages.on_device(torch.zeros(3), torch.device("cpu"))
     table = stages.lookup_table(torch.arange(3))
     assert stages.on_device(table, torch.device("meta")).device == torch.device("meta")
@@ -97,7 +107,7 @@ def test_the_audit_records_reads_shape_dependent_ops_and_device_moves() -> None:
         "tolist": lambda: x.tolist(),
         "nonzero": lambda: torch.nonzero(x),
         "__getitem__": lambda: x[x > 1],
-        "to": lambda: _to(x, torch.device("meta")),  # a move made by our code
+        "to": lambda: draws_on(x, torch.device("meta")),  # a move made by our code
     }
     for name, call in cases.items():
         with HostSyncAudit() as audit:

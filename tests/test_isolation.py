@@ -22,10 +22,10 @@ from tensordict import TensorDict
 from torch.func import functional_call
 
 from esper_func.core.config import CNNHostConfig, CoreConfig, OptimConfig
+from esper_func.core.host_training import TrainStepCache, task_loss, train_epoch
 from esper_func.core.model import Model, SlotPlan, build_model, full_plan, slot_controls
 from esper_func.core.stages import BlendMode, Stage
 from esper_func.core.state import empty_slots, init_state
-from esper_func.core.host_training import TrainStepCache, task_loss, train_epoch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -137,7 +137,9 @@ def test_training_seed_gets_gradient_and_host_gradient_is_untouched(stage: Stage
     params, (x, y) = perturbed_params(MODEL, seed=10 + slot), batch(2)
     dormant = gradients(MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x, y)
     training = gradients(MODEL, params, controls_for(MODEL, slot, stage, blueprint), x, y)
-    host_only = gradients(MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x, y, host_only_plan(MODEL))
+    host_only = gradients(
+        MODEL, params, controls_for(MODEL, slot, Stage.DORMANT, blueprint), x, y, host_only_plan(MODEL)
+    )
 
     seed_grad = sum(training[n].abs().sum() for n in bank_names(MODEL, slot, blueprint))
     assert seed_grad > 0, "the TRAINING seed received no gradient"

@@ -234,7 +234,9 @@ def assert_legal_changes(before: TensorDict, after: TensorDict, where: str) -> N
     for env, (row_b, row_a) in enumerate(zip(stage_rows(before), stage_rows(after))):
         for slot, (sb, sa) in enumerate(zip(row_b, row_a)):
             if sb != sa:
-                assert bool(LEGAL_TRANSITION[sb, sa]), f"{where}: illegal {sb.name} -> {sa.name} at env {env} slot {slot}"
+                assert bool(LEGAL_TRANSITION[sb, sa]), (
+                    f"{where}: illegal {sb.name} -> {sa.name} at env {env} slot {slot}"
+                )
             if sb == Stage.FOSSILIZED:
                 assert sa == Stage.FOSSILIZED, f"{where}: a fossilized seed left FOSSILIZED for {sa.name}"
 
@@ -272,7 +274,9 @@ def check_apply_action(
     for env in range(n_envs):
         op, slot, bp, blend = (int(rows[k][env]) for k in ("op", "slot", "blueprint", "blend"))
         legal = oracle_legal(model, table, env, op, slot, bp, blend)
-        assert bool(executed[env]) == legal, f"env {env}: action {(op, slot, bp, blend)} executed={bool(executed[env])}, spec says {legal}"
+        assert bool(executed[env]) == legal, (
+            f"env {env}: action {(op, slot, bp, blend)} executed={bool(executed[env])}, spec says {legal}"
+        )
         if not legal or op == Op.WAIT:
             cov.refused += not legal
             assert bool(unchanged[env]), (
@@ -329,7 +333,9 @@ def assert_others_unaffected(
     assert bool(env_unchanged(new, other)[keep].all()), "an env's action changed another env's result"
 
 
-def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: TensorDict, runs: list, cov: Coverage) -> None:
+def check_tick(
+    model: Model, before: TensorDict, metrics: TensorDict, after: TensorDict, runs: list, cov: Coverage
+) -> None:
     config = model.config.lifecycle
     n_envs, n_slots = before["slots"].batch_size
     assert_legal_changes(before, after, "tick")
@@ -355,7 +361,11 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
             # Reference EMA of the gradient ratio from germination through BLENDING.
             if sb in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING):
                 ratio = float(metrics["grad_ratio"][env, slot])
-                run.ema = ratio if run.ema is None else config.grad_ratio_ema_decay * run.ema + (1 - config.grad_ratio_ema_decay) * ratio
+                run.ema = (
+                    ratio
+                    if run.ema is None
+                    else config.grad_ratio_ema_decay * run.ema + (1 - config.grad_ratio_ema_decay) * ratio
+                )
                 assert abs(float(ema_after[env, slot]) - run.ema) <= 1e-6 + 1e-5 * abs(run.ema), where
             # Stage by stage: what the tick must do.
             if sb == Stage.DORMANT:
@@ -379,7 +389,9 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
             elif sb == Stage.PROBATIONARY:
                 decay = config.contribution_ema_decay
                 run.cema = decay * run.cema + (1 - decay) * contribution
-                judged = ticks_before >= config.probation_judge_epochs and float(slots_a["contribution_ema"][env, slot]) <= 0
+                judged = (
+                    ticks_before >= config.probation_judge_epochs and float(slots_a["contribution_ema"][env, slot]) <= 0
+                )
                 cull = judged or ticks_before >= config.probation_timeout
                 assert sa == (Stage.CULLED if cull else Stage.PROBATIONARY), f"{where}: contribution EMA {run.cema}"
                 assert ticks_before <= config.probation_timeout, where
@@ -422,17 +434,25 @@ def check_tick(model: Model, before: TensorDict, metrics: TensorDict, after: Ten
             if sa == Stage.BLENDING:
                 k = run.ticks
                 assert int(slots_a["blend_step"][env, slot]) == k, where
-                expected = alpha_schedule(slots_a["blend"][env, slot], torch.tensor(k), config.blend_steps, config.sigmoid_steepness)
-                assert abs(alpha - float(expected)) <= 1e-6, f"{where}: alpha {alpha} at blend step {k}, schedule {float(expected)}"
+                expected = alpha_schedule(
+                    slots_a["blend"][env, slot], torch.tensor(k), config.blend_steps, config.sigmoid_steepness
+                )
+                assert abs(alpha - float(expected)) <= 1e-6, (
+                    f"{where}: alpha {alpha} at blend step {k}, schedule {float(expected)}"
+                )
                 assert not run.alphas or alpha >= run.alphas[-1], f"{where}: alpha decreased {run.alphas} -> {alpha}"
                 run.alphas.append(alpha)
             if sa in (Stage.PROBATIONARY, Stage.FOSSILIZED):
                 cema = float(slots_a["contribution_ema"][env, slot])
-                assert abs(cema - run.cema) <= 1e-5 + 1e-5 * abs(run.cema), f"{where}: contribution EMA {cema} vs {run.cema}"
+                assert abs(cema - run.cema) <= 1e-5 + 1e-5 * abs(run.cema), (
+                    f"{where}: contribution EMA {cema} vs {run.cema}"
+                )
     assert torch.equal(slots_a["contribution"], metrics["contribution"])
 
 
-def walk(model: Model, n_envs: int, chooser: Chooser, n_steps: int, seed: int, cov: Coverage | None = None) -> TensorDict:
+def walk(
+    model: Model, n_envs: int, chooser: Chooser, n_steps: int, seed: int, cov: Coverage | None = None
+) -> TensorDict:
     """Run `n_steps` env steps (action, then tick on synthetic metrics), checking every property."""
     cov = cov if cov is not None else Coverage()
     generator = torch.Generator().manual_seed(seed)
@@ -475,7 +495,13 @@ def walk(model: Model, n_envs: int, chooser: Chooser, n_steps: int, seed: int, c
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(lifecycle=lifecycle_configs, n_envs=st.integers(1, 3), n_steps=st.integers(1, 30), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    lifecycle=lifecycle_configs,
+    n_envs=st.integers(1, 3),
+    n_steps=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
 def test_random_walks_respect_every_lifecycle_invariant(
     lifecycle: LifecycleConfig, n_envs: int, n_steps: int, seed: int, data
 ) -> None:

@@ -31,7 +31,9 @@ CONV_LIGHT = 4  # CNN catalogue: noop, norm, attention, depthwise, conv_light, c
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make(lifecycle: LifecycleConfig | None = None, n_envs: int = 2, seed: int = 0) -> tuple[Model, TensorDict, torch.Generator]:
+def make(
+    lifecycle: LifecycleConfig | None = None, n_envs: int = 2, seed: int = 0
+) -> tuple[Model, TensorDict, torch.Generator]:
     config = CoreConfig(host=CNNHostConfig.preset("tiny"), lifecycle=lifecycle or LifecycleConfig(), compile=False)
     model = build_model(config)
     generator = torch.Generator().manual_seed(seed)
@@ -60,7 +62,11 @@ def metrics(n_envs: int, accuracy=0.0, contribution=0.5, grad_ratio=0.0) -> Tens
         return torch.tensor(value if isinstance(value, list) else [value] * n_envs, dtype=torch.float32)
 
     def per_slot(value):
-        return torch.tensor(value, dtype=torch.float32) if isinstance(value, list) else torch.full((n_envs, S), float(value))
+        return (
+            torch.tensor(value, dtype=torch.float32)
+            if isinstance(value, list)
+            else torch.full((n_envs, S), float(value))
+        )
 
     return TensorDict(
         {

@@ -22,10 +22,9 @@ from tensordict import TensorDict
 
 from esper_func.core.config import CNNHostConfig, CoreConfig, LifecycleConfig, TransformerHostConfig
 from esper_func.core.lifecycle import action_legality, apply_action, tick
-from esper_func.core.stages import ACTION_HEADS
 from esper_func.core.masks import action_masks, check_masks
 from esper_func.core.model import Model, build_model
-from esper_func.core.stages import BlendMode, Op, Stage
+from esper_func.core.stages import ACTION_HEADS, BlendMode, Op, Stage
 from esper_func.core.state import init_state
 
 CONTRIBUTIONS = (-3.0, -1e-3, 0.0, 1e-3, 0.5, 0.999, 1.0, 1.001, 1.5, 12.0)
@@ -109,7 +108,9 @@ def assert_masks_exact(model: Model, state: TensorDict) -> TensorDict:
         & masks["blend"][:, c[3]]
     )
     bad = allowed & ~legal
-    assert not bool(bad.any()), f"masks allow illegal actions: {[(e, combos[i]) for e, i in bad.nonzero().tolist()][:5]}"
+    assert not bool(bad.any()), (
+        f"masks allow illegal actions: {[(e, combos[i]) for e, i in bad.nonzero().tolist()][:5]}"
+    )
 
     # Exactness on (op, slot): with a mask-allowed blueprint and blend, legal <=> allowed.
     blueprint = int(masks["blueprint"][0].nonzero()[0])
@@ -117,7 +118,9 @@ def assert_masks_exact(model: Model, state: TensorDict) -> TensorDict:
     env_index = torch.arange(n_envs).repeat_interleave(len(pairs))
     action = make_action([(op, slot, blueprint, 0) for op, slot in pairs] * n_envs)
     legal_pairs = action_legality(model, light[env_index], action).reshape(n_envs, len(Op), n_slots)
-    assert torch.equal(masks["slot"], legal_pairs), f"slot mask {masks['slot'].tolist()} != legality {legal_pairs.tolist()}"
+    assert torch.equal(masks["slot"], legal_pairs), (
+        f"slot mask {masks['slot'].tolist()} != legality {legal_pairs.tolist()}"
+    )
     assert torch.equal(masks["op"], legal_pairs.any(-1))
     assert bool(masks["slot"][:, int(Op.WAIT)].all()) and bool(masks["op"][:, int(Op.WAIT)].all())
     return masks
@@ -135,11 +138,15 @@ def walk(model: Model, n_envs: int, n_steps: int, seed: int, seen_ops: set[str] 
         sampled = sample_from_masks(rng, masks)
         from_masks = [rng.random() < 0.8 for _ in range(n_envs)]
         rows = [
-            row if keep else (rng.randint(-1, 4), rng.randint(-1, model.n_slots), rng.randint(-1, n_bp), rng.randint(-1, 3))
+            row
+            if keep
+            else (rng.randint(-1, 4), rng.randint(-1, model.n_slots), rng.randint(-1, n_bp), rng.randint(-1, 3))
             for row, keep in zip(sampled, from_masks)
         ]
         state, executed = apply_action(model, state, make_action(rows), generator)
-        assert bool(executed[torch.tensor(from_masks)].all()), f"a mask-sampled action did not execute: {rows}, {executed.tolist()}"
+        assert bool(executed[torch.tensor(from_masks)].all()), (
+            f"a mask-sampled action did not execute: {rows}, {executed.tolist()}"
+        )
         assert_masks_exact(model, state)
         state = tick(model, state, synthetic_metrics(rng, model, n_envs))
 
@@ -204,7 +211,9 @@ def test_a_young_seed_cannot_be_culled() -> None:
     model = small_model()
     generator = torch.Generator().manual_seed(0)
     state = init_state(model, 1, generator)
-    state, executed = apply_action(model, state, make_action([(int(Op.GERMINATE), 0, 1, int(BlendMode.LINEAR))]), generator)
+    state, executed = apply_action(
+        model, state, make_action([(int(Op.GERMINATE), 0, 1, int(BlendMode.LINEAR))]), generator
+    )
     assert bool(executed.all())
     masks = action_masks(model, state)
     assert not bool(masks["op"][0, int(Op.CULL)]) and not bool(masks["slot"][0, int(Op.CULL)].any())

@@ -17,9 +17,9 @@ import torch
 
 from esper_func.core.config import ConfigError
 from esper_func.rl.distributed import DistributedError
-from esper_func.rl.trainer import PPOTrainer, TrainerState
-from esper_func.rl.train_cli import parse_args, resolve_config
 from esper_func.rl.run_config import CollectorConfig, TrainingConfig
+from esper_func.rl.train_cli import parse_args, resolve_config
+from esper_func.rl.trainer import PPOTrainer, TrainerState
 from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update
 
 WORKERS = CollectorConfig(kind="multiprocess", workers=2, worker_threads=1)
@@ -33,8 +33,12 @@ def test_worker_processes_collect_the_batches_of_a_local_run_over_as_many_shards
     (tmp_path / "local").mkdir()
     (tmp_path / "workers").mkdir()
     three = tiny(episodes=3)
-    local = recorded_batches(PPOTrainer(replace(three, env=replace(three.env, n_envs=3), devices=("cpu", "cpu")), tmp_path / "local"))
-    workers = recorded_batches(PPOTrainer(replace(three, env=replace(three.env, n_envs=3), collector=WORKERS), tmp_path / "workers"))
+    local = recorded_batches(
+        PPOTrainer(replace(three, env=replace(three.env, n_envs=3), devices=("cpu", "cpu")), tmp_path / "local")
+    )
+    workers = recorded_batches(
+        PPOTrainer(replace(three, env=replace(three.env, n_envs=3), collector=WORKERS), tmp_path / "workers")
+    )
     assert len(local) == len(workers) == 3
     for mine, theirs in zip(local, workers):
         assert_same_batches(mine, theirs)
@@ -103,5 +107,7 @@ def test_the_default_preset_collects_on_two_workers_and_gives_way_to_chosen_devi
 
 
 def test_more_workers_than_envs_is_refused_with_the_fix() -> None:
-    with pytest.raises(ConfigError, match="n_envs=1 is fewer than collector.workers=2.*--workers 1 or --collector local"):
+    with pytest.raises(
+        ConfigError, match="n_envs=1 is fewer than collector.workers=2.*--workers 1 or --collector local"
+    ):
         resolve_config(parse_args(["--n-envs", "1"]))

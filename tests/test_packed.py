@@ -11,12 +11,12 @@ import torch
 
 from esper_func.core.blueprints import Blueprint, register_blueprint
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, TransformerHostConfig
+from esper_func.core.host_training import TrainStepCache, train_epoch
 from esper_func.core.initialization import ZERO
 from esper_func.core.model import build_model
-from esper_func.core.packed import Packed
+from esper_func.core.packed_modules import Packed
 from esper_func.core.stages import Stage
 from esper_func.core.state import init_state
-from esper_func.core.host_training import TrainStepCache, train_epoch
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 
@@ -74,7 +74,9 @@ def test_a_blueprint_without_packed_forward_falls_back_to_vmap_or_is_named() -> 
 def test_a_user_blueprint_with_packed_forward_trains_as_under_vmap() -> None:
     register_blueprint("cnn", _Packs)
     configs = {
-        batching: CoreConfig(host=CNNHostConfig.preset("tiny"), blueprints=("noop", "test_packs"), compile=False, env_batching=batching)
+        batching: CoreConfig(
+            host=CNNHostConfig.preset("tiny"), blueprints=("noop", "test_packs"), compile=False, env_batching=batching
+        )
         for batching in ("vmap", "packed")
     }
     g = torch.Generator().manual_seed(0)
@@ -92,7 +94,10 @@ def test_a_user_blueprint_with_packed_forward_trains_as_under_vmap() -> None:
     assert model.packed
     for name in out["vmap"]["params"].keys():
         torch.testing.assert_close(out["packed"]["params", name], out["vmap"]["params", name], atol=1e-6, rtol=1e-5)
-    assert not torch.equal(out["packed"]["params", "banks.1.blueprints.test_packs.w"][0], out["packed"]["params", "banks.1.blueprints.test_packs.w"][1])
+    assert not torch.equal(
+        out["packed"]["params", "banks.1.blueprints.test_packs.w"][0],
+        out["packed"]["params", "banks.1.blueprints.test_packs.w"][1],
+    )
 
 
 @pytest.mark.parametrize("env_batching", ["vmap", "packed"])

@@ -13,10 +13,19 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import Transform, TransformedEnv
 
 from envs.morphogenetic import MorphogeneticEnv
-from esper_func.rl.checkpoints import REQUIRED_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from esper_func.core.config import ConfigError, to_dict
+from esper_func.core.config import ConfigError
+from esper_func.core.config_json import to_dict
+from esper_func.core.stages import Op
+from esper_func.rl.checkpoints import (
+    REQUIRED_KEYS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from esper_func.rl.episodes import play_episode
 from esper_func.rl.hooks import CheckpointHook, EarlyStopping
+from esper_func.rl.run_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
 from esper_func.rl.trainer import (
     HOOK_POINTS,
     LOGGER_PACKAGES,
@@ -27,8 +36,6 @@ from esper_func.rl.trainer import (
     detect_anomalies,
     flat_hparams,
 )
-from esper_func.core.stages import Op
-from esper_func.rl.run_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
 from policies import RandomPolicy
 from policies.ppo import NORMALIZED_OBSERVATION, FactoredActionDistribution, ObservationNormalizer, make_actor_critic
 
@@ -53,10 +60,17 @@ def random_masks(n: int, n_slots: int, n_blueprints: int, generator: torch.Gener
     slot[..., 0] |= empty & op
     blueprint = torch.rand(n, n_blueprints, generator=generator) < 0.6
     blueprint[:, 1] = True
-    return {"op_mask": op, "slot_mask": slot, "blueprint_mask": blueprint, "blend_mask": torch.ones(n, 3, dtype=torch.bool)}
+    return {
+        "op_mask": op,
+        "slot_mask": slot,
+        "blueprint_mask": blueprint,
+        "blend_mask": torch.ones(n, 3, dtype=torch.bool),
+    }
 
 
-def make_distribution(n: int = 64, seed: int = 0, requires_grad: bool = False) -> tuple[FactoredActionDistribution, dict[str, torch.Tensor]]:
+def make_distribution(
+    n: int = 64, seed: int = 0, requires_grad: bool = False
+) -> tuple[FactoredActionDistribution, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     masks = random_masks(n, 3, 5, generator)
     logits = {
@@ -115,7 +129,9 @@ def test_entropy_is_the_chain_rule_entropy_of_the_executed_action() -> None:
             for o in range(4)
             if o != Op.WAIT and inputs["op_mask"][row, o]
         )
-        assert entropy["op_entropy"][row].item() == pytest.approx(h(inputs["op_logits"][row], inputs["op_mask"][row]), abs=1e-5)
+        assert entropy["op_entropy"][row].item() == pytest.approx(
+            h(inputs["op_logits"][row], inputs["op_mask"][row]), abs=1e-5
+        )
         assert entropy["slot_entropy"][row].item() == pytest.approx(expected_slot, abs=1e-5)
         germinate = float(p_op[Op.GERMINATE])
         assert entropy["blueprint_entropy"][row].item() == pytest.approx(
@@ -201,10 +217,15 @@ def test_ppo_learns_the_known_best_policy_far_better_than_random(tmp_path: Path)
     env = MorphogeneticEnv(replace(config.env, seed=99))
     random_policy = RandomPolicy(torch.Generator().manual_seed(1))
     transformed = TransformedEnv(env, GoodBlueprintReward(3))
-    random_return = sum(
-        play_episode(transformed, random_policy, "random", e, env.model.blueprint_names, env.model.host_param_count).episode_return
-        for e in range(2)
-    ) / 2
+    random_return = (
+        sum(
+            play_episode(
+                transformed, random_policy, "random", e, env.model.blueprint_names, env.model.host_param_count
+            ).episode_return
+            for e in range(2)
+        )
+        / 2
+    )
     first = state.history[0]["return"]
     assert learned >= 2.0, f"PPO reached {learned:.2f} of the optimum 3 (started at {first:.2f})"
     assert learned >= 3 * random_return, f"PPO {learned:.2f} vs random {random_return:.2f}"
@@ -234,7 +255,11 @@ def test_ppo_learns_to_fossilize_a_helpful_seed_instead_of_culling_it(tmp_path: 
     torch.manual_seed(0)
     base = tiny()
     lifecycle = replace(
-        base.env.core.lifecycle, max_epochs=10, blend_steps=1, fossilize_min_contribution=-100.0, probation_judge_epochs=100
+        base.env.core.lifecycle,
+        max_epochs=10,
+        blend_steps=1,
+        fossilize_min_contribution=-100.0,
+        probation_judge_epochs=100,
     )
     config = replace(
         base,
@@ -246,7 +271,9 @@ def test_ppo_learns_to_fossilize_a_helpful_seed_instead_of_culling_it(tmp_path: 
     shares: list[tuple[float, float]] = []
     trainer.register_hook(
         "after_rollout",
-        lambda state: shares.append((state.rollout["action_distribution"]["FOSSILIZE"], state.rollout["action_distribution"]["CULL"])),
+        lambda state: shares.append(
+            (state.rollout["action_distribution"]["FOSSILIZE"], state.rollout["action_distribution"]["CULL"])
+        ),
     )
     trainer.train()
 
@@ -255,8 +282,12 @@ def test_ppo_learns_to_fossilize_a_helpful_seed_instead_of_culling_it(tmp_path: 
         return fossils / (fossils + culls)
 
     first, last = fossil_share(shares[:2]), fossil_share(shares[-2:])
-    assert first < 0.65, f"a near-uniform policy should cull about as often as it fossilizes, got a fossil share of {first:.2f}"
-    assert last > 0.85, f"PPO should have learned to fossilize instead of culling: fossil share {first:.2f} -> {last:.2f}"
+    assert first < 0.65, (
+        f"a near-uniform policy should cull about as often as it fossilizes, got a fossil share of {first:.2f}"
+    )
+    assert last > 0.85, (
+        f"PPO should have learned to fossilize instead of culling: fossil share {first:.2f} -> {last:.2f}"
+    )
 
 
 # --- normalization settings ----------------------------------------------------------------------
@@ -269,7 +300,9 @@ def test_each_normalization_setting_switches_what_the_policy_and_gae_read(
     """On: the batch after the first refresh holds normalized observations / scaled rewards.
     Off: the policy reads the raw observation and GAE the raw reward, after every update."""
     base = tiny(episodes=2)
-    config = replace(base, ppo=replace(base.ppo, normalize_observations=normalize_observations, scale_rewards=scale_rewards))
+    config = replace(
+        base, ppo=replace(base.ppo, normalize_observations=normalize_observations, scale_rewards=scale_rewards)
+    )
     trainer = PPOTrainer(config, tmp_path)
     batches: list[TensorDictBase] = []
     update = trainer.update
@@ -288,16 +321,26 @@ def test_each_normalization_setting_switches_what_the_policy_and_gae_read(
     assert torch.equal(second["next", SCALED_REWARD], second["next", "reward"]) is not scale_rewards
 
     # The statistics live in the policy: its state dict carries them to an evaluation.
-    loaded = make_actor_critic(second["observation"].shape[-1], trainer.base_env.model.n_slots, len(trainer.base_env.model.blueprint_names), config.policy)
+    loaded = make_actor_critic(
+        second["observation"].shape[-1],
+        trainer.base_env.model.n_slots,
+        len(trainer.base_env.model.blueprint_names),
+        config.policy,
+    )
     loaded.actor.load_state_dict(trainer.nets.actor.state_dict())
-    assert torch.equal(loaded.normalizer.loc, trainer.nets.normalizer.loc) and torch.equal(loaded.normalizer.scale, trainer.nets.normalizer.scale)
+    assert torch.equal(loaded.normalizer.loc, trainer.nets.normalizer.loc) and torch.equal(
+        loaded.normalizer.scale, trainer.nets.normalizer.scale
+    )
     assert torch.equal(loaded.normalizer.loc, torch.zeros_like(loaded.normalizer.loc)) is not normalize_observations
 
 
 def test_a_normalizer_turned_off_stays_the_identity_even_loaded_with_statistics() -> None:
     generator = torch.Generator().manual_seed(0)
     batch = TensorDict(
-        {"observation": 1 + 4 * torch.randn(2, 5, 3, generator=generator), ("next", "reward"): 3 * torch.randn(2, 5, 1, generator=generator)},
+        {
+            "observation": 1 + 4 * torch.randn(2, 5, 3, generator=generator),
+            ("next", "reward"): 3 * torch.randn(2, 5, 1, generator=generator),
+        },
         batch_size=[2, 5],
     )
     on = Normalizers(3, PPOConfig(), torch.device("cpu"))
@@ -323,7 +366,11 @@ def test_the_csv_logger_records_the_resolved_config_once_as_hyperparameters(tmp_
     (hparams,) = (tmp_path / "logger").rglob("hparams*.txt")
     logged = dict(line.split(": ", 1) for line in hparams.read_text().splitlines())
     assert logged.keys() == flat_hparams(config).keys()
-    assert logged["ppo.minibatches"] == "2" and logged["env.task.name"] == "synthetic" and logged["telemetry.logger"] == "csv"
+    assert (
+        logged["ppo.minibatches"] == "2"
+        and logged["env.task.name"] == "synthetic"
+        and logged["telemetry.logger"] == "csv"
+    )
     assert logged["devices"] == "[]" and logged["env.host_preset"] == "null"
     assert all(isinstance(value, (bool, int, float, str)) for value in flat_hparams(config).values())
     assert len(flat_hparams(config)) > 50, "every field of every section"
@@ -336,13 +383,21 @@ def test_a_logger_without_its_package_is_a_config_error_naming_the_pip_command(
     real = importlib.util.find_spec
     missing = LOGGER_PACKAGES[logger]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in missing else real(name, *args))
-    with pytest.raises(ConfigError, match=rf"telemetry.logger='{logger}' needs the package\(s\) {', '.join(missing)}.*pip install {' '.join(missing)}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"telemetry.logger='{logger}' needs the package\(s\) {', '.join(missing)}.*pip install "
+              rf"{' '.join(missing)}",
+    ):
         PPOTrainer(tiny(telemetry=replace(QUIET, level="minimal", logger=logger)), tmp_path)
     assert not (tmp_path / "logger").exists()
 
 
 def test_an_unknown_logger_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"TelemetryConfig.logger must be one of \['csv', 'tensorboard', 'wandb', 'mlflow', 'none'\], got 'neptune'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"TelemetryConfig.logger must be one of \['csv', 'tensorboard', 'wandb', 'mlflow', 'none'\], got "
+              r"'neptune'",
+    ):
         TelemetryConfig(logger="neptune")  # type: ignore[arg-type]
     data = to_dict(tiny())
     with pytest.raises(ConfigError, match=r"TrainingConfig.telemetry.logger: 'neptune' is not one of"):
@@ -372,7 +427,9 @@ def test_resume_continues_exactly(tmp_path: Path, lstm: bool) -> None:
     resumed.train()
 
     untrained = PPOTrainer(config, tmp_path / "untrained").nets.actor.state_dict()
-    assert any(not torch.equal(value, untrained[name]) for name, value in straight.nets.actor.state_dict().items()), "training moved nothing"
+    assert any(not torch.equal(value, untrained[name]) for name, value in straight.nets.actor.state_dict().items()), (
+        "training moved nothing"
+    )
     for name, value in straight.nets.actor.state_dict().items():
         assert torch.equal(value, resumed.nets.actor.state_dict()[name]), name
     for name, value in straight.nets.critic.state_dict().items():
@@ -401,7 +458,9 @@ def test_checkpoint_round_trip_holds_everything_and_loads_weights_only(tmp_path:
     assert torch.equal(clone.reward_scale, trainer.reward_scale)
 
     # A checkpoint of other networks is refused before anything of the trainer changes.
-    wider = PPOTrainer(tiny(episodes=1, policy=replace(tiny().policy, hidden=2 * tiny().policy.hidden)), tmp_path / "wider")
+    wider = PPOTrainer(
+        tiny(episodes=1, policy=replace(tiny().policy, hidden=2 * tiny().policy.hidden)), tmp_path / "wider"
+    )
     before = {name: value.clone() for name, value in wider.nets.actor.state_dict().items()}
     with pytest.raises(CheckpointError, match="does not fit this run's networks"):
         wider.load_weights(checkpoint, source="update_00001.pt")
@@ -412,7 +471,9 @@ def test_checkpoint_round_trip_holds_everything_and_loads_weights_only(tmp_path:
 def test_missing_truncated_tampered_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
-    path = save_checkpoint(tmp_path, 1, {"episodes": 1}, {key: {"w": torch.arange(256.0)} for key in REQUIRED_KEYS if key != "config"})
+    path = save_checkpoint(
+        tmp_path, 1, {"episodes": 1}, {key: {"w": torch.arange(256.0)} for key in REQUIRED_KEYS if key != "config"}
+    )
     assert load_checkpoint(path)["actor"]["w"].sum() == torch.arange(256.0).sum()
     good = path.read_bytes()
 
@@ -502,7 +563,12 @@ def test_anomaly_detector_flags_ratios_values_and_nans() -> None:
 
 
 def test_anomaly_raises_the_telemetry_level_for_a_few_updates(tmp_path: Path) -> None:
-    config = tiny(episodes=3, telemetry=replace(QUIET, level="minimal", ratio_explosion=1.0 + 1e-9, ratio_collapse=1.0 - 1e-9, anomaly_debug_updates=2))
+    config = tiny(
+        episodes=3,
+        telemetry=replace(
+            QUIET, level="minimal", ratio_explosion=1.0 + 1e-9, ratio_collapse=1.0 - 1e-9, anomaly_debug_updates=2
+        ),
+    )
     trainer = PPOTrainer(config, tmp_path)
     levels: list[str] = []
     trainer.register_hook("after_update", lambda state: levels.append(state.telemetry_level))

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensordict import TensorDict
 
 from esper_func.core.blueprints import blueprint_index
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
 from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.host_training import TrainStepCache, train_epoch
 from esper_func.core.model import build_model
 from esper_func.core.stages import BlendMode, Stage
 from esper_func.core.state import init_state
-from esper_func.core.host_training import TrainStepCache, train_epoch
-from tensordict import TensorDict
 
 
 def seeded_state(config: CoreConfig, n_envs: int = 2) -> TensorDict:
@@ -40,10 +40,14 @@ def batches(host: HostConfig, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn(iters, 16, host.in_channels, host.image_size, host.image_size, generator=data)
         return x, torch.randint(0, host.num_classes, (iters, 16), generator=data)
     shape = (iters, 4, host.context)
-    return torch.randint(0, host.vocab_size, shape, generator=data), torch.randint(0, host.vocab_size, shape, generator=data)
+    return torch.randint(0, host.vocab_size, shape, generator=data), torch.randint(
+        0, host.vocab_size, shape, generator=data
+    )
 
 
-@pytest.mark.parametrize("host", [CNNHostConfig.preset("tiny"), TransformerHostConfig.preset("tiny")], ids=["cnn", "transformer"])
+@pytest.mark.parametrize(
+    "host", [CNNHostConfig.preset("tiny"), TransformerHostConfig.preset("tiny")], ids=["cnn", "transformer"]
+)
 def test_bf16_autocast_trains_close_to_fp32_and_keeps_the_state_fp32(host: HostConfig) -> None:
     fp32 = CoreConfig(host=host, compile=False)
     bf16 = CoreConfig(host=host, compile=False, amp=True)

@@ -1,4 +1,4 @@
-"""Batches drawn ahead (`esper_func.prefetch`): the same draws, in the same order, as an env
+"""Batches drawn ahead (`esper_func.data.prefetch`): the same draws, in the same order, as an env
 that draws on demand, through steps, episode ends, partial resets, new seeds and
 checkpointed generator states."""
 

@@ -3,7 +3,7 @@
 States come from `init_state` on the tiny CNN host with slot fields set directly; the
 epoch's metrics are hand-written. Unless a test says otherwise the config is the default
 ("shaped", gamma 0.995) and every expected value below is worked out from the formulas in
-the `esper_func.rewards` docstring.
+the docstrings of `esper_func.core.reward_components`.
 """
 
 from __future__ import annotations
@@ -18,25 +18,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, from_dict
+from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig
+from esper_func.core.config_json import from_dict
 from esper_func.core.model import Model, build_model
-from esper_func.core.rewards import (
-    FAMILY_COMPONENTS,
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.reward_transition import (
     INTERVENTION_COST,
     STAGE_POTENTIAL,
-    RewardConfig,
     Transition,
-    component_names,
-    compute_reward,
     intervention_cost_table,
     pbrs_shaping,
     potential,
-    register_reward_family,
-    total,
 )
+from esper_func.core.rewards import FAMILY_COMPONENTS, component_names, compute_reward, register_reward_family, total
 from esper_func.core.stages import BlendMode, Op, Stage
 from esper_func.core.state import empty_slots, init_state
-from esper_func.core.step import Batches, Steps, env_step
+from esper_func.core.step import Batches, StepFunctions, env_step
 
 S = 3
 CONV_LIGHT = 4  # CNN catalogue: noop, norm, attention, depthwise, conv_light, conv_heavy
@@ -84,7 +81,9 @@ def epoch_metrics(acc, contribution=None, loss=None) -> TensorDict:
             "val_accuracy": torch.tensor(acc, dtype=torch.float32),
             "val_loss": torch.tensor(loss if loss is not None else [1.0] * n, dtype=torch.float32),
             "train_loss": torch.ones(n),
-            "contribution": torch.zeros(n, S) if contribution is None else torch.tensor(contribution, dtype=torch.float32),
+            "contribution": torch.zeros(n, S)
+            if contribution is None
+            else torch.tensor(contribution, dtype=torch.float32),
         },
         batch_size=[n],
     )
@@ -115,9 +114,11 @@ def reward(
 ) -> TensorDict:
     n = prev.batch_size[0]
     action = action if action is not None else actions([Op.WAIT] * n)
-    executed = torch.ones(n, dtype=torch.bool) if executed is None else torch.tensor(executed)
+    metrics = metrics.clone()
+    metrics["executed"] = torch.ones(n, dtype=torch.bool) if executed is None else torch.tensor(executed)
+    metrics["rolled_back"] = torch.zeros(n, dtype=torch.bool) if rollback is None else torch.as_tensor(rollback)
     last = torch.full((n,), is_last) if isinstance(is_last, bool) else torch.tensor(is_last)
-    return compute_reward(config, tiny_model(), prev, nxt, action, executed, metrics, last, rollback)
+    return compute_reward(config, tiny_model(), prev, nxt, action, metrics, last)
 
 
 def values(components: TensorDict, key: str) -> list[float]:
@@ -157,7 +158,13 @@ def test_config_from_dict_and_tasks():
     with pytest.raises(ConfigError, match="family"):
         from_dict(RewardConfig, {"family": "dense"})
     stories = RewardConfig.for_task("tinystories", family="loss")
-    assert (stories.family, stories.loss_sigma, stories.loss_baseline, stories.loss_target, stories.loss_rent_weight) == (
+    assert (
+        stories.family,
+        stories.loss_sigma,
+        stories.loss_baseline,
+        stories.loss_target,
+        stories.loss_rent_weight,
+    ) == (
         "loss",
         0.15,
         5.545,
@@ -398,7 +405,9 @@ def test_sparse_and_minimal():
     doubled = dataclasses.replace(sparse, sparse_scale=2.0)
     scaled = reward(prev, nxt, epoch_metrics([100.0] * 3), config=doubled, is_last=True)
     assert values(scaled, "sparse")[:2] == pytest.approx([2.0, 2.0])  # clamped before scaling
-    minimal = reward(prev, nxt, metrics, actions([Op.CULL, Op.CULL, Op.WAIT], [1, 1, 1]), RewardConfig(family="minimal"))
+    minimal = reward(
+        prev, nxt, metrics, actions([Op.CULL, Op.CULL, Op.WAIT], [1, 1, 1]), RewardConfig(family="minimal")
+    )
     assert values(minimal, "action_shaping") == pytest.approx([-0.1, 0.0, 0.0])  # ages 3, 5
 
 
@@ -416,7 +425,9 @@ def test_loss_family_rewards_a_decrease():
     # terminal clamp((2.3 - loss) / (2.3 - 0.3), 0, 1)
     assert values(got, "terminal") == pytest.approx([0.2, 0.625, 0.0, 1.0, 0.05], rel=1e-5)
     stories = RewardConfig.for_task("tinystories", family="loss")
-    got = reward(prev, nxt, epoch_metrics([50.0] * n, loss=[3.5225] * n), config=stories, is_last=True)  # midway between 5.545 and 1.5
+    got = reward(
+        prev, nxt, epoch_metrics([50.0] * n, loss=[3.5225] * n), config=stories, is_last=True
+    )  # midway between 5.545 and 1.5
     assert values(got, "terminal") == pytest.approx([0.5] * n, rel=1e-5)
 
 
@@ -524,11 +535,11 @@ def test_total_is_the_sum_and_an_env_step_rewards():
     x = torch.randn(2, 8, 3, 8, 8, generator=generator)
     y = torch.randint(0, 10, (2, 8), generator=generator)
     action = actions([Op.GERMINATE, Op.WAIT, Op.CULL], [0, 1, 2])
-    nxt, metrics = env_step(Steps(model), prev, action, Batches(x, y, x, y), generator)
+    nxt, metrics = env_step(StepFunctions(model), prev, action, Batches(x, y, x, y), generator)
     assert metrics["executed"].tolist() == [True, True, False]
     for family in FAMILIES:
         config = RewardConfig(family=family)
-        got = compute_reward(config, model, prev, nxt, action, metrics["executed"], metrics, torch.ones(3, dtype=torch.bool))
+        got = compute_reward(config, model, prev, nxt, action, metrics, torch.ones(3, dtype=torch.bool))
         assert tuple(got.keys()) == component_names(config)
         assert torch.isfinite(total(got)).all()
         assert torch.equal(total(got), sum(got.values()))

@@ -33,7 +33,13 @@ def assert_equal(a: TensorDict, b: TensorDict) -> None:
 
 
 def test_stream_seeds_differ_across_every_argument_and_reject_negatives() -> None:
-    seeds = {stream_seed(seed, shard, episode, stream) for seed in range(3) for shard in range(3) for episode in range(3) for stream in Stream}
+    seeds = {
+        stream_seed(seed, shard, episode, stream)
+        for seed in range(3)
+        for shard in range(3)
+        for episode in range(3)
+        for stream in Stream
+    }
     assert len(seeds) == 3 * 3 * 3 * len(Stream)
     assert all(0 <= seed < 2**63 for seed in seeds)
     assert stream_seed(1, 0, 0, Stream.ENV) != stream_seed(0, 1, 0, Stream.ENV)
@@ -50,7 +56,9 @@ def test_an_episode_depends_only_on_seed_shard_and_episode() -> None:
     assert_equal(env.reset().select("observation", ACTION_NOISE), env.reset().select("observation", ACTION_NOISE))
     second = rollout_values(env, 3)  # the rollout's reset after steps starts episode 1
     assert env.episode == 1
-    assert not torch.equal(first["observation"], second["observation"]) or not torch.equal(first[ACTION_NOISE], second[ACTION_NOISE])
+    assert not torch.equal(first["observation"], second["observation"]) or not torch.equal(
+        first[ACTION_NOISE], second[ACTION_NOISE]
+    )
     # A new env started at episode 1 replays it; seek_episode replays episode 0.
     assert_equal(rollout_values(MorphogeneticEnv(CONFIG, first_episode=1), 3), second)
     env.seek_episode(0)
@@ -70,7 +78,9 @@ def test_set_seed_restarts_episode_zero_of_the_new_seed() -> None:
     sharded = ShardedEnv(replace(CONFIG, n_envs=4), ["cpu", "cpu"])
     rollout_values(sharded, 1)
     sharded.set_seed(9)
-    assert_equal(rollout_values(sharded, 2), rollout_values(ShardedEnv(replace(CONFIG, n_envs=4, seed=9), ["cpu", "cpu"]), 2))
+    assert_equal(
+        rollout_values(sharded, 2), rollout_values(ShardedEnv(replace(CONFIG, n_envs=4, seed=9), ["cpu", "cpu"]), 2)
+    )
 
 
 def test_inverse_cdf_sampling_follows_the_probabilities_and_never_draws_a_masked_index() -> None:
@@ -86,7 +96,12 @@ def test_inverse_cdf_sampling_follows_the_probabilities_and_never_draws_a_masked
 
 def test_the_actor_samples_with_the_env_noise_and_its_log_prob_matches() -> None:
     env = MorphogeneticEnv(CONFIG)
-    nets = make_actor_critic(env.observation_spec["observation"].shape[-1], env.model.n_slots, len(env.model.blueprint_names), PolicyConfig(hidden=16, head_hidden=8))
+    nets = make_actor_critic(
+        env.observation_spec["observation"].shape[-1],
+        env.model.n_slots,
+        len(env.model.blueprint_names),
+        PolicyConfig(hidden=16, head_hidden=8),
+    )
     observation = env.reset()
     observation["observation_norm"] = observation["observation"]
     with torch.no_grad():
@@ -97,7 +112,10 @@ def test_the_actor_samples_with_the_env_noise_and_its_log_prob_matches() -> None
         assert_equal(a.select("action"), b.select("action"))
         shifted = observation.clone()
         shifted[ACTION_NOISE] = 1.0 - shifted[ACTION_NOISE] + 1e-6
-        assert any(not torch.equal(a["action", h], nets.actor(shifted)["action", h]) for h in ("op", "slot", "blueprint", "blend"))
+        assert any(
+            not torch.equal(a["action", h], nets.actor(shifted)["action", h])
+            for h in ("op", "slot", "blueprint", "blend")
+        )
         log_prob = nets.actor.get_dist(a.clone()).log_prob(a.clone())
         for head in ("op", "slot", "blueprint", "blend"):
             assert torch.allclose(log_prob["action", f"{head}_log_prob"], a["action", f"{head}_log_prob"])

@@ -30,7 +30,10 @@ def test_a_sharded_batch_is_the_concatenation_of_independent_env_batches() -> No
     sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
     assert sharded.sizes == (3, 2) and sharded.batch_size == (5,)
     sharded.check_env_specs()
-    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3), shard=0), MorphogeneticEnv(replace(CONFIG, n_envs=2), shard=1)]
+    separate = [
+        MorphogeneticEnv(replace(CONFIG, n_envs=3), shard=0),
+        MorphogeneticEnv(replace(CONFIG, n_envs=2), shard=1),
+    ]
     sharded = ShardedEnv(CONFIG, ["cpu", "cpu"])
 
     observation = sharded.reset()
@@ -99,7 +102,10 @@ def test_sharding_errors_and_the_single_device_case() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpu_shards_match_their_separate_envs() -> None:
     sharded = ShardedEnv(CONFIG, ["cuda:0", "cuda:1"])
-    separate = [MorphogeneticEnv(replace(CONFIG, n_envs=3), "cuda:0", shard=0), MorphogeneticEnv(replace(CONFIG, n_envs=2), "cuda:1", shard=1)]
+    separate = [
+        MorphogeneticEnv(replace(CONFIG, n_envs=3), "cuda:0", shard=0),
+        MorphogeneticEnv(replace(CONFIG, n_envs=2), "cuda:1", shard=1),
+    ]
     observation = sharded.reset()
     expected = torch.cat([env.reset().to("cuda:0") for env in separate])
     assert torch.equal(observation["observation"], expected["observation"])

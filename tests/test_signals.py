@@ -25,7 +25,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_func.core.config import ConfigError, from_dict
+from esper_func.core.config import ConfigError
+from esper_func.core.config_json import from_dict
 from esper_func.core.signals import SignalConfig, init_signals, update_signals
 
 LOSSES = [[2.0, 1.5, 1.47, 1.46, 1.5, 1.0, 3.0], [0.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]
@@ -35,8 +36,24 @@ EXPECTED = {
     # per epoch (1-indexed position = list index + 1), [env 0, env 1]
     "plateau_epochs": [[0, 0], [0, 1], [1, 2], [2, 3], [3, 4], [0, 5], [1, 6]],
     "stable_epochs": [[0, 0], [0, 0], [1, 1], [2, 2], [3, 3], [0, 4], [0, 5]],
-    "stabilized": [[False, False], [False, False], [False, False], [False, False], [True, True], [True, True], [True, True]],
-    "best_val_accuracy": [[20.0, 50.0], [30.0, 50.0], [30.2, 50.0], [30.4, 50.0], [30.4, 50.0], [35.0, 50.0], [35.0, 50.0]],
+    "stabilized": [
+        [False, False],
+        [False, False],
+        [False, False],
+        [False, False],
+        [True, True],
+        [True, True],
+        [True, True],
+    ],
+    "best_val_accuracy": [
+        [20.0, 50.0],
+        [30.0, 50.0],
+        [30.2, 50.0],
+        [30.4, 50.0],
+        [30.4, 50.0],
+        [35.0, 50.0],
+        [35.0, 50.0],
+    ],
     "best_val_loss": [[2.0, 0.5], [1.5, 0.5], [1.47, 0.5], [1.46, 0.5], [1.46, 0.5], [1.0, 2.0], [1.0, 2.0]],
 }
 
@@ -52,7 +69,9 @@ def run(config: SignalConfig = SignalConfig()) -> list[TensorDict]:
     signals = init_signals(config, 2, "cpu")
     out = []
     for epoch in range(len(LOSSES[0])):
-        signals = update_signals(config, signals, metrics([LOSSES[0][epoch], LOSSES[1][epoch]], [ACCS[0][epoch], ACCS[1][epoch]]))
+        signals = update_signals(
+            config, signals, metrics([LOSSES[0][epoch], LOSSES[1][epoch]], [ACCS[0][epoch], ACCS[1][epoch]])
+        )
         out.append(signals)
     return out
 
@@ -176,6 +195,8 @@ def test_config_validation_and_loading() -> None:
     ):
         with pytest.raises(ConfigError):
             SignalConfig(**bad)
-    assert from_dict(SignalConfig, {"history": 8, "plateau_threshold": 1}) == SignalConfig(history=8, plateau_threshold=1.0)
+    assert from_dict(SignalConfig, {"history": 8, "plateau_threshold": 1}) == SignalConfig(
+        history=8, plateau_threshold=1.0
+    )
     with pytest.raises(ConfigError, match="plateau"):
         from_dict(SignalConfig, {"plateau": 1.0})

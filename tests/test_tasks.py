@@ -14,25 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig, from_dict, to_dict
+from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig
+from esper_func.core.config_json import from_dict, to_dict
 from esper_func.core.governor import random_guess_loss
-from esper_func.data.tasks import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR10_SUBDIR,
-    PATTERNS,
-    PALETTE,
-    SHAPES,
-    Task,
-    TaskConfig,
-    TaskDataError,
-    build_task,
-    crop_and_flip,
-    generate_synthetic,
-    load_task_config,
-    prototype_table,
-    train_static_host,
-)
+from esper_func.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10_SUBDIR
+from esper_func.data.errors import TaskDataError
+from esper_func.data.images import crop_and_flip
+from esper_func.data.synthetic import PALETTE, PATTERNS, SHAPES, generate_synthetic, prototype_table
+from esper_func.data.tasks import Task, TaskConfig, build_task, load_task_config
+from esper_func.perf.calibration import train_static_host
 
 SMALL_SYNTHETIC = TaskConfig(batch_size=16, train_iters=3, val_batches=2, n_train=200, n_val=40, n_test=40)
 CIFAR_PER_FILE = 50
@@ -119,7 +109,9 @@ def test_prototype_table_needs_conjunctions() -> None:
     for per_class in table:
         for attribute in range(3):  # within a class every shape, pattern and colour differs
             assert per_class[:, attribute].unique().numel() == per_class.shape[0]
-    assert table[..., 0].max() < len(SHAPES) and table[..., 1].max() < len(PATTERNS) and table[..., 2].max() < len(PALETTE)
+    assert (
+        table[..., 0].max() < len(SHAPES) and table[..., 1].max() < len(PATTERNS) and table[..., 2].max() < len(PALETTE)
+    )
 
 
 def test_synthetic_task_batches() -> None:
@@ -179,7 +171,9 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def cifar_config(data_dir: Path, **overrides) -> TaskConfig:
-    return TaskConfig.preset("cifar10", data_dir=str(data_dir), **{"batch_size": 10, "train_iters": 4, "val_batches": 3, **overrides})
+    return TaskConfig.preset(
+        "cifar10", data_dir=str(data_dir), **{"batch_size": 10, "train_iters": 4, "val_batches": 3, **overrides}
+    )
 
 
 def test_cifar_loads_and_normalizes(cifar_dir: tuple[Path, dict]) -> None:
@@ -247,7 +241,10 @@ def test_cifar_missing_data_errors(tmp_path: Path) -> None:
         (b"this is not a pickle", "is not a readable pickle"),
         (pickle.dumps([1, 2, 3]), "holds list; expected a pickled dict with b'data'"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}), r"holds \[b'data'\]; expected"),
-        (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}), r"b'data' is a uint8 array \(2, 100\)"),
+        (
+            pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+            r"b'data' is a uint8 array \(2, 100\)",
+        ),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}), "b'data' is a float32 array"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), r"b'labels' has shape \(1,\)"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), "labels span 0..10"),

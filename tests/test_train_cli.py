@@ -17,7 +17,9 @@ TINY = ["--n-envs", "2", "--max-epochs", "3", "--batch-size", "8", "--train-iter
 
 
 @pytest.mark.parametrize("controller", ["static", "random", "heuristic"])
-def test_cli_writes_a_complete_run_directory(controller: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_a_complete_run_directory(
+    controller: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     assert main([controller, *TINY, "--run-dir", str(run_dir), "--seed", "3"]) == 0
     out = capsys.readouterr().out
@@ -46,7 +48,9 @@ def test_random_controller_logs_lifecycle_events(tmp_path: Path) -> None:
     assert any(e["cause"] == "action:GERMINATE" for e in events)
 
 
-def test_cli_refuses_a_non_empty_run_dir_and_keeps_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_a_non_empty_run_dir_and_keeps_its_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("precious\n")
@@ -57,7 +61,9 @@ def test_cli_refuses_a_non_empty_run_dir_and_keeps_its_files(tmp_path: Path, cap
 
 def test_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nowhere"
-    assert main(["static", *TINY, "--task", "cifar10", "--data-dir", str(missing), "--run-dir", str(tmp_path / "r")]) == 2
+    assert (
+        main(["static", *TINY, "--task", "cifar10", "--data-dir", str(missing), "--run-dir", str(tmp_path / "r")]) == 2
+    )
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -67,7 +73,9 @@ def test_cli_rejects_bad_numbers() -> None:
         main(["static", "--n-envs", "0"])
 
 
-def test_a_rule_based_run_does_not_validate_the_ppo_settings_it_never_uses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_rule_based_run_does_not_validate_the_ppo_settings_it_never_uses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One env of two epochs is 2 transitions, fewer than the default preset's 4 PPO minibatches."""
     short = ["--n-envs", "1", "--max-epochs", "2", "--batch-size", "8", "--train-iters", "1", "--no-progress"]
     assert main(["heuristic", *short, "--run-dir", str(tmp_path / "heuristic")]) == 0
@@ -79,11 +87,28 @@ def test_a_rule_based_run_does_not_validate_the_ppo_settings_it_never_uses(tmp_p
 
 def test_a_host_preset_shortens_the_text_windows_to_its_context(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = ["static", "--task", "tinystories", "--host", "tiny", "--n-envs", "1", "--max-epochs", "2", "--batch-size", "4", "--train-iters", "1"]
+    args = [
+        "static",
+        "--task",
+        "tinystories",
+        "--host",
+        "tiny",
+        "--n-envs",
+        "1",
+        "--max-epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--train-iters",
+        "1",
+    ]
     assert main([*args, "--no-progress", "--run-dir", str(run_dir)]) == 0
     config = json.loads((run_dir / "config.json").read_text())
     tiny_context = TransformerHostConfig.preset("tiny").context
-    assert config["env"]["host_preset"] == "tiny" and config["env"]["task"]["context"] == tiny_context < TaskConfig.preset("tinystories").context
+    assert (
+        config["env"]["host_preset"] == "tiny"
+        and config["env"]["task"]["context"] == tiny_context < TaskConfig.preset("tinystories").context
+    )
     # Shorter windows stay, and tasks without windows are left alone.
     assert fit_context(TaskConfig.preset("tinystories", context=8), "tiny").context == 8
     assert fit_context(TaskConfig.preset("synthetic"), "tiny") == TaskConfig.preset("synthetic")
@@ -93,8 +118,15 @@ def test_a_logger_without_its_package_stops_the_cli_before_anything_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "tensorboard" else real(name, *args))
-    assert main(["ppo", "--preset", "tiny", "--logger", "tensorboard", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "tensorboard" else real(name, *args)
+    )
+    assert (
+        main(
+            ["ppo", "--preset", "tiny", "--logger", "tensorboard", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+        )
+        == 2
+    )
     assert "telemetry.logger='tensorboard' needs the package(s) tensorboard" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):
@@ -103,24 +135,46 @@ def test_a_logger_without_its_package_stops_the_cli_before_anything_is_written(
 
 def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "ppo"
-    assert main(["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert (
+        main(
+            ["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--run-dir", str(run_dir), "--no-progress"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "| controller (seed 10000) | final val acc (%) | test acc (%) |" in out and "| ppo |" in out and "| heuristic |" in out
-    for name in ("config.json", "updates.jsonl", "metrics.jsonl", "lifecycle.jsonl", "comparison.json", "checkpoints/latest.pt",
-                 "accuracy_by_controller.png", "return_per_update.png", "lifecycle_timeline.png"):
+    assert (
+        "| controller (seed 10000) | final val acc (%) | test acc (%) |" in out
+        and "| ppo |" in out
+        and "| heuristic |" in out
+    )
+    for name in (
+        "config.json",
+        "updates.jsonl",
+        "metrics.jsonl",
+        "lifecycle.jsonl",
+        "comparison.json",
+        "checkpoints/latest.pt",
+        "accuracy_by_controller.png",
+        "return_per_update.png",
+        "lifecycle_timeline.png",
+    ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "logger").rglob("*.csv")), "the TorchRL CSV logger wrote scalars"
     assert list((run_dir / "logger").rglob("hparams*.txt")), "and the config as hyperparameters"
     updates = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
     assert [u["update"] for u in updates] == [1]
-    assert {"loss_objective", "loss_critic", "kl_approx", "clip_fraction", "explained_variance", "entropy_op"} <= set(updates[0]["losses"])
+    assert {"loss_objective", "loss_critic", "kl_approx", "clip_fraction", "explained_variance", "entropy_op"} <= set(
+        updates[0]["losses"]
+    )
     assert {"action_distribution", "reward_components", "illegal_actions"} <= set(updates[0]["rollout"])
     config_before = (run_dir / "config.json").read_text()
 
     assert main(["--resume", str(run_dir), "--episodes", "2", "--no-progress"]) == 0
     updates = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
     assert [u["update"] for u in updates] == [1, 2]
-    assert (run_dir / "checkpoints" / "update_00001.pt").is_file() and (run_dir / "checkpoints" / "update_00002.pt").is_file()
+    assert (run_dir / "checkpoints" / "update_00001.pt").is_file() and (
+        run_dir / "checkpoints" / "update_00002.pt"
+    ).is_file()
     assert (run_dir / "config.json").read_text() == config_before
 
     from esper_func.rl.evaluate_cli import main as evaluate
@@ -142,7 +196,9 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()}
     assert main(["--resume", str(run_dir), "--episodes", "3", "--no-progress"]) == 2
     assert str(latest) in capsys.readouterr().err
-    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()} == before
+    assert {
+        path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()
+    } == before
 
 
 def test_ppo_cli_trains_with_envs_sharded_over_repeated_cpu_devices(tmp_path: Path) -> None:
@@ -170,7 +226,20 @@ def test_sigterm_stops_after_the_batch_with_a_resumable_checkpoint(tmp_path: Pat
     import time
 
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "esper_func.train", "--preset", "tiny", "--n-envs", "2", "--episodes", "500", "--run-dir", str(run_dir), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "esper_func.train",
+        "--preset",
+        "tiny",
+        "--n-envs",
+        "2",
+        "--episodes",
+        "500",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     updates = run_dir / "updates.jsonl"
     deadline = time.monotonic() + 120

@@ -9,12 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from esper_func.core.config import ConfigError
+from esper_func.core.config_json import to_dict
+from esper_func.core.reward_config import RewardConfig
 from esper_func.rl import collect_worker
-from esper_func.core.config import ConfigError, to_dict
 from esper_func.rl.distributed import require_launcher_packages
-from esper_func.core.rewards import RewardConfig
+from esper_func.rl.run_config import (
+    PRESETS,
+    CollectorConfig,
+    PPOConfig,
+    TrainingConfig,
+    load_training_config,
+    read_training_config,
+)
 from esper_func.rl.train_cli import parse_args, resolve_config
-from esper_func.rl.run_config import PRESETS, CollectorConfig, PPOConfig, TrainingConfig, load_training_config, read_training_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -43,7 +51,11 @@ def test_pbrs_gamma_must_equal_ppo_gamma() -> None:
     config = TrainingConfig.preset("tiny")
     with pytest.raises(ConfigError, match="ppo.gamma=0.99 differs from env.rewards.gamma=0.995"):
         replace(config, ppo=replace(config.ppo, gamma=0.99))
-    same = replace(config, ppo=replace(config.ppo, gamma=0.99), env=replace(config.env, rewards=RewardConfig.for_task("synthetic", gamma=0.99)))
+    same = replace(
+        config,
+        ppo=replace(config.ppo, gamma=0.99),
+        env=replace(config.env, rewards=RewardConfig.for_task("synthetic", gamma=0.99)),
+    )
     assert same.ppo.gamma == 0.99
 
 
@@ -78,7 +90,25 @@ def test_entropy_schedule_anneals_linearly_then_holds() -> None:
 
 
 def test_cli_flags_override_the_preset() -> None:
-    args = parse_args(["--preset", "tiny", "--n-envs", "3", "--episodes", "5", "--seed", "7", "--max-epochs", "4", "--train-iters", "3", "--telemetry-level", "debug", "--no-compile"])
+    args = parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--n-envs",
+            "3",
+            "--episodes",
+            "5",
+            "--seed",
+            "7",
+            "--max-epochs",
+            "4",
+            "--train-iters",
+            "3",
+            "--telemetry-level",
+            "debug",
+            "--no-compile",
+        ]
+    )
     config = resolve_config(args)
     assert config.env.n_envs == 3 and config.episodes == 5 and config.env.seed == 7
     assert config.env.core.lifecycle.max_epochs == 4 and config.env.task.train_iters == 3
@@ -87,7 +117,9 @@ def test_cli_flags_override_the_preset() -> None:
 
 
 def test_cli_precision_and_compile_mode_flags() -> None:
-    core = resolve_config(parse_args(["--preset", "tiny", "--amp", "--compile", "--compile-mode", "reduce-overhead"])).env.core
+    core = resolve_config(
+        parse_args(["--preset", "tiny", "--amp", "--compile", "--compile-mode", "reduce-overhead"])
+    ).env.core
     assert core.amp is True and core.compile is True and core.compile_mode == "reduce-overhead"
     assert resolve_config(parse_args(["--preset", "tiny"])).env.core.amp is False
     with pytest.raises(ConfigError, match="needs compile=True"):
@@ -147,15 +179,41 @@ def test_collector_settings_are_checked_with_the_fix_named() -> None:
 
 
 def test_cli_collector_flags_override_the_preset_and_may_change_on_resume() -> None:
-    args = parse_args(["--preset", "tiny", "--collector", "distributed", "--workers", "2", "--launcher", "delayed", "--port", "29500", "--master-addr", "10.0.0.1", "--connect-timeout", "30"])
+    args = parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--collector",
+            "distributed",
+            "--workers",
+            "2",
+            "--launcher",
+            "delayed",
+            "--port",
+            "29500",
+            "--master-addr",
+            "10.0.0.1",
+            "--connect-timeout",
+            "30",
+        ]
+    )
     collector = resolve_config(args).collector
-    assert collector == CollectorConfig(kind="distributed", workers=2, launcher="delayed", master_addr="10.0.0.1", port=29500, connect_timeout_s=30.0)
+    assert collector == CollectorConfig(
+        kind="distributed", workers=2, launcher="delayed", master_addr="10.0.0.1", port=29500, connect_timeout_s=30.0
+    )
     assert parse_args(["--resume", "runs/x", "--collector", "distributed"]).collector == "distributed"
 
 
-def test_the_worker_entry_point_rejects_bad_ranks_naming_the_fix(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_worker_entry_point_rejects_bad_ranks_naming_the_fix(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     common = ["--world-size", "3", "--master-addr", "127.0.0.1", "--port", "29500"]
-    for rank, message in (("3", "--rank must be in 1..2"), ("0", "--rank must be in 1..2"), ("x", "integer or 'env'"), ("env", "reads the environment variable RANK")):
+    for rank, message in (
+        ("3", "--rank must be in 1..2"),
+        ("0", "--rank must be in 1..2"),
+        ("x", "integer or 'env'"),
+        ("env", "reads the environment variable RANK"),
+    ):
         with pytest.raises(SystemExit):
             collect_worker.main(["--rank", rank, *common])
         assert message in capsys.readouterr().err

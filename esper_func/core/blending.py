@@ -17,10 +17,12 @@ from esper_func.core.initialization import ZERO, Init, Initialized
 from esper_func.core.stages import BlendMode
 
 if TYPE_CHECKING:
-    from esper_func.core.packed import Packed
+    from esper_func.core.packed_modules import Packed
 
 
-def alpha_schedule(blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float | torch.Tensor) -> torch.Tensor:
+def alpha_schedule(
+    blend: torch.Tensor, step: torch.Tensor, total: int, steepness: float | torch.Tensor
+) -> torch.Tensor:
     """Scheduled alpha for blend modes `blend` at integer `step` of `total` (any shape).
 
     `steepness` may be a tensor (broadcast against `step`), so a sweep over it is one

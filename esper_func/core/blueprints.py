@@ -19,7 +19,7 @@ from esper_func.core.initialization import ONE, ZERO, Init, Initialized
 from esper_func.core.layers import CausalSelfAttention, group_count
 
 if TYPE_CHECKING:
-    from esper_func.core.packed import Packed
+    from esper_func.core.packed_modules import Packed
 
 Topology = Literal["cnn", "transformer"]
 
@@ -36,7 +36,7 @@ class Blueprint(Initialized):
 
     def packed_forward(self, packed: Packed, prefix: str, x: torch.Tensor) -> torch.Tensor:
         """The forward of all envs at once on packed features `[B, N*C, H, W]`
-        (`esper_func/packed.py`), parameters under `prefix` in `packed`. CNN blueprints
+        (`esper_func/core/packed.py`), parameters under `prefix` in `packed`. CNN blueprints
         define it; a blueprint without it runs under `CoreConfig.env_batching="vmap"`."""
         raise NotImplementedError(f"blueprint {self.name!r} has no packed_forward")
 
@@ -308,13 +308,15 @@ def register_blueprint(topology: Topology, blueprint: type[Blueprint]) -> type[B
     if topology not in _REGISTRY:
         raise ValueError(f"unknown topology {topology!r}; choose one of {sorted(_REGISTRY)}")
     if not (isinstance(blueprint, type) and issubclass(blueprint, Blueprint)):
-        raise TypeError(f"{blueprint!r} is not a subclass of esper_func.blueprints.Blueprint")
+        raise TypeError(f"{blueprint!r} is not a subclass of esper_func.core.blueprints.Blueprint")
     name = blueprint.__dict__.get("name")
     if not (isinstance(name, str) and name.isidentifier()):
         raise ValueError(f"{blueprint.__name__} needs a class attribute `name`, a Python identifier, got {name!r}")
     taken = _REGISTRY[topology].get(name)
     if taken is not None and taken is not blueprint:
-        raise ValueError(f"{topology} blueprint name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pick another name")
+        raise ValueError(
+            f"{topology} blueprint name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pick another name"
+        )
     _REGISTRY[topology][name] = blueprint
     return blueprint
 
@@ -330,7 +332,7 @@ def catalogue(topology: Topology, names: tuple[str, ...] = ()) -> tuple[type[Blu
     if unknown:
         raise ValueError(
             f"unknown {topology} blueprint(s) {unknown}; registered: {sorted(_REGISTRY[topology])}. "
-            "Call esper_func.blueprints.register_blueprint before building the model"
+            "Call esper_func.core.blueprints.register_blueprint before building the model"
         )
     return tuple(_REGISTRY[topology][name] for name in names)
 

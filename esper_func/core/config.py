@@ -1,18 +1,15 @@
-"""Configuration of the functional core: dataclasses with validation, strict dict loading.
+"""Configuration of the functional core: dataclasses with validation.
 
 Every constant the core uses lives here. Each class validates itself on construction and
-names the field and the fix when a value is wrong. `from_dict` loads nested dataclasses
-strictly: an unknown or mistyped key is an error that names it.
+names the field and the fix when a value is wrong. `config_json.from_dict` loads nested
+dataclasses strictly: an unknown or mistyped key is an error that names it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
 
 import torch
 
@@ -68,7 +65,10 @@ class CNNHostConfig:
     def __post_init__(self) -> None:
         require(self.kind == "cnn", f"CNNHostConfig.kind must be 'cnn', got {self.kind!r}")
         require_fields(
-            self, ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels", "channel_factor"), lambda value: value >= 1, ">= 1"
+            self,
+            ("in_channels", "image_size", "num_classes", "n_blocks", "base_channels", "channel_factor"),
+            lambda value: value >= 1,
+            ">= 1",
         )
         require(self.num_classes >= 2, f"CNNHostConfig.num_classes must be >= 2, got {self.num_classes}")
         min_size = 2**self.n_blocks
@@ -196,9 +196,17 @@ class LifecycleConfig:
     min_cull_age: int = 1
 
     def __post_init__(self) -> None:
-        require_fields(self, ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"), lambda value: value >= 1, ">= 1")
         require_fields(
-            self, ("embargo_epochs", "reset_epochs"), lambda value: value >= 1, ">= 1 (each cooldown stage is observed for at least one epoch)"
+            self,
+            ("max_epochs", "min_training_epochs", "blend_steps", "probation_min_epochs"),
+            lambda value: value >= 1,
+            ">= 1",
+        )
+        require_fields(
+            self,
+            ("embargo_epochs", "reset_epochs"),
+            lambda value: value >= 1,
+            ">= 1 (each cooldown stage is observed for at least one epoch)",
         )
         require(self.min_cull_age >= 0, f"LifecycleConfig.min_cull_age must be >= 0, got {self.min_cull_age}")
         require_fields(self, ("training_grace_epochs", "probation_judge_epochs"), lambda value: value >= 0, ">= 0")
@@ -212,7 +220,9 @@ class LifecycleConfig:
         )
         require(self.sigmoid_steepness > 0, "LifecycleConfig.sigmoid_steepness must be > 0")
         require(self.grad_ratio_threshold >= 0, "LifecycleConfig.grad_ratio_threshold must be >= 0")
-        require_fields(self, ("train_dwell_fraction", "probation_timeout_fraction"), lambda value: 0.0 <= value <= 1.0, "in [0, 1]")
+        require_fields(
+            self, ("train_dwell_fraction", "probation_timeout_fraction"), lambda value: 0.0 <= value <= 1.0, "in [0, 1]"
+        )
 
     @property
     def training_epochs(self) -> int:
@@ -293,9 +303,13 @@ class GovernorConfig:
             1 <= self.min_samples <= self.window,
             f"GovernorConfig.min_samples must be in 1..window={self.window}, got {self.min_samples}",
         )
-        require_fields(self, ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"), lambda value: value > 0, "> 0")
+        require_fields(
+            self, ("spike_sigma", "spike_mean_factor", "spike_min_loss_factor"), lambda value: value > 0, "> 0"
+        )
         require_fields(self, ("consecutive_spikes", "snapshot_every"), lambda value: value >= 1, ">= 1")
-        require_fields(self, ("collapse_history_fraction", "collapse_tolerance"), lambda value: 0.0 < value < 1.0, "in (0, 1)")
+        require_fields(
+            self, ("collapse_history_fraction", "collapse_tolerance"), lambda value: 0.0 < value < 1.0, "in (0, 1)"
+        )
 
 
 def _default_host() -> HostConfig:
@@ -334,7 +348,7 @@ class CoreConfig:
     env_batching: Literal["auto", "vmap", "packed"] = "auto"
     """How one call trains all N envs. 'vmap': `torch.func.vmap` over envs of one env's
     forward (any host). 'packed' (CNN hosts): the envs packed into the channel dimension of
-    one channels_last tensor, convolutions grouped by env (`esper_func/packed.py`); same
+    one channels_last tensor, convolutions grouped by env (`esper_func/core/packed.py`); same
     values, about 3x faster than vmap on 2 CPU cores (docs/performance.md). 'auto': packed
     for CNN hosts on a CPU when every blueprint supports it, vmap otherwise (the GPU path
     stays vmap until packed is measured there)."""
@@ -369,89 +383,16 @@ class CoreConfig:
         )
         require(
             self.compile or self.compile_mode == "default",
-            f"CoreConfig.compile_mode={self.compile_mode!r} needs compile=True (CUDA graphs are captured by torch.compile)",
+            f"CoreConfig.compile_mode={self.compile_mode!r} needs compile=True (CUDA graphs are captured by "
+            "torch.compile)",
         )
 
     def packs_envs(self, device: torch.device) -> bool:
         """Whether the core runs the packed path on `device` (`env_batching` resolved)."""
         if self.env_batching == "auto":
-            return device.type == "cpu" and self.host.kind == "cnn" and all(cls.packs() for cls in catalogue(self.host.kind, self.blueprints))
+            return (
+                device.type == "cpu"
+                and self.host.kind == "cnn"
+                and all(cls.packs() for cls in catalogue(self.host.kind, self.blueprints))
+            )
         return self.env_batching == "packed"
-
-
-T = TypeVar("T")
-
-
-def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
-    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
-    where = path or cls.__name__
-    require(isinstance(data, dict), f"{where}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    require(not unknown, f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        dataclass_options = [o for o in options if dataclasses.is_dataclass(o)]
-        if dataclass_options and isinstance(value, dict):
-            return _convert_tagged(dataclass_options, value, where)
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(f"{where}: {value!r} matches none of {hint}: {'; '.join(errors)}")
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)  # type: ignore[arg-type]
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        require(value in allowed, f"{where}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin is tuple:
-        require(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
-        (item_type, _ellipsis) = typing.get_args(hint)
-        return tuple(_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
-    if hint is float:
-        require(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{where}: expected a number, got {value!r}",
-        )
-        return float(value)
-    if hint in (int, bool, str):
-        require(
-            type(value) is hint, f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
-        return value
-    raise ConfigError(f"{where}: unsupported field type {hint}")
-
-
-def _convert_tagged(options: list[type], value: dict[str, Any], where: str) -> Any:
-    """Pick the dataclass in a union by its `kind` tag."""
-    kinds = {o.__dataclass_fields__["kind"].default: o for o in options}  # type: ignore[attr-defined]
-    kind = value.get("kind")
-    require(kind in kinds, f"{where}.kind: {kind!r} is not one of {sorted(kinds)}")
-    return from_dict(kinds[kind], value, where)
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain-JSON form of a config dataclass (tuples become lists)."""
-    return _plain(dataclasses.asdict(config))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value

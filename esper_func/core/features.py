@@ -17,7 +17,7 @@ normalization is a TorchRL transform on top. Scalings:
 
 Current metrics (train/val loss, val accuracy) come from `state["metrics"]`; the temporal
 ones (deltas, plateau, best values, histories, stabilization) from the signals
-(`esper_func.signals`). A slot block is all zeros for an empty (DORMANT) slot; its stage
+(`esper_func.core.signals`). A slot block is all zeros for an empty (DORMANT) slot; its stage
 one-hot therefore covers the 8 other real stages (a DORMANT column would be constant 0).
 """
 
@@ -80,7 +80,8 @@ def _global_spec() -> list[Feature]:
         Feature("best_val_loss", loss.format("best_val_loss") + " (min over the signal history)", 0.0, 1.0),
         Feature(
             "loss_delta",
-            f"tanh(loss_delta / max(prev_val_loss, {MIN_PREV_LOSS}) / {RELATIVE_LOSS_DELTA_SCALE}); 0 without a previous epoch; NaN reads 0",
+            f"tanh(loss_delta / max(prev_val_loss, {MIN_PREV_LOSS}) / {RELATIVE_LOSS_DELTA_SCALE}); 0 without a "
+            "previous epoch; NaN reads 0",
             -1.0,
             1.0,
         ),
@@ -92,14 +93,19 @@ def _global_spec() -> list[Feature]:
     ]
     for k in range(HISTORY_FEATURES):
         back = f"[{k - HISTORY_FEATURES}]"
-        spec.append(Feature(f"val_loss_history.{k}", loss.format(f"val_loss_history{back}") + "; 0 if not recorded", 0.0, 1.0))
+        spec.append(
+            Feature(f"val_loss_history.{k}", loss.format(f"val_loss_history{back}") + "; 0 if not recorded", 0.0, 1.0)
+        )
     for k in range(HISTORY_FEATURES):
         back = f"[{k - HISTORY_FEATURES}]"
-        spec.append(Feature(f"val_acc_history.{k}", acc.format(f"val_acc_history{back}") + "; 0 if not recorded", 0.0, 1.0))
+        spec.append(
+            Feature(f"val_acc_history.{k}", acc.format(f"val_acc_history{back}") + "; 0 if not recorded", 0.0, 1.0)
+        )
     spec.append(
         Feature(
             "param_growth",
-            f"g / (g + {GROWTH_HALF}), g = seed params / host params; seeds of live and fossilized slots, gate included",
+            f"g / (g + {GROWTH_HALF}), g = seed params / host params; seeds of live and fossilized slots, gate "
+            "included",
             0.0,
             1.0,
         )
@@ -108,20 +114,33 @@ def _global_spec() -> list[Feature]:
 
 
 def _slot_spec(model: Model, slot: str) -> list[Feature]:
-    spec = [Feature(f"{slot}.stage.{stage.name.lower()}", f"1 if the stage is {stage.name}", 0.0, 1.0) for stage in SLOT_STAGES]
+    spec = [
+        Feature(f"{slot}.stage.{stage.name.lower()}", f"1 if the stage is {stage.name}", 0.0, 1.0)
+        for stage in SLOT_STAGES
+    ]
     spec += [
         Feature(f"{slot}.alpha", "clamp(alpha, 0, 1); NaN reads 0", 0.0, 1.0),
-        Feature(f"{slot}.contribution", f"tanh(contribution / {PP_SCALE}), counterfactual contribution in pp; NaN reads 0", -1.0, 1.0),
+        Feature(
+            f"{slot}.contribution",
+            f"tanh(contribution / {PP_SCALE}), counterfactual contribution in pp; NaN reads 0",
+            -1.0,
+            1.0,
+        ),
         Feature(
             f"{slot}.contribution_ema",
             f"tanh(contribution_ema / {PP_SCALE}), the smoothed contribution the gates read (pp); NaN reads 0",
             -1.0,
             1.0,
         ),
-        Feature(f"{slot}.grad_ratio", f"r / (r + {GRAD_RATIO_HALF}), r = max(gradient-ratio EMA, 0); NaN reads 0", 0.0, 1.0),
+        Feature(
+            f"{slot}.grad_ratio", f"r / (r + {GRAD_RATIO_HALF}), r = max(gradient-ratio EMA, 0); NaN reads 0", 0.0, 1.0
+        ),
         Feature(f"{slot}.epochs_in_stage", "clamp(epochs_in_stage / max_epochs, 0, 1)", 0.0, 1.0),
     ]
-    spec += [Feature(f"{slot}.blueprint.{name}", f"1 if the seed's blueprint is {name}", 0.0, 1.0) for name in model.blueprint_names]
+    spec += [
+        Feature(f"{slot}.blueprint.{name}", f"1 if the seed's blueprint is {name}", 0.0, 1.0)
+        for name in model.blueprint_names
+    ]
     spec.append(
         Feature(
             f"{slot}.param_share",

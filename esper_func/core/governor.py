@@ -159,7 +159,9 @@ def check(
     return new, cause
 
 
-def rollback(model: Model, state: TensorDict, metrics: TensorDict, panic: torch.Tensor) -> tuple[TensorDict, TensorDict]:
+def rollback(
+    model: Model, state: TensorDict, metrics: TensorDict, panic: torch.Tensor
+) -> tuple[TensorDict, TensorDict]:
     """Roll the envs where `panic [N]` back to their snapshots, before the epoch's tick.
 
     Restores params, buffers and momentum; culls every seed that was not FOSSILIZED at the

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch.func import functional_call, vmap
 
+from esper_func.core.host_training import begin_step, compile_per_plan, host_autocast
 from esper_func.core.model import BankPlan, Model, SlotMode, bank_plan, slot_controls
 from esper_func.core.packed import packed_counterfactual_logits, per_env_cross_entropy
-from esper_func.core.host_training import begin_step, compile_per_plan, host_autocast
 
 Tensors = dict[str, torch.Tensor]
 
@@ -31,7 +31,10 @@ def counterfactual_modes(mode: torch.Tensor) -> torch.Tensor:
     """`[N, S]` slot modes -> `[N, S+1, S]`: as-is, then each slot forced to identity."""
     n_slots = mode.shape[-1]
     off = torch.cat(
-        (torch.zeros(1, n_slots, dtype=torch.bool, device=mode.device), torch.eye(n_slots, dtype=torch.bool, device=mode.device))
+        (
+            torch.zeros(1, n_slots, dtype=torch.bool, device=mode.device),
+            torch.eye(n_slots, dtype=torch.bool, device=mode.device),
+        )
     )
     return torch.where(off, int(SlotMode.IDENTITY), mode.unsqueeze(-2))
 

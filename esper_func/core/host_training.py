@@ -25,7 +25,8 @@ from torch.func import functional_call, grad, vmap
 
 from esper_func.core.config import OptimConfig
 from esper_func.core.model import BankPlan, Model, SlotPlan, bank_plan, slot_controls
-from esper_func.core.packed import Packed, packed_logits, per_env_cross_entropy
+from esper_func.core.packed import packed_logits, per_env_cross_entropy
+from esper_func.core.packed_modules import Packed
 from esper_func.core.stages import SEED_TRAINABLE, stage_lookup
 from esper_func.core.state import seed_param_count
 
@@ -94,7 +95,10 @@ class FlatGroup:
     def views(self, flat: torch.Tensor) -> Tensors:
         """The named parameters as views of `flat` `[..., P]` (`[N, P]`, or one env's `[P]` under vmap)."""
         batch = flat.shape[:-1]
-        return {name: chunk.view((*batch, *shape)) for name, chunk, shape in zip(self.names, flat.split(self.sizes, dim=-1), self.shapes)}
+        return {
+            name: chunk.view((*batch, *shape))
+            for name, chunk, shape in zip(self.names, flat.split(self.sizes, dim=-1), self.shapes)
+        }
 
 
 def update_groups(model: Model, plan: BankPlan) -> tuple[FlatGroup, ...]:
@@ -104,7 +108,10 @@ def update_groups(model: Model, plan: BankPlan) -> tuple[FlatGroup, ...]:
     return tuple(FlatGroup(names, tuple(named[name].shape for name in names)) for names in groups)
 
 
-GradientFn = Callable[[tuple[torch.Tensor, ...], Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor], tuple[tuple[torch.Tensor, ...], torch.Tensor, Tensors]]
+GradientFn = Callable[
+    [tuple[torch.Tensor, ...], Tensors, Tensors, Tensors, torch.Tensor, torch.Tensor],
+    tuple[tuple[torch.Tensor, ...], torch.Tensor, Tensors],
+]
 """`(flat, frozen, buffers, controls, x, y) -> (flat grads, loss [N], new_buffers)`: every
 env's gradient of its own mean loss with respect to its trained groups' flat parameters."""
 
@@ -113,21 +120,45 @@ def vmapped_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...
     """`vmap` over envs of `grad` of one env's loss through `functional_call`."""
     net = model.net_train
 
-    def env_loss(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
+    def env_loss(
+        flat: tuple[torch.Tensor, ...],
+        frozen: Tensors,
+        buffers: Tensors,
+        controls: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ):
         buffers = {name: value.clone() for name, value in buffers.items()}  # BN writes stay local
         trained = {name: value for group, values in zip(groups, flat) for name, value in group.views(values).items()}
         with host_autocast(model):
             logits = functional_call(
                 net,
                 ({**frozen, **trained}, buffers),
-                (x, controls["mode"], controls["detach"], controls["blueprint"], controls["gated"], controls["alpha"], plan),
+                (
+                    x,
+                    controls["mode"],
+                    controls["detach"],
+                    controls["blueprint"],
+                    controls["gated"],
+                    controls["alpha"],
+                    plan,
+                ),
             )
         loss = task_loss(logits.float(), y)
         return loss, (loss.detach(), buffers)
 
-    env_grad = vmap(grad(env_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, None), chunk_size=model.config.vmap_chunk_size)
+    env_grad = vmap(
+        grad(env_loss, has_aux=True), in_dims=(0, 0, 0, 0, None, None), chunk_size=model.config.vmap_chunk_size
+    )
 
-    def gradients(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
+    def gradients(
+        flat: tuple[torch.Tensor, ...],
+        frozen: Tensors,
+        buffers: Tensors,
+        controls: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ):
         grads, (loss, new_buffers) = env_grad(flat, frozen, buffers, controls, x, y)
         return tuple(grads), loss, new_buffers
 
@@ -135,16 +166,25 @@ def vmapped_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...
 
 
 def packed_gradients(model: Model, plan: BankPlan, groups: tuple[FlatGroup, ...]) -> GradientFn:
-    """All envs' losses in one packed forward (`esper_func/packed.py`), one backward of their
+    """All envs' losses in one packed forward (`esper_func/core/packed.py`), one backward of their
     sum: env k's loss depends on env k's parameters only, so each gradient is its own."""
     net = model.net_train
 
-    def gradients(flat: tuple[torch.Tensor, ...], frozen: Tensors, buffers: Tensors, controls: Tensors, x: torch.Tensor, y: torch.Tensor):
+    def gradients(
+        flat: tuple[torch.Tensor, ...],
+        frozen: Tensors,
+        buffers: Tensors,
+        controls: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ):
         # Grad mode on whatever the caller's (TorchRL collectors step envs under no_grad):
         # the views into the leaves must be recorded too, or no gradient reaches them.
         with torch.enable_grad():
             leaves = tuple(values.detach().requires_grad_() for values in flat)
-            trained = {name: value for group, values in zip(groups, leaves) for name, value in group.views(values).items()}
+            trained = {
+                name: value for group, values in zip(groups, leaves) for name, value in group.views(values).items()
+            }
             packed = Packed({**frozen, **trained}, buffers, controls["mode"].shape[0], training=True)
             with host_autocast(model):
                 logits = packed_logits(net, packed, x, controls, controls["mode"], plan)
@@ -188,7 +228,8 @@ def make_train_iteration(model: Model, plan: BankPlan) -> TrainIteration:
         grads, loss, new_buffers = gradients(flat_params, frozen, buffers, controls, x, y)
         norms = torch.stack([g.pow(2).sum(-1) for g in grads], dim=-1).sqrt()  # [N, 1 + S]
         host_norm, seed_norm = norms[:, 0], norms[:, 1:]
-        per_param = (seed_norm / seed_counts.clamp(min=1).sqrt()) / (host_norm / host_count**0.5 + RATIO_EPS).unsqueeze(-1)
+        host_per_param = host_norm / host_count**0.5 + RATIO_EPS
+        per_param = (seed_norm / seed_counts.clamp(min=1).sqrt()) / host_per_param.unsqueeze(-1)
         valid = (seed_norm >= RATIO_EPS) & (host_norm >= RATIO_EPS).unsqueeze(-1) & (seed_counts > 0)
         ratio = torch.where(valid, per_param, 0.0)
 
@@ -198,7 +239,14 @@ def make_train_iteration(model: Model, plan: BankPlan) -> TrainIteration:
             scale = (optim.grad_clip_norm / (norms + 1e-6)).clamp(max=1.0)
             grads = tuple(g * scale[:, k : k + 1] for k, g in enumerate(grads))
 
-        host, host_buf = _sgd(flat_params[0], grads[0], flat_momentum[0], optim.host_lr * lr_scale, optim.host_momentum, optim.host_weight_decay)
+        host, host_buf = _sgd(
+            flat_params[0],
+            grads[0],
+            flat_momentum[0],
+            optim.host_lr * lr_scale,
+            optim.host_momentum,
+            optim.host_weight_decay,
+        )
         new_params, new_momentum = [host], [host_buf]
         for s, size in enumerate(seed_sizes):
             p, buf = flat_params[1 + s], flat_momentum[1 + s]
@@ -206,7 +254,9 @@ def make_train_iteration(model: Model, plan: BankPlan) -> TrainIteration:
                 new_params.append(p)
                 new_momentum.append(buf)
                 continue
-            stepped, stepped_buf = _sgd(p, grads[1 + s], buf, optim.seed_lr * lr_scale, optim.seed_momentum, optim.seed_weight_decay)
+            stepped, stepped_buf = _sgd(
+                p, grads[1 + s], buf, optim.seed_lr * lr_scale, optim.seed_momentum, optim.seed_weight_decay
+            )
             keep = seed_trainable[:, s : s + 1]
             new_params.append(torch.where(keep, stepped, p))
             new_momentum.append(torch.where(keep, stepped_buf, buf))
@@ -309,8 +359,12 @@ def train_epoch(
     ratio_sum = torch.zeros(slots.batch_size, device=model.device)
     for i in range(x.shape[0]):
         begin_step(model)
-        flat_params, buffers, flat_momentum, stats = step(flat_params, frozen, buffers, flat_momentum, trainable, counts, lr, controls, x[i], y[i])
-        flat_params, buffers, flat_momentum = (keep_outside_graphs(model, tensors) for tensors in (flat_params, buffers, flat_momentum))
+        flat_params, buffers, flat_momentum, stats = step(
+            flat_params, frozen, buffers, flat_momentum, trainable, counts, lr, controls, x[i], y[i]
+        )
+        flat_params, buffers, flat_momentum = (
+            keep_outside_graphs(model, tensors) for tensors in (flat_params, buffers, flat_momentum)
+        )
         loss_sum = loss_sum + stats["loss"]
         ratio_sum = ratio_sum + stats["grad_ratio"]
     for group, flat_p, flat_m in zip(groups, flat_params, flat_momentum):

@@ -20,7 +20,7 @@ from esper_func.core.initialization import Init, Initialized
 from esper_func.core.layers import CausalSelfAttention
 
 if TYPE_CHECKING:
-    from esper_func.core.packed import Packed
+    from esper_func.core.packed_modules import Packed
 
 
 class Host(Initialized):
@@ -87,7 +87,7 @@ class CNNHost(Host):
         return self.head(self.rest(x).mean(dim=(-2, -1)))
 
     def packed_segment(self, packed: Packed, index: int, x: torch.Tensor) -> torch.Tensor:
-        """`segment` of all envs on packed features (`esper_func/packed.py`)."""
+        """`segment` of all envs on packed features (`esper_func/core/packed.py`)."""
         if self.slot_before_pool and index > 0:
             x = F.max_pool2d(x, 2)
         return packed.run(self.segments[index], f"host.segments.{index}.", x)

@@ -30,7 +30,9 @@ from esper_func.core.model import Model
 from esper_func.core.stages import COUNTS_AGE, LIVE, BlendMode, Op, Stage, stage_lookup
 
 
-def _record_transition(slots: TensorDict, changed: torch.Tensor, new_stage: torch.Tensor, accuracy: torch.Tensor) -> TensorDict:
+def _record_transition(
+    slots: TensorDict, changed: torch.Tensor, new_stage: torch.Tensor, accuracy: torch.Tensor
+) -> TensorDict:
     """Stage bookkeeping shared by every transition: previous stage, its epochs, baselines."""
     return slots.update(
         {
@@ -174,7 +176,11 @@ def tick(model: Model, state: TensorDict, metrics: TensorDict) -> TensorDict:
     contribution_ema = torch.where(
         to_probation,
         contribution,
-        torch.where(at_full_alpha, smoothing * slots["contribution_ema"] + (1 - smoothing) * contribution, slots["contribution_ema"]),
+        torch.where(
+            at_full_alpha,
+            smoothing * slots["contribution_ema"] + (1 - smoothing) * contribution,
+            slots["contribution_ema"],
+        ),
     )
     probation_cull = (stage == int(Stage.PROBATIONARY)) & (
         ((epochs_in_stage >= config.probation_judge_epochs) & (contribution_ema <= 0))

@@ -70,6 +70,7 @@ def check_masks(masks: TensorDict) -> None:
     if envs:
         rows = bad[envs].tolist()
         detail = "; ".join(
-            f"env {env}: {', '.join(head for head, is_empty in zip(empty, row) if is_empty)}" for env, row in zip(envs, rows)
+            f"env {env}: {', '.join(head for head, is_empty in zip(empty, row) if is_empty)}"
+            for env, row in zip(envs, rows)
         )
         raise ValueError(f"action masks with no legal action in envs {envs} ({detail})")

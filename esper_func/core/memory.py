@@ -26,9 +26,9 @@ from torch.utils._pytree import tree_flatten
 
 from esper_func.core.config import ConfigError, CoreConfig
 from esper_func.core.host_evaluation import make_eval_batch
+from esper_func.core.host_training import make_train_iteration, update_groups
 from esper_func.core.model import Model, build_model, full_plan, slot_controls
 from esper_func.core.state import empty_slots
-from esper_func.core.host_training import make_train_iteration, update_groups
 
 META = torch.device("meta")
 SAFETY_FACTOR = 1.1
@@ -84,7 +84,9 @@ def _step_peaks(model: Model, n_envs: int, x: torch.Tensor, y: torch.Tensor) -> 
     frozen = {name: value for name, value in params.items() if name not in trained}
     flat = tuple(group.flatten(params, lr) for group in groups)
     with _PeakLiveBytes() as train:
-        make_train_iteration(model, plan)(flat, frozen, buffers, tuple(map(torch.empty_like, flat)), trainable, counts, lr, controls, x, y)
+        make_train_iteration(model, plan)(
+            flat, frozen, buffers, tuple(map(torch.empty_like, flat)), trainable, counts, lr, controls, x, y
+        )
     with _PeakLiveBytes() as evaluate:
         make_eval_batch(model, plan)(params, buffers, controls, x, y)
     return train.peak, evaluate.peak
@@ -137,5 +139,6 @@ def check_fits(n_envs: int, estimate: MemoryEstimate, available: int, device: An
     fits = max(0, (available - estimate.shared) // estimate.per_env)
     raise ConfigError(
         f"n_envs={n_envs} needs about {_gib(needed)} on {device} ({estimate.per_env / 2**20:.1f} MiB per env) but only "
-        f"{_gib(available)} is available; use n_envs <= {fits}, a smaller batch_size or host, or shard over more devices"
+        f"{_gib(available)} is available; use n_envs <= {fits}, a smaller batch_size or host, or shard over more "
+        "devices"
     )

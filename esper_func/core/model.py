@@ -136,7 +136,7 @@ class Model:
     host_param_count: int
     packed: bool
     """Whether training and evaluation run the envs packed (`CoreConfig.env_batching`,
-    `esper_func/packed.py`) rather than under `vmap`."""
+    `esper_func/core/packed.py`) rather than under `vmap`."""
 
     @property
     def topology(self) -> Topology:

@@ -6,7 +6,7 @@ one; both are seeded at the episode's first reset from `stream_seed`. So what a 
 does in episode e depends on nothing but the run's seed, the shard's index and e: not
 on which process runs the shard, not on how many episodes that process ran before, not
 on RNG state a checkpoint would have to read back from another machine. A resumed run,
-a run whose shards are spread over workers (`esper_func.distributed`) and a local
+a run whose shards are spread over workers (`esper_func.rl.distributed`) and a local
 `ShardedEnv` run therefore draw the same numbers.
 """
 

@@ -26,7 +26,7 @@ H = `SignalConfig.history`. Differences from esper-lite's signal tracker: one wi
 both the histories and `best_val_loss` (the reference keeps 10 and exposes 5); no `+inf`
 previous loss (the `has_prev` flag instead), so the first epoch's deltas are 0 rather than
 `+inf` and `val_acc` (its previous accuracy started at 0).
-"""
+"""  # noqa: E501 (the table keeps one row per line)
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ class SignalConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.plateau_threshold) and self.plateau_threshold >= 0):
-            raise ConfigError(f"SignalConfig.plateau_threshold must be finite and >= 0 (pp), got {self.plateau_threshold}")
+            raise ConfigError(
+                f"SignalConfig.plateau_threshold must be finite and >= 0 (pp), got {self.plateau_threshold}"
+            )
         if self.history < 1:
             raise ConfigError(f"SignalConfig.history must be >= 1 epoch, got {self.history}")
         if not (math.isfinite(self.stabilization_threshold) and self.stabilization_threshold > 0):

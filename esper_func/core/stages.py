@@ -83,7 +83,7 @@ def on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if id(table) not in _TABLES:
         raise ValueError(
             f"on_device takes registered lookup tables; register this {tuple(table.shape)} table with "
-            "esper_func.stages.lookup_table where it is made, so preload_tables copies it before any step"
+            "esper_func.core.stages.lookup_table where it is made, so preload_tables copies it before any step"
         )
     if table.device == device:
         return table

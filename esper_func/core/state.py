@@ -12,12 +12,17 @@ State is one `TensorDict` with batch size `[N]` (N environments):
 | `("metrics", "val_loss")` | `[N]` | float32 | latest validation loss |
 | `("metrics", "train_loss")` | `[N]` | float32 | mean training loss of the latest epoch |
 | `"epoch"` | `[N]` | int64 | host epochs completed |
-| `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.governor`) |
+| `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.core.governor`) |
+| `("signals", ...)` | `[N]`, `[N, H]` | | training signals: plateau, stabilization, best values, short histories (`esper_func.core.signals`) |
+| `"illegal_actions"` | `[N]` | int64 | actions this episode that the masks forbade (each executed as WAIT) |
+
+`init_state` makes all but the last two; `step.reset_state` adds them (the fresh hosts'
+evaluation is the signals' first epoch) and `step.step_env` updates them.
 
 Blueprint indices refer to the host topology's catalogue (`blueprints.CATALOGUE`); stage
 values are `stages.Stage`; blend values are `stages.BlendMode`. A slot's seed bank holds
 every blueprint's parameters; only the blueprint named in `("slots", "blueprint")` runs.
-"""
+"""  # noqa: E501 (the table keeps one row per line)
 
 from __future__ import annotations
 
@@ -42,7 +47,11 @@ SLOT_FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "acc_at_germination": (torch.float32, "validation accuracy (%) when the seed was germinated"),
     "acc_at_stage_start": (torch.float32, "validation accuracy (%) when the current stage began"),
     "contribution": (torch.float32, "counterfactual contribution (pp): accuracy minus accuracy with this slot off"),
-    "contribution_ema": (torch.float32, "EMA of the contribution (pp) since alpha reached 1 (PROBATIONARY, FOSSILIZED): what G5, the probation cull and the fossil bonus read"),
+    "contribution_ema": (
+        torch.float32,
+        "EMA of the contribution (pp) since alpha reached 1 (PROBATIONARY, FOSSILIZED): what G5, the probation cull "
+        "and the fossil bonus read",
+    ),
     "grad_ratio_ema": (torch.float32, "EMA of the parameter-normalized seed/host gradient-norm ratio"),
     "grad_ratio_seen": (torch.bool, "the EMA has been initialized since germination"),
     "embargo_remaining": (torch.int64, "epochs of embargo left (EMBARGOED only)"),
@@ -53,7 +62,9 @@ METRIC_FIELDS: tuple[str, ...] = ("val_accuracy", "val_loss", "train_loss")
 
 def empty_slots(n_envs: int, n_slots: int, device: torch.device) -> TensorDict:
     """All slots DORMANT with zeroed fields."""
-    fields = {name: torch.zeros(n_envs, n_slots, dtype=dtype, device=device) for name, (dtype, _) in SLOT_FIELDS.items()}
+    fields = {
+        name: torch.zeros(n_envs, n_slots, dtype=dtype, device=device) for name, (dtype, _) in SLOT_FIELDS.items()
+    }
     fields["stage"].fill_(int(Stage.DORMANT))
     fields["prev_stage"].fill_(int(Stage.DORMANT))
     return TensorDict(fields, batch_size=[n_envs, n_slots], device=device)

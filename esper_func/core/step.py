@@ -1,5 +1,8 @@
-"""One env step composed from the pure transitions: act, train an epoch, evaluate, check
-health (rolling back envs that panic), tick, snapshot.
+"""One env step, top to bottom: `step_env` applies the action, trains an epoch, evaluates,
+checks health (rolling back envs that panic), ticks, snapshots, computes the reward, updates
+the signals and the illegal-action count, and builds the next observation and masks; like
+gymnax's `step_env` it returns (observation, state, reward, done). `reset_state` is the
+pure reset. `MorphogeneticEnv` adapts both to TorchRL (its action noise stream and specs).
 
 Each part runs under a `torch.profiler.record_function` label (`esper.<part>`), so a
 profile of env steps attributes time to it (`python -m esper_func.bench --profile-step`);
@@ -7,22 +10,44 @@ outside a profiler the labels cost a few microseconds per step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
 from torch.profiler import record_function
 
-from esper_func.core.host_evaluation import EvalStepCache, evaluate
+from esper_func.core.features import observe
 from esper_func.core.governor import Panic, check, random_guess_loss, rollback, snapshot_due, take_snapshots
-from esper_func.core.lifecycle import apply_action, tick
-from esper_func.core.model import Model
+from esper_func.core.host_evaluation import EvalStepCache, evaluate
 from esper_func.core.host_training import TrainStepCache, train_epoch
+from esper_func.core.lifecycle import apply_action, tick
+from esper_func.core.masks import action_masks
+from esper_func.core.model import Model
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.reward_transition import SEEDED
+from esper_func.core.rewards import component_names, compute_reward, total
+from esper_func.core.signals import SignalConfig, init_signals, update_signals
+from esper_func.core.stages import stage_lookup
+from esper_func.core.state import init_state, seed_param_count
+
+SEED_KEYS: tuple[str, ...] = (
+    "stage",
+    "alpha",
+    "blueprint",
+    "epochs_in_stage",
+    "contribution",
+    "contribution_ema",
+    "improvement",
+)
+METRIC_KEYS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy")
+SIGNAL_KEYS: tuple[str, ...] = ("stabilized", "plateau_epochs")
 
 
 @dataclass
-class Steps:
-    """The (compiled, per bank plan) train and eval functions of one model."""
+class StepFunctions:
+    """The step functions of one model: its train and eval functions, compiled per bank plan
+    when `CoreConfig.compile` is on, built once and reused by every step."""
 
     model: Model
     train: TrainStepCache = field(init=False)
@@ -45,7 +70,7 @@ class Batches:
 
 
 def env_step(
-    steps: Steps, state: TensorDict, action: TensorDict, batches: Batches, generator: torch.Generator
+    steps: StepFunctions, state: TensorDict, action: TensorDict, batches: Batches, generator: torch.Generator
 ) -> tuple[TensorDict, TensorDict]:
     """Apply `action`, train one epoch, evaluate with counterfactuals, check, tick.
 
@@ -76,3 +101,107 @@ def env_step(
     metrics["rolled_back"] = rolled_back
     metrics["panic"] = panic
     return state, metrics
+
+
+def reset_state(
+    functions: StepFunctions,
+    signals: SignalConfig,
+    n_envs: int,
+    generator: torch.Generator,
+    draw_batches: Callable[[torch.Generator], Batches],
+) -> TensorDict:
+    """Fresh hosts for `n_envs` envs, evaluated once so the first observation is real.
+
+    Draws from `generator` in a fixed order: the hosts (`init_state`), then one epoch's
+    batches (`draw_batches`, a task's `sample_batches`) whose validation batches evaluate
+    them. The evaluation is the signals' first epoch, so deltas at step 1 are real; the
+    first snapshot holds the evaluated hosts, so a rollback restores real metrics.
+    """
+    model = functions.model
+    state = init_state(model, n_envs, generator)
+    batches = draw_batches(generator)
+    metrics = evaluate(model, state, batches.val_x, batches.val_y, functions.eval)
+    state["metrics", "val_loss"] = metrics["val_loss"]
+    state["metrics", "val_accuracy"] = metrics["val_accuracy"]
+    state["signals"] = update_signals(signals, init_signals(signals, n_envs, model.device), metrics)
+    state["illegal_actions"] = torch.zeros(n_envs, dtype=torch.int64, device=model.device)
+    return take_snapshots(state, torch.ones(n_envs, dtype=torch.bool, device=model.device))
+
+
+def observation(
+    model: Model, state: TensorDict, executed: torch.Tensor, panic: torch.Tensor, components: TensorDict
+) -> TensorDict:
+    """What a step shows the controller (keys documented in `envs/morphogenetic.py`; the
+    env adds its action noise): the observation vector, the action masks, the seeds'
+    fields, the metrics (with `executed` `[N]` and the governor's `panic` `[N]`), the
+    signals and the reward `components`."""
+    n = state.batch_size[0]
+    slots = state["slots"]
+    occupied_params = seed_param_count(model, slots)
+    seeds = {key: slots[key] for key in SEED_KEYS if key != "improvement"}
+    seeds["improvement"] = state["metrics", "val_accuracy"].unsqueeze(-1) - slots["acc_at_stage_start"]
+    live_params = torch.where(stage_lookup(SEEDED, slots["stage"]), occupied_params, 0).sum(-1)
+    return TensorDict(
+        {
+            "observation": observe(model, state, state["signals"], model.config.lifecycle.max_epochs),
+            "action_mask": action_masks(model, state),
+            "seeds": TensorDict(seeds, batch_size=[n]),
+            "metrics": TensorDict(
+                {
+                    **{key: state["metrics", key] for key in METRIC_KEYS},
+                    "epoch": state["epoch"],
+                    "action_executed": executed,
+                    "illegal_actions": state["illegal_actions"],
+                    "seed_params": live_params,
+                    "rolled_back": panic != int(Panic.NONE),
+                    "panic": panic,
+                    "rollbacks": state["governor", "rollbacks"],
+                },
+                batch_size=[n],
+            ),
+            "signals": TensorDict({key: state["signals", key] for key in SIGNAL_KEYS}, batch_size=[n]),
+            "reward_components": components,
+        },
+        batch_size=[n],
+        device=model.device,
+    )
+
+
+def reset_observation(model: Model, rewards: RewardConfig, state: TensorDict) -> TensorDict:
+    """The observation of a state no step led to: every action executed, no panic, zero
+    reward components."""
+    n = state.batch_size[0]
+    device = model.device
+    zero_components = TensorDict(
+        {name: torch.zeros(n, device=device) for name in component_names(rewards)}, batch_size=[n]
+    )
+    executed = torch.ones(n, dtype=torch.bool, device=device)
+    return observation(model, state, executed, torch.zeros(n, dtype=torch.int64, device=device), zero_components)
+
+
+def step_env(
+    functions: StepFunctions,
+    rewards: RewardConfig,
+    signals: SignalConfig,
+    state: TensorDict,
+    action: TensorDict,
+    batches: Batches,
+    generator: torch.Generator,
+) -> tuple[TensorDict, TensorDict, torch.Tensor, torch.Tensor]:
+    """One whole env step: `(observation, next state, reward [N], done [N])`.
+
+    `env_step` (act, train, evaluate, check, tick, snapshot), then the reward components
+    (`compute_reward`; the reward is their `total`), the signals, the count of actions that
+    could not execute, and the `observation`. The fixed horizon is a true termination (the
+    observation carries the epoch fraction): `done` where the episode's last epoch ran.
+    """
+    model = functions.model
+    next_state, metrics = env_step(functions, state, action, batches, generator)
+    done = next_state["epoch"] >= model.config.lifecycle.max_epochs
+    with record_function("esper.reward"):
+        components = compute_reward(rewards, model, state, next_state, action, metrics, done)
+    with record_function("esper.observation"):
+        next_state["signals"] = update_signals(signals, state["signals"], metrics)
+        next_state["illegal_actions"] = state["illegal_actions"] + (~metrics["executed"]).long()
+        out = observation(model, next_state, metrics["executed"], metrics["panic"], components)
+    return out, next_state, total(components), done

@@ -4,12 +4,12 @@ Run `python -m esper_func.bench --quick --json PATH`. One env step is one host e
 one environment: `--iters` training iterations on shared batches of `--batch` samples.
 Variants, all on the same synthetic data (generated on the device once):
 
-- `baseline`: the reference style (`esper_func/bench_baseline.py`). N separate eager
+- `baseline`: the reference style (`esper_func/perf/bench_baseline.py`). N separate eager
   `nn.Module`s, each with its own `torch.optim.SGD` (hyperparameters and gradient clipping
   from `OptimConfig`), stepped in a Python loop over envs for every batch; on CUDA each env
   on its own stream.
-- `vmap_eager`: `training.train_epoch` with `CoreConfig(compile=False)`.
-- `vmap_compiled`: `training.train_epoch` with `CoreConfig(compile=True)`.
+- `vmap_eager`: `host_training.train_epoch` with `CoreConfig(compile=False)`.
+- `vmap_compiled`: `host_training.train_epoch` with `CoreConfig(compile=True)`.
 - `vmap_cudagraphs`: the same with `compile_mode="reduce-overhead"`, which captures CUDA
   graphs (CUDA only: on a CPU it would be `vmap_compiled` again).
 
@@ -21,13 +21,13 @@ The JSON and the plot are rewritten after each part (each N, each extra measurem
 marked `"complete": false` until the run ends, so a run stopped part-way (by a time limit
 on a lent GPU, say) keeps what it measured.
 `--bound` profiles one more epoch of every variant and says what bounds it (launches,
-memory or compute: `esper_func/bench_checks.py`). Every row reports its peak memory.
+memory or compute: `esper_func/perf/bench_checks.py`). Every row reports its peak memory.
 `--vmap-chunk-size all 2 4` runs each vmapped variant at each chunk size (envs per
 vmapped slice). `--interleave` builds and warms every case first, then times them in turns,
 so that drift in a shared machine's speed hits all alike.
 `--ppo-update` times the PPO update eager and with ClipPPOLoss compiled. `--collector`
 measures TorchRL's collector overhead over stepping the env by hand. `--profile-step`
-profiles whole env steps (`esper_func/step_profile.py`): the host alone (static policy,
+profiles whole env steps (`esper_func/perf/step_profile.py`): the host alone (static policy,
 `host`), an eager heuristic with the active bank plan (`heuristic-active`), and the same
 with the full bank (every blueprint computed at every slot, `heuristic-full`), each part's
 time per step and the controller's share; name some of them to profile only those.
@@ -47,39 +47,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import tensordict
 import torch
-from tensordict import TensorDict
 
+from esper_func.core.config import CNNHostConfig
 from esper_func.perf.bench_checks import (
     AmpEffect,
-    Bound,
     PPOUpdateTiming,
     Scaling,
     amp_effect,
-    model_flops,
     peak_memory_kind,
-    peak_memory_mib,
     plot_scaling,
     ppo_update_timing,
-    profile_bound,
-    reset_peak_memory,
-    saturation_point,
-)
-from esper_func.perf.bench_baseline import (
-    SEED_ALPHA,
-    SEED_BLUEPRINT,
-    SEED_SLOT,
-    baseline_envs,
-    baseline_epoch,
-    build_baseline_net,
-    state_key,
 )
 from esper_func.perf.bench_report import (
     device_name,
@@ -92,11 +76,18 @@ from esper_func.perf.bench_report import (
     format_table,
     load_average,
 )
-from esper_func.core.blueprints import blueprint_index
-from esper_func.core.config import CNNHostConfig, CoreConfig
-from esper_func.core.model import Model, bank_plan, build_model
-from esper_func.core.stages import Stage
-from esper_func.core.state import init_state
+from esper_func.perf.bench_variants import (
+    CUDA_ONLY_VARIANTS,
+    DTYPE,
+    SCENARIOS,
+    VARIANTS,
+    ParamCheck,
+    Settings,
+    VariantResult,
+    compile_mode_name,
+    run_benchmark,
+    scaling_curves,
+)
 from esper_func.perf.step_profile import (
     PROFILE_CONFIGS,
     CollectorOverhead,
@@ -107,334 +98,10 @@ from esper_func.perf.step_profile import (
     format_profiles,
     main_job_episodes,
     profile_env_steps,
-    timed,
 )
-from esper_func.core.host_training import TrainStepCache, planned_param_names, train_epoch
 
-SCENARIOS: tuple[str, ...] = ("host", "seeded")
-VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs", "packed")
-CUDA_ONLY_VARIANTS: tuple[str, ...] = ("vmap_cudagraphs",)
-COMPILE_SETTINGS: dict[str, tuple[bool, str]] = {
-    "baseline": (False, "default"),
-    "vmap_eager": (False, "default"),
-    "vmap_compiled": (True, "default"),
-    "vmap_cudagraphs": (True, "reduce-overhead"),
-    "packed": (False, "default"),
-}
-"""`CoreConfig.compile` and `compile_mode` of each variant."""
-
-
-def env_batching(variant: str) -> str:
-    """`CoreConfig.env_batching` of each variant: the vmapped ones run vmap, `packed` packs."""
-    return "packed" if variant == "packed" else "vmap"
-
-
-def compile_mode_name(variant: str) -> str:
-    compile, mode = COMPILE_SETTINGS[variant]
-    return f"torch.compile(dynamic=False, mode={mode!r})" if compile else "eager"
-
-
-DTYPE = torch.float32
 QUICK_DEFAULTS = {"iters": 20, "repeats": 3, "amp_epochs": 3}
 FULL_DEFAULTS = {"iters": 50, "repeats": 5, "amp_epochs": 8}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What one benchmark run measures."""
-
-    device: torch.device
-    n_envs: int
-    batch: int
-    iters: int
-    repeats: int
-    warmup: int
-    host_preset: str
-    scenarios: tuple[str, ...]
-    variants: tuple[str, ...]
-    threads: int | None = None
-    seed: int = 0
-    json_path: Path | None = None
-    sweep_n: tuple[int, ...] = ()
-    """Env counts to run the train comparison at (empty: `n_envs` only)."""
-    profile_step: tuple[str, ...] = ()
-    """Env step configurations to profile (`step_profile.PROFILE_CONFIGS`; empty: none)."""
-    profile_steps: int = 4
-    collector: bool = False
-    main_job: bool = False
-    """Also time whole episodes of the default main job's env, vmapped and packed."""
-    amp: bool = False
-    """Also run every vmapped variant under bf16 autocast, and measure its accuracy effect."""
-    amp_epochs: int = 3
-    bound: bool = False
-    """Profile one more epoch of each variant: what bounds it."""
-    ppo_update: bool = False
-    plot_path: Path | None = None
-    vmap_chunk_sizes: tuple[int | None, ...] = (None,)
-    """`CoreConfig.vmap_chunk_size` values each vmapped variant runs at (None: all envs at once)."""
-    interleave: bool = False
-
-
-@dataclass(frozen=True)
-class VariantResult:
-    """Timings and throughput of one variant in one scenario (times are per epoch of all N envs)."""
-
-    n_envs: int
-    scenario: str
-    variant: str
-    dtype: str
-    """'float32', or 'bfloat16 autocast' (parameters and optimizer state stay fp32)."""
-    vmap_chunk_size: int | None
-    """Envs per vmapped slice (None: all at once; the baseline has none)."""
-    compile_mode: str
-    trained_params_per_env: int
-    warmup_s: list[float]
-    times_s: list[float]
-    median_s: float
-    env_steps_per_s: float
-    samples_per_s: float
-    iterations_per_s: float
-    """Training iterations of all N envs together per second (iters / time)."""
-    env_iterations_per_s: float
-    """Training iterations summed over envs per second (N * iters / time)."""
-    peak_memory_mib: float
-    """From building the variant to its last timed epoch (`peak_memory_kind` in the report)."""
-    peak_added_mib: float
-    """Peak minus the memory in use when the variant started: what the variant itself needs."""
-    speedup_vs_baseline: float | None = None
-    """Against the (fp32, eager) baseline at the same N and scenario."""
-    bound: Bound | None = None
-
-
-@dataclass(frozen=True)
-class ParamCheck:
-    """Fairness check of one scenario: both sides train the same parameters, identically."""
-
-    scenario: str
-    baseline_params_per_env: int
-    vmapped_params_per_env: int
-    max_abs_param_diff: float
-    """Largest parameter difference after training both sides from the same state on the same batches."""
-    check_iters: int
-
-
-# --- The workload: configuration, state, data --------------------------------------------
-
-
-def core_config(
-    host_preset: str, compile: bool, compile_mode: str = "default", amp: bool = False, vmap_chunk_size: int | None = None, batching: str = "vmap"
-) -> CoreConfig:
-    host = CNNHostConfig.preset(host_preset)
-    return CoreConfig(host=host, compile=compile, compile_mode=compile_mode, amp=amp, vmap_chunk_size=vmap_chunk_size, env_batching=batching)  # type: ignore[arg-type]
-
-
-def scenario_state(model: Model, scenario: str, n_envs: int, seed: int) -> TensorDict:
-    """Fresh state for `n_envs` envs; in `seeded`, every env has a BLENDING seed at the mid slot."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    state = init_state(model, n_envs, generator)
-    if scenario == "seeded":
-        state["slots", "stage"][:, SEED_SLOT] = int(Stage.BLENDING)
-        state["slots", "alpha"][:, SEED_SLOT] = SEED_ALPHA
-        state["slots", "blueprint"][:, SEED_SLOT] = blueprint_index("cnn", SEED_BLUEPRINT)
-    return state
-
-
-def synthetic_batches(
-    host: CNNHostConfig, iters: int, batch: int, device: torch.device, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images `[iters, batch, C, H, W]` and labels `[iters, batch]`, made on `device`."""
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    shape = (iters, batch, host.in_channels, host.image_size, host.image_size)
-    x = torch.randn(shape, generator=generator, device=device, dtype=DTYPE)
-    y = torch.randint(0, host.num_classes, (iters, batch), generator=generator, device=device)
-    return x, y
-
-
-# --- Fairness checks --------------------------------------------------------------------------
-
-
-def trained_param_counts(host_preset: str, scenario: str) -> tuple[int, int]:
-    """Parameters one env trains: (baseline, vmapped). Equal when both sides train the same architecture."""
-    config = core_config(host_preset, compile=False)
-    baseline = sum(p.numel() for p in build_baseline_net(config, scenario).parameters())
-    model = build_model(config)
-    plan = bank_plan(model, scenario_state(model, scenario, 1, seed=0)["slots"])
-    names = model.host_param_names + tuple(n for s, p in enumerate(plan) for n in planned_param_names(model, s, p))
-    vmapped = sum(model.net_train.get_parameter(name).numel() for name in names)
-    return baseline, vmapped
-
-
-def max_param_difference(model: Model, scenario: str, n_envs: int, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
-    """Train both sides from the same state on batches `x`, `y`; the largest parameter difference."""
-    state = scenario_state(model, scenario, n_envs, seed)
-    envs = baseline_envs(model, state, scenario)
-    new_state, _ = train_epoch(model, state, x, y, TrainStepCache(model))
-    baseline_epoch(envs, [None] * n_envs, x, y)
-    diff = 0.0
-    for k, env in enumerate(envs):
-        for name, param in env.net.named_parameters():
-            diff = max(diff, (param.detach() - new_state["params", state_key(name)][k]).abs().max().item())
-    return diff
-
-
-# --- Timing -----------------------------------------------------------------------------------
-
-
-def time_epochs(run_epoch: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of each warm-up epoch and of each timed epoch (synchronized at both ends on CUDA)."""
-    warmup_s, times_s = [], []
-    for record in [warmup_s] * warmup + [times_s] * repeats:
-        record.append(timed(run_epoch, device)[0])
-    return warmup_s, times_s
-
-
-@dataclass(frozen=True)
-class Case:
-    """One row of the table: a variant, its precision, and its vmap chunk size."""
-
-    variant: str
-    amp: bool = False
-    vmap_chunk_size: int | None = None
-
-    @property
-    def label(self) -> str:
-        chunk = f" chunk {self.vmap_chunk_size}" if self.vmap_chunk_size is not None else ""
-        return self.variant + chunk + (" bf16" if self.amp else "")
-
-
-def cases(settings: Settings) -> list[Case]:
-    """The baseline once; every vmapped variant at every chunk size, in fp32 and (--amp) bf16."""
-    out = []
-    for variant in settings.variants:
-        if variant == "baseline":
-            out.append(Case(variant))
-            continue
-        if variant == "packed":  # no vmap, so no chunks
-            out += [Case(variant, amp) for amp in ((False, True) if settings.amp else (False,))]
-            continue
-        for chunk in settings.vmap_chunk_sizes:
-            out += [Case(variant, amp, chunk) for amp in ((False, True) if settings.amp else (False,))]
-    return out
-
-
-def epoch_runner(settings: Settings, scenario: str, case: Case, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], int]:
-    """A closure that trains all N envs for one epoch (state carried across calls), and params per env."""
-    compile, compile_mode = COMPILE_SETTINGS[case.variant]
-    config = core_config(settings.host_preset, compile, compile_mode, case.amp, case.vmap_chunk_size, env_batching(case.variant))
-    model = build_model(config, settings.device)
-    state = scenario_state(model, scenario, settings.n_envs, settings.seed)
-    baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
-    if case.variant == "baseline":
-        envs = baseline_envs(model, state, scenario)
-        cuda = settings.device.type == "cuda"
-        streams = [torch.cuda.Stream(settings.device) if cuda else None for _ in envs]
-        return (lambda: baseline_epoch(envs, streams, x, y)), baseline_count
-
-    steps = TrainStepCache(model)
-    carried = {"state": state}
-
-    def run() -> None:
-        carried["state"], _ = train_epoch(model, carried["state"], x, y, steps)
-
-    return run, vmapped_count
-
-
-def variant_result(
-    settings: Settings, scenario: str, case: Case, params: int, warmup_s: list[float], times_s: list[float], peak: float, at_start: float, bound: Bound | None
-) -> VariantResult:
-    median = statistics.median(times_s)
-    n, iters = settings.n_envs, settings.iters
-    return VariantResult(
-        n_envs=n,
-        scenario=scenario,
-        variant=case.variant,
-        dtype="bfloat16 autocast" if case.amp else "float32",
-        vmap_chunk_size=case.vmap_chunk_size,
-        compile_mode=compile_mode_name(case.variant),
-        trained_params_per_env=params,
-        warmup_s=warmup_s,
-        times_s=times_s,
-        median_s=median,
-        env_steps_per_s=n / median,
-        samples_per_s=n * settings.batch * iters / median,
-        iterations_per_s=iters / median,
-        env_iterations_per_s=n * iters / median,
-        peak_memory_mib=peak,
-        peak_added_mib=peak - at_start,
-        bound=bound,
-    )
-
-
-def bench_cases(
-    settings: Settings, scenario: str, chosen: Sequence[Case], x: torch.Tensor, y: torch.Tensor, flops_per_env_step: float, log: Callable[[str], None]
-) -> list[VariantResult]:
-    """Each case built, warmed and timed on its own; with `interleave`, all built and warmed
-    first, then timed in turns (one epoch of each per round), so that drift in the machine's
-    speed affects every case alike (their peak memory is then that of all together)."""
-    device, n = settings.device, settings.n_envs
-    groups = [list(chosen)] if settings.interleave else [[case] for case in chosen]
-    results = []
-    for group in groups:
-        turns = " in turns" if len(group) > 1 else ""
-        log(f"[bench] N={n} {scenario} / {', '.join(case.label for case in group)}{turns} ...")
-        at_start = reset_peak_memory(device)
-        runners = [epoch_runner(settings, scenario, case, x, y) for case in group]
-        warmups = [time_epochs(run, device, settings.warmup, 0)[0] for run, _ in runners]
-        times: list[list[float]] = [[] for _ in group]
-        for _ in range(settings.repeats):
-            for (run, _), record in zip(runners, times):
-                record += time_epochs(run, device, 0, 1)[1]
-        peak = peak_memory_mib(device)
-        for case, (run, params), warmup_s, times_s in zip(group, runners, warmups, times):
-            bound = (
-                profile_bound(scenario, case.label, n, settings.iters, device, run, statistics.median(times_s), flops_per_env_step, case.amp)
-                if settings.bound
-                else None
-            )
-            results.append(variant_result(settings, scenario, case, params, warmup_s, times_s, peak, at_start, bound))
-        del runners, run  # the next group's peak memory is its own
-    return results
-
-
-def with_speedups(results: list[VariantResult]) -> list[VariantResult]:
-    """Each result with its speedup over the baseline of its scenario (None without a baseline)."""
-    baselines = {(r.n_envs, r.scenario): r.median_s for r in results if r.variant == "baseline"}
-    return [
-        replace(r, speedup_vs_baseline=baselines[r.n_envs, r.scenario] / r.median_s if (r.n_envs, r.scenario) in baselines else None)
-        for r in results
-    ]
-
-
-def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> tuple[list[VariantResult], list[ParamCheck]]:
-    """Every scenario x variant, plus the fairness check of every scenario."""
-    host = CNNHostConfig.preset(settings.host_preset)
-    x, y = synthetic_batches(host, settings.iters, settings.batch, settings.device, settings.seed)
-    checks, results = [], []
-    for scenario in settings.scenarios:
-        baseline_count, vmapped_count = trained_param_counts(settings.host_preset, scenario)
-        check_model = build_model(core_config(settings.host_preset, compile=False), settings.device)
-        check_iters = min(2, settings.iters)
-        diff = max_param_difference(check_model, scenario, settings.n_envs, x[:check_iters], y[:check_iters], settings.seed)
-        checks.append(ParamCheck(scenario, baseline_count, vmapped_count, diff, check_iters))
-        baseline_net = build_baseline_net(check_model.config, scenario).to(settings.device)
-        flops_per_env_step = settings.iters * model_flops(baseline_net, x[0], y[0])
-        results += bench_cases(settings, scenario, cases(settings), x, y, flops_per_env_step, log)
-    return with_speedups(results), checks
-
-
-def scaling_curves(results: Sequence[VariantResult]) -> list[Scaling]:
-    """Env-steps/s of each (scenario, case) over the swept N, and where it saturates."""
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in results:
-        name = Case(r.variant, r.dtype != "float32", r.vmap_chunk_size).label
-        series.setdefault((r.scenario, name), []).append((r.n_envs, r.env_steps_per_s))
-    curves = []
-    for (scenario, name), points in series.items():
-        if len(points) > 1:
-            points.sort()
-            ns, values = [n for n, _ in points], [v for _, v in points]
-            curves.append(Scaling(scenario, name, ns, values, saturation_point(ns, values)))
-    return curves
 
 
 # --- The JSON report -------------------------------------------------------------------------
@@ -453,7 +120,9 @@ class Measurements:
     main_job: list[EpisodeTiming] = field(default_factory=list)
 
 
-def report(settings: Settings, measured: Measurements, argv: Sequence[str], load_at_start: list[float] | None, complete: bool) -> dict:
+def report(
+    settings: Settings, measured: Measurements, argv: Sequence[str], load_at_start: list[float] | None, complete: bool
+) -> dict:
     """Everything the run measured, with the conditions it ran under, as plain JSON
     (`complete` false: written part-way, the run's remaining parts not measured yet)."""
     return {
@@ -498,7 +167,10 @@ def write_outputs(settings: Settings, figures: dict, curves: Sequence[Scaling], 
         if not quiet:
             print(f"[bench] wrote {settings.json_path}")
     if settings.plot_path is not None and curves:
-        title = f"{device_name(settings.device)}, {settings.host_preset} host, batch {settings.batch}, {settings.iters} iterations per env step"
+        title = (
+            f"{device_name(settings.device)}, {settings.host_preset} host, batch {settings.batch}, "
+            f"{settings.iters} iterations per env step"
+        )
         plot_scaling(curves, title, settings.plot_path)
         if not quiet:
             print(f"[bench] wrote {settings.plot_path}")
@@ -532,35 +204,75 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write every figure and the run's conditions to this file")
     parser.add_argument("--n-envs", type=positive_int, default=8, help="environments N (default 8)")
     parser.add_argument("--batch", type=positive_int, default=128, help="per-env batch size (default 128)")
-    parser.add_argument("--iters", type=positive_int, help=f"iterations per host epoch (default {FULL_DEFAULTS['iters']}, quick {QUICK_DEFAULTS['iters']})")
-    parser.add_argument("--repeats", type=positive_int, help=f"timed epochs per variant (default {FULL_DEFAULTS['repeats']}, quick {QUICK_DEFAULTS['repeats']})")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up epochs per variant (default 1)")
+    parser.add_argument(
+        "--iters",
+        type=positive_int,
+        help=f"iterations per host epoch (default {FULL_DEFAULTS['iters']}, quick {QUICK_DEFAULTS['iters']})",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        help=f"timed epochs per variant (default {FULL_DEFAULTS['repeats']}, quick {QUICK_DEFAULTS['repeats']})",
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=1, help="untimed warm-up epochs per variant (default 1)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--host-preset", default="cifar", help="CNN host preset: cifar, cifar_deep, tiny (default cifar)")
+    parser.add_argument(
+        "--host-preset", default="cifar", help="CNN host preset: cifar, cifar_deep, tiny (default cifar)"
+    )
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all (vmap_cudagraphs on CUDA only)")
     parser.add_argument("--no-compile", action="store_true", help="drop the vmap_compiled variant")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
-    parser.add_argument("--sweep-n", type=positive_int, nargs="+", help="run the comparison at each of these env counts")
+    parser.add_argument(
+        "--sweep-n", type=positive_int, nargs="+", help="run the comparison at each of these env counts"
+    )
     parser.add_argument(
         "--profile-step", nargs="*", choices=list(PROFILE_CONFIGS),
         help="also profile whole env steps (parts and controller share) of these configurations (default: all)",
     )
-    parser.add_argument("--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand")
     parser.add_argument(
-        "--main-job", action="store_true",
-        help="also time whole episodes of the default main job's env (static and heuristic control), vmapped and packed in this process and packed over 2 worker processes, side by side",
+        "--collector", action="store_true", help="also measure the TorchRL collector's overhead over stepping by hand"
     )
-    parser.add_argument("--amp", action="store_true", help="also run the vmapped variants under bf16 autocast, and measure its accuracy effect")
-    parser.add_argument("--amp-epochs", type=positive_int, help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick {QUICK_DEFAULTS['amp_epochs']})")
+    parser.add_argument(
+        "--main-job",
+        action="store_true",
+        help="also time whole episodes of the default main job's env (static and heuristic control), vmapped and "
+             "packed in this process and packed over 2 worker processes, side by side",
+    )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="also run the vmapped variants under bf16 autocast, and measure its accuracy effect",
+    )
+    parser.add_argument(
+        "--amp-epochs",
+        type=positive_int,
+        help=f"epochs of the accuracy comparison (default {FULL_DEFAULTS['amp_epochs']}, quick "
+             f"{QUICK_DEFAULTS['amp_epochs']})",
+    )
     parser.add_argument("--bound", action="store_true", help="profile one more epoch of each variant: what bounds it")
-    parser.add_argument("--ppo-update", action="store_true", help="also time the PPO update, eager and with ClipPPOLoss compiled")
     parser.add_argument(
-        "--vmap-chunk-size", type=chunk_size, nargs="+", help="envs per vmapped slice, one row per value for each vmapped variant ('all': at once; default all)"
+        "--ppo-update", action="store_true", help="also time the PPO update, eager and with ClipPPOLoss compiled"
     )
-    parser.add_argument("--interleave", action="store_true", help="time the cases in turns, one epoch each per round (for a noisy machine)")
-    parser.add_argument("--plot", type=Path, help="with --sweep-n: write the plot of env-steps/s against N to this file (.png, .svg, .pdf)")
+    parser.add_argument(
+        "--vmap-chunk-size",
+        type=chunk_size,
+        nargs="+",
+        help="envs per vmapped slice, one row per value for each vmapped variant ('all': at once; default all)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the cases in turns, one epoch each per round (for a noisy machine)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="with --sweep-n: write the plot of env-steps/s against N to this file (.png, .svg, .pdf)",
+    )
     return parser
 
 
@@ -580,10 +292,17 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     except ValueError as error:
         parser.error(f"--host-preset: {error}")
     explicit = args.variants is not None
-    chosen = args.variants if explicit else [v for v in VARIANTS if device.type == "cuda" or v not in CUDA_ONLY_VARIANTS]
+    chosen = (
+        args.variants if explicit else [v for v in VARIANTS if device.type == "cuda" or v not in CUDA_ONLY_VARIANTS]
+    )
     if device.type != "cuda" and explicit and any(v in CUDA_ONLY_VARIANTS for v in chosen):
-        parser.error("--variants vmap_cudagraphs needs --device cuda: CUDA graphs capture GPU kernels (on a CPU it is vmap_compiled)")
-    variants = tuple(dict.fromkeys(v for v in chosen if not (args.no_compile and v in ("vmap_compiled", "vmap_cudagraphs"))))
+        parser.error(
+            "--variants vmap_cudagraphs needs --device cuda: CUDA graphs capture GPU kernels (on a CPU it is "
+            "vmap_compiled)"
+        )
+    variants = tuple(
+        dict.fromkeys(v for v in chosen if not (args.no_compile and v in ("vmap_compiled", "vmap_cudagraphs")))
+    )
     if not variants:
         parser.error("no variant left to run (--no-compile dropped the compiled variants)")
     if args.plot is not None and len(args.sweep_n or ()) < 2:
@@ -636,7 +355,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(complete: bool = False) -> None:
         """Rewrite the outputs with what is measured so far, so that a run stopped part-way keeps it."""
-        write_outputs(settings, report(settings, measured, argv, load_at_start, complete), scaling_curves(measured.results), quiet=not complete)
+        write_outputs(
+            settings,
+            report(settings, measured, argv, load_at_start, complete),
+            scaling_curves(measured.results),
+            quiet=not complete,
+        )
 
     for n_envs in settings.sweep_n or (settings.n_envs,):
         results, checks = run_benchmark(replace(settings, n_envs=n_envs))
@@ -661,11 +385,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             save()
-        print(f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch {settings.batch}, {settings.iters} iterations):")
+        print(
+            f"[bench] env step parts, ms per step of all {settings.n_envs} envs (synthetic task, batch "
+            f"{settings.batch}, {settings.iters} iterations):"
+        )
         print(format_profiles(measured.profiles))
     if settings.amp:
-        print(f"[bench] bf16 autocast's accuracy effect: {settings.amp_epochs} epochs of the synthetic task, fp32 and bf16 ...")
-        measured.amp = amp_effect(settings.device, settings.n_envs, settings.batch, settings.iters, settings.amp_epochs, settings.seed)
+        print(
+            f"[bench] bf16 autocast's accuracy effect: {settings.amp_epochs} epochs of the synthetic task, fp32 and "
+            "bf16 ..."
+        )
+        measured.amp = amp_effect(
+            settings.device, settings.n_envs, settings.batch, settings.iters, settings.amp_epochs, settings.seed
+        )
         save()
         print(format_amp_effect(measured.amp))
     if settings.ppo_update:
@@ -682,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(format_collector_overhead(measured.collector))
     if settings.main_job:
-        print(f"[bench] default main job: whole episodes of {settings.n_envs} envs, vmapped and packed ({settings.repeats} each, interleaved) ...")
+        print(
+            f"[bench] default main job: whole episodes of {settings.n_envs} envs, vmapped and packed "
+            f"({settings.repeats} each, interleaved) ..."
+        )
         measured.main_job = main_job_episodes(settings.device, settings.n_envs, settings.repeats)
         save()
         print(format_episodes(measured.main_job))

@@ -88,7 +88,11 @@ def baseline_envs(model: Model, state: TensorDict, scenario: str) -> list[Baseli
     for k in range(state.batch_size[0]):
         net = build_baseline_net(config, scenario).to(model.device).train()
         load_env(net, state, k)
-        envs.append(BaselineEnv(net, baseline_optimizers(net, optim), optim.grad_clip_norm, torch.zeros((), device=model.device)))
+        envs.append(
+            BaselineEnv(
+                net, baseline_optimizers(net, optim), optim.grad_clip_norm, torch.zeros((), device=model.device)
+            )
+        )
     return envs
 
 
@@ -112,7 +116,9 @@ def baseline_optimizers(net: BaselineNet, optim: OptimConfig) -> list[torch.opti
     return optimizers
 
 
-def baseline_epoch(envs: Sequence[BaselineEnv], streams: Sequence[torch.cuda.Stream | None], x: torch.Tensor, y: torch.Tensor) -> None:
+def baseline_epoch(
+    envs: Sequence[BaselineEnv], streams: Sequence[torch.cuda.Stream | None], x: torch.Tensor, y: torch.Tensor
+) -> None:
     """Every batch, step every env in a Python loop (each on its own stream on CUDA)."""
     main = torch.cuda.current_stream(streams[0].device) if streams[0] is not None else None
     for stream in streams:

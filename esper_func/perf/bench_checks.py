@@ -1,14 +1,14 @@
-"""Benchmark parts around the train-step comparison (`esper_func.bench`): peak memory, the
+"""Benchmark parts around the train-step comparison (`esper_func.perf.bench`): peak memory, the
 PPO update eager vs compiled, bf16 autocast's accuracy effect, where throughput saturates
 over N and what bounds it there, and the plot of env-steps/s against N.
 
 What bounds a step is read from a `torch.profiler` trace of one epoch: on CUDA, the GPU's
 busy fraction (time with device work running, over wall time) and the device activities
 per iteration; with FLOPs per env step counted by `FlopCounterMode` on the baseline's
-identical model, the achieved FLOP/s of the timed epochs against the device's peak. A GPU idle much of the epoch is launch- or
-host-bound (CUDA graphs move that); busy and far below peak FLOP/s is memory-bound; busy
-near peak is compute-bound. Achieved GB/s needs a hardware counter tool (Nsight Compute)
-and is not measured here.
+identical model, the achieved FLOP/s of the timed epochs against the device's peak. A GPU
+idle much of the epoch is launch- or host-bound (CUDA graphs move that); busy and far below
+peak FLOP/s is memory-bound; busy near peak is compute-bound. Achieved GB/s needs a
+hardware counter tool (Nsight Compute) and is not measured here.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchrl.collectors import Collector
 from torchrl.envs.utils import step_mdp
 
-from esper_func.rl.trainer import PPOTrainer
 from esper_func.perf.step_profile import synchronize, synthetic_env, timed
 from esper_func.rl.run_config import TelemetryConfig, TrainingConfig
+from esper_func.rl.trainer import PPOTrainer
 from policies import StaticPolicy
 
 SATURATION_GAIN = 0.10
@@ -77,7 +77,10 @@ def peak_memory_mib(device: torch.device) -> float:
 def peak_memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated; peak_added_mib = peak - allocated when the variant started"
-    return "process peak resident set (VmHWM); peak_added_mib = peak - resident set when the variant started (freed memory reused may hide some)"
+    return (
+        "process peak resident set (VmHWM); peak_added_mib = peak - resident set when the variant started "
+        "(freed memory reused may hide some)"
+    )
 
 
 # --- The PPO update -----------------------------------------------------------------------------
@@ -138,9 +141,13 @@ def ppo_update_timing(device: torch.device, n_envs: int, repeats: int) -> PPOUpd
         graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled_s = statistics.median(update(compiled)[0] for _ in range(repeats))
-    difference = max(abs(compiled_first[key] - eager_first[key]) for key in ("loss_objective", "loss_critic", "loss_entropy"))
+    difference = max(
+        abs(compiled_first[key] - eager_first[key]) for key in ("loss_objective", "loss_critic", "loss_entropy")
+    )
     steps = config.ppo.epochs * config.ppo.minibatches
-    return PPOUpdateTiming(batch.numel(), steps, eager_s, compiled_s, first_s, graph_breaks, graphs, eager_s / compiled_s, difference)
+    return PPOUpdateTiming(
+        batch.numel(), steps, eager_s, compiled_s, first_s, graph_breaks, graphs, eager_s / compiled_s, difference
+    )
 
 
 # --- bf16 autocast's accuracy effect ------------------------------------------------------------
@@ -162,7 +169,9 @@ class AmpEffect:
     max_abs_accuracy_difference_pp: float
 
 
-def final_metrics(device: torch.device, n_envs: int, batch: int, iters: int, epochs: int, amp: bool, seed: int) -> tuple[list[float], list[float]]:
+def final_metrics(
+    device: torch.device, n_envs: int, batch: int, iters: int, epochs: int, amp: bool, seed: int
+) -> tuple[list[float], list[float]]:
     """Train the synthetic task's host alone (static policy) for `epochs`: final val accuracy and loss per env."""
     env = synthetic_env(device, n_envs, batch, iters, epochs, "active", compile=False, amp=amp, seed=seed)
     policy = StaticPolicy()
@@ -293,14 +302,27 @@ def profile_bound(
     peak = device_peak(device, amp)
     busy = kernels = None
     if cuda:  # device activities, not the GPU-side spans of record_function ranges
-        device_ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        device_ops = [
+            e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+        ]
         busy = covered_us((e.time_range.start, e.time_range.end) for e in device_ops) / 1e6 / wall
         kernels = len(device_ops) / iters
     key = "self_device_time_total" if cuda else "self_cpu_time_total"  # self time: nested ranges are not counted twice
     events = [e for e in prof.key_averages() if not (cuda and e.is_user_annotation)]
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:10]
     top_ops = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1000.0} for e in top]
-    return Bound(scenario, variant, n_envs, flops_per_env_step, achieved, peak, busy, kernels, verdict(busy, achieved, peak, kernels), top_ops)
+    return Bound(
+        scenario,
+        variant,
+        n_envs,
+        flops_per_env_step,
+        achieved,
+        peak,
+        busy,
+        kernels,
+        verdict(busy, achieved, peak, kernels),
+        top_ops,
+    )
 
 
 def verdict(busy: float | None, achieved: float, peak: float | None, kernels_per_iteration: float | None) -> str:
@@ -314,7 +336,9 @@ def verdict(busy: float | None, achieved: float, peak: float | None, kernels_per
         )
     if peak is not None and achieved > 0.5 * peak:
         return f"compute-bound: {100 * achieved / peak:.0f}% of the device's peak FLOP/s"
-    share = f"{100 * achieved / peak:.1f}% of peak FLOP/s" if peak is not None else "peak FLOP/s unknown for this device"
+    share = (
+        f"{100 * achieved / peak:.1f}% of peak FLOP/s" if peak is not None else "peak FLOP/s unknown for this device"
+    )
     return f"memory-bound (inferred): the GPU is busy {100 * busy:.0f}% of the epoch at {share}"
 
 

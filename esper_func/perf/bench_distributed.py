@@ -32,8 +32,8 @@ from torchrl.collectors.distributed import DistributedCollector
 
 from esper_func.perf.bench_report import device_name
 from esper_func.rl.distributed import DistributedRollouts, shard_factories
-from esper_func.rl.trainer import PPOTrainer
 from esper_func.rl.run_config import CollectorConfig, TelemetryConfig, TrainingConfig
+from esper_func.rl.trainer import PPOTrainer
 
 
 class TimedDistributedCollector(DistributedCollector):
@@ -100,8 +100,12 @@ def measure_local(config: TrainingConfig, run_dir: Path, batches: int) -> Collec
     trainer = PPOTrainer(config, run_dir)
     start = time.perf_counter()
     collector = Collector(
-        trainer.env, trainer.nets.actor, frames_per_batch=trainer.frames_per_batch, total_frames=trainer.frames_per_batch * batches,
-        reset_at_each_iter=True, auto_register_policy_transforms=False,
+        trainer.env,
+        trainer.nets.actor,
+        frames_per_batch=trainer.frames_per_batch,
+        total_frames=trainer.frames_per_batch * batches,
+        reset_at_each_iter=True,
+        auto_register_policy_transforms=False,
     )
     startup = time.perf_counter() - start
     try:
@@ -111,13 +115,21 @@ def measure_local(config: TrainingConfig, run_dir: Path, batches: int) -> Collec
     return CollectionTiming(batches, trainer.frames_per_batch, startup, times)
 
 
-def measure_distributed(config: TrainingConfig, run_dir: Path, batches: int) -> tuple[CollectionTiming, dict[str, list[float]]]:
+def measure_distributed(
+    config: TrainingConfig, run_dir: Path, batches: int
+) -> tuple[CollectionTiming, dict[str, list[float]]]:
     trainer = PPOTrainer(config, run_dir)
     TimedDistributedCollector.phases = {}
     start = time.perf_counter()
     rollouts = DistributedRollouts(
-        shard_factories(config, trainer.transforms, first_episode=0), trainer.nets.actor, trainer.frames_per_batch, batches,
-        config.collector, config.device, run_dir, engine=TimedDistributedCollector,
+        shard_factories(config, trainer.transforms, first_episode=0),
+        trainer.nets.actor,
+        trainer.frames_per_batch,
+        batches,
+        config.collector,
+        config.device,
+        run_dir,
+        engine=TimedDistributedCollector,
     )
     startup = time.perf_counter() - start
     try:
@@ -128,15 +140,22 @@ def measure_distributed(config: TrainingConfig, run_dir: Path, batches: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m esper_func.bench_distributed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m esper_func.bench_distributed", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--batches", type=int, default=3, help="episode batches timed on each side")
-    parser.add_argument("--preset", default="default", help="training preset whose envs are collected (default: the main job's)")
+    parser.add_argument(
+        "--preset", default="default", help="training preset whose envs are collected (default: the main job's)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.workers < 1 or args.batches < 1 or args.n_envs % args.workers:
-        parser.error(f"need --workers >= 1, --batches >= 1 and --n-envs a multiple of --workers; got {args.workers}, {args.batches}, {args.n_envs}")
+        parser.error(
+            f"need --workers >= 1, --batches >= 1 and --n-envs a multiple of --workers; got {args.workers}, "
+            f"{args.batches}, {args.n_envs}"
+        )
     base = TrainingConfig.preset(args.preset)
     quiet = TelemetryConfig(level="off", logger="none", plots=False, progress_bar=False)
     local = replace(base, env=replace(base.env, n_envs=args.n_envs), telemetry=quiet, compare_episodes=0)
@@ -144,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_distributed_{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    print(f"local: {args.batches} batches of {args.n_envs} envs x {base.env.core.lifecycle.max_epochs} epochs, torch threads {torch.get_num_threads()} ...", flush=True)
+    print(
+        f"local: {args.batches} batches of {args.n_envs} envs x {base.env.core.lifecycle.max_epochs} epochs, torch "
+        f"threads {torch.get_num_threads()} ...",
+        flush=True,
+    )
     here = measure_local(local, run_dir, args.batches)
     print(f"distributed: {args.workers} workers (mp launcher, 127.0.0.1) ...", flush=True)
     remote, phases = measure_distributed(distributed, run_dir, args.batches)
@@ -154,8 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     sync_s = mean(phases["weight_sync"])
     gather_s = mean(phases["gather"])
     rows = [
-        ("local Collector", here.startup_s, mean(here.batch_s), here.steady_env_steps_per_s, here.overall_env_steps_per_s),
-        (f"distributed, {args.workers} workers", remote.startup_s, batch_s, remote.steady_env_steps_per_s, remote.overall_env_steps_per_s),
+        (
+            "local Collector",
+            here.startup_s,
+            mean(here.batch_s),
+            here.steady_env_steps_per_s,
+            here.overall_env_steps_per_s,
+        ),
+        (
+            f"distributed, {args.workers} workers",
+            remote.startup_s,
+            batch_s,
+            remote.steady_env_steps_per_s,
+            remote.overall_env_steps_per_s,
+        ),
     ]
     print("\n| collection | startup (s) | per batch (s) | env-steps/s per batch | env-steps/s with startup |")
     print("|---|---|---|---|---|")
@@ -164,19 +199,32 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| distributed overhead | seconds |")
     print("|---|---|")
     print(f"| startup: workers start and connect | {mean(phases['connect']):.2f} |")
-    print(f"| startup: the trainer's layout rollout (one episode of one shard) | {mean(phases['startup_rollout']):.2f} |")
+    print(
+        f"| startup: the trainer's layout rollout (one episode of one shard) | {mean(phases['startup_rollout']):.2f} |"
+    )
     print(f"| per batch: weight sync | {sync_s:.4f} |")
     print(f"| per batch: gathering the batch | {gather_s:.4f} |")
     print(f"| per batch: the workers' rollouts and the transfer | {batch_s - sync_s - gather_s:.2f} |")
     if args.json is not None:
         record = {
             "command": "python -m esper_func.bench_distributed " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": {"processor": device_name(torch.device("cpu")), "cpus": os.cpu_count(), "torch": torch.__version__},
+            "machine": {
+                "processor": device_name(torch.device("cpu")),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+            },
             "torch_threads_trainer": torch.get_num_threads(),
-            "local": {**asdict(here), "steady_env_steps_per_s": here.steady_env_steps_per_s, "overall_env_steps_per_s": here.overall_env_steps_per_s},
+            "local": {
+                **asdict(here),
+                "steady_env_steps_per_s": here.steady_env_steps_per_s,
+                "overall_env_steps_per_s": here.overall_env_steps_per_s,
+            },
             "distributed": {
-                **asdict(remote), "workers": args.workers, "steady_env_steps_per_s": remote.steady_env_steps_per_s,
-                "overall_env_steps_per_s": remote.overall_env_steps_per_s, "phases_s": phases,
+                **asdict(remote),
+                "workers": args.workers,
+                "steady_env_steps_per_s": remote.steady_env_steps_per_s,
+                "overall_env_steps_per_s": remote.overall_env_steps_per_s,
+                "phases_s": phases,
             },
         }
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -2,7 +2,7 @@
 TorchRL's collector adds on top of stepping the env by hand.
 
 The core and the env label their parts with `record_function("esper.<part>")`
-(`esper_func/step.py`, `envs/morphogenetic.py`); this module adds `esper.policy` around
+(`esper_func/core/step.py`, `envs/morphogenetic.py`); this module adds `esper.policy` around
 the controller's forward, profiles `steps` env steps after `warmup` untimed ones, and
 reports each part's time per step and its share of the step's wall time. The
 **controller's share** is policy + apply_action + tick + reward + observation (features,
@@ -44,10 +44,10 @@ from torchrl.envs.utils import step_mdp
 from envs import EnvConfig, MorphogeneticEnv
 from envs.sharded import shard_sizes
 from esper_func.core.config import CoreConfig, LifecycleConfig
-from esper_func.rl.evaluate_cli import baseline_controller
-from esper_func.core.rewards import RewardConfig
+from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import IN_FORWARD, stage_lookup
 from esper_func.data.tasks import TaskConfig
+from esper_func.rl.evaluate_cli import baseline_controller
 from esper_func.rl.run_config import TrainingConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -111,14 +111,24 @@ def timed(run: Callable[[], T], device: torch.device) -> tuple[float, T]:
 
 
 def synthetic_env(
-    device: torch.device, n_envs: int, batch: int, iters: int, max_epochs: int, bank_mode: str, compile: bool, amp: bool = False, seed: int = 0
+    device: torch.device,
+    n_envs: int,
+    batch: int,
+    iters: int,
+    max_epochs: int,
+    bank_mode: str,
+    compile: bool,
+    amp: bool = False,
+    seed: int = 0,
 ) -> MorphogeneticEnv:
     """The synthetic task at a given per-epoch budget (validation batches fit its validation set)."""
     preset = TaskConfig.preset("synthetic")
     val_batches = max(1, min(preset.val_batches, preset.n_val // batch))
     task = TaskConfig.preset("synthetic", batch_size=batch, train_iters=iters, val_batches=val_batches)
     core = CoreConfig(compile=compile, bank_mode=bank_mode, amp=amp, lifecycle=LifecycleConfig(max_epochs=max_epochs))  # type: ignore[arg-type]
-    return MorphogeneticEnv(EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs, seed=seed), device)
+    return MorphogeneticEnv(
+        EnvConfig(task=task, core=core, rewards=RewardConfig.for_task("synthetic"), n_envs=n_envs, seed=seed), device
+    )
 
 
 def profile_env_steps(
@@ -172,7 +182,9 @@ def profile_env_steps(
         if event.key.startswith("esper.") and event.device_type == torch.autograd.DeviceType.CPU
     }
     parts = {part: ranges[part].cpu_time_total / steps / 1000.0 for part in PARTS if part in ranges}
-    device_parts = {part: ranges[part].device_time_total / steps / 1000.0 for part in parts} if device.type == "cuda" else {}
+    device_parts = (
+        {part: ranges[part].device_time_total / steps / 1000.0 for part in parts} if device.type == "cuda" else {}
+    )
     step_ms = 1000.0 * statistics.median(wall)
     controller = sum(max(parts.get(part, 0.0), device_parts.get(part, 0.0)) for part in CONTROLLER_PARTS)
     return StepProfile(
@@ -193,7 +205,11 @@ def profile_env_steps(
 
 def format_profiles(profiles: list[StepProfile]) -> str:
     """One row per configuration: the step, each part (ms per step), and the controller's share."""
-    header = f"{'configuration':<26} {'step ms':>8} " + " ".join(f"{part[:11]:>11}" for part in PARTS) + f" {'controller':>10}"
+    header = (
+        f"{'configuration':<26} {'step ms':>8} "
+        + " ".join(f"{part[:11]:>11}" for part in PARTS)
+        + f" {'controller':>10}"
+    )
     rows = [header, "-" * len(header)]
     for p in profiles:
         cells = " ".join(f"{p.parts_ms.get(part, 0.0):>11.1f}" for part in PARTS)
@@ -216,7 +232,9 @@ class CollectorOverhead:
     """(collector - by hand) / collector: the share of a collected batch spent outside env and policy."""
 
 
-def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int, steps: int, repeats: int, compile: bool) -> CollectorOverhead:
+def collector_overhead(
+    device: torch.device, n_envs: int, batch: int, iters: int, steps: int, repeats: int, compile: bool
+) -> CollectorOverhead:
     """One episode of `steps` env steps under a random policy, by hand and collected."""
     env = synthetic_env(device, n_envs, batch, iters, steps, "active", compile)
     policy = RandomPolicy(torch.Generator(device=device).manual_seed(0))
@@ -228,8 +246,14 @@ def collector_overhead(device: torch.device, n_envs: int, batch: int, iters: int
 
     def collected() -> None:
         collector = Collector(
-            env, policy, frames_per_batch=n_envs * steps, total_frames=n_envs * steps, reset_at_each_iter=True, device=device,
-            trust_policy=True, auto_register_policy_transforms=False,  # a parameter-free, stateless policy
+            env,
+            policy,
+            frames_per_batch=n_envs * steps,
+            total_frames=n_envs * steps,
+            reset_at_each_iter=True,
+            device=device,
+            trust_policy=True,
+            auto_register_policy_transforms=False,  # a parameter-free, stateless policy
         )
         for _batch in collector:
             pass
@@ -288,7 +312,11 @@ class ShardProcesses:
         self.processes: list[multiprocessing.process.BaseProcess] = []
         for k, size in enumerate(shard_sizes(env.n_envs, workers)):
             mine, theirs = context.Pipe()
-            process = context.Process(target=_episode_server, args=(theirs, replace(env, n_envs=size), k, controller, str(device)), daemon=True)
+            process = context.Process(
+                target=_episode_server,
+                args=(theirs, replace(env, n_envs=size), k, controller, str(device)),
+                daemon=True,
+            )
             process.start()
             self.connections.append(mine)
             self.processes.append(process)
@@ -338,15 +366,21 @@ def main_job_episodes(device: torch.device, n_envs: int, repeats: int, workers: 
             pool.close()
     steps = base.core.lifecycle.max_epochs
     rates = {case: n_envs * steps / statistics.median(times[case]) for case in cases}
-    return [EpisodeTiming(*case, n_envs, steps, times[case], rates[case], rates[case] / rates[case[0], "vmap", 1]) for case in cases]
+    return [
+        EpisodeTiming(*case, n_envs, steps, times[case], rates[case], rates[case] / rates[case[0], "vmap", 1])
+        for case in cases
+    ]
 
 
 def format_episodes(timings: list[EpisodeTiming]) -> str:
-    header = f"{'controller':<11} {'env batching':<13} {'processes':>9} {'episode s':>10} {'env-steps/s':>12} {'vs vmap':>8}"
+    header = (
+        f"{'controller':<11} {'env batching':<13} {'processes':>9} {'episode s':>10} {'env-steps/s':>12} {'vs vmap':>8}"
+    )
     rows = [header, "-" * len(header)]
     for t in timings:
         median_s = statistics.median(t.episode_s)
         rows.append(
-            f"{t.controller:<11} {t.env_batching:<13} {t.processes:>9} {median_s:>10.2f} {t.env_steps_per_s:>12.1f} {t.speedup_vs_vmap:>7.2f}x"
+            f"{t.controller:<11} {t.env_batching:<13} {t.processes:>9} {median_s:>10.2f} {t.env_steps_per_s:>12.1f} "
+            f"{t.speedup_vs_vmap:>7.2f}x"
         )
     return "\n".join(rows)

@@ -104,9 +104,13 @@ class HostSyncAudit(TorchFunctionMode):
             reason = "boolean-mask indexing: output shape depends on data"
         where = _our_frame(2) if reason is not None or move else None
         if reason is not None:
-            self.calls.append(SyncCall(getattr(func, "__name__", str(func)), reason, where[0] if where else "outside esper_func"))
+            self.calls.append(
+                SyncCall(getattr(func, "__name__", str(func)), reason, where[0] if where else "outside esper_func")
+            )
         elif move and where is not None and where[1]:
-            self.calls.append(SyncCall(getattr(func, "__name__", str(func)), _MOVES.get(func, "moves data between devices"), where[0]))
+            self.calls.append(
+                SyncCall(getattr(func, "__name__", str(func)), _MOVES.get(func, "moves data between devices"), where[0])
+            )
         return func(*args, **kwargs)
 
     def __enter__(self) -> HostSyncAudit:
@@ -115,14 +119,18 @@ class HostSyncAudit(TorchFunctionMode):
             torch.cuda.set_sync_debug_mode("error")
         return super().__enter__()  # type: ignore[return-value]
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         super().__exit__(kind, error, trace)
         if self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode(self._previous_debug_mode)
 
     def raise_if_any(self, allowed: tuple[str, ...] = ()) -> None:
         """Raise `HostSyncError` for every recorded call not made in a function named in `allowed`."""
-        offending = [call for call in self.calls if not call.location.endswith(tuple(f" in {name}" for name in allowed))]
+        offending = [
+            call for call in self.calls if not call.location.endswith(tuple(f" in {name}" for name in allowed))
+        ]
         if offending:
             lines = "\n".join(f"  {call}" for call in offending)
             raise HostSyncError(f"{len(offending)} host-device synchronization(s) in a sync-free region:\n{lines}")

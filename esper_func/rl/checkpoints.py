@@ -78,11 +78,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint, verify its digest and contents (no code runs while loading)."""
     earlier = "use an earlier checkpoints/update_*.pt of the same run"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a run directory that holds checkpoints/latest.pt or a .pt file")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass a run directory that holds checkpoints/latest.pt or a .pt file"
+        )
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as error:
-        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or unreadable ({type(error).__name__}: {error}); {earlier}") from error
+        raise CheckpointError(
+            f"checkpoint {path} is truncated, corrupt or unreadable ({type(error).__name__}: {error}); {earlier}"
+        ) from error
     if not isinstance(outer, dict) or not {"format", "sha256", "payload"} <= set(outer):
         raise CheckpointError(f"checkpoint {path} is not an esper_func checkpoint (format {CHECKPOINT_FORMAT})")
     if outer["format"] != CHECKPOINT_FORMAT:
@@ -92,11 +96,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     payload = outer["payload"].numpy().tobytes()
     if hashlib.sha256(payload).hexdigest() != outer["sha256"]:
-        raise CheckpointError(f"checkpoint {path} was modified after it was written (its SHA-256 digest does not match); {earlier}")
+        raise CheckpointError(
+            f"checkpoint {path} was modified after it was written (its SHA-256 digest does not match); {earlier}"
+        )
     try:
         checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except _UNREADABLE as error:
-        raise CheckpointError(f"checkpoint {path} holds an unreadable payload ({type(error).__name__}: {error}); {earlier}") from error
+        raise CheckpointError(
+            f"checkpoint {path} holds an unreadable payload ({type(error).__name__}: {error}); {earlier}"
+        ) from error
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}; it was not written by this version of esper_func")

@@ -14,49 +14,39 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import traceback
 
 import torch
-from torchrl.collectors.distributed.generic import _distributed_init_delayed
 
-from esper_func.rl.distributed import ENGINE_ERRORS, beat_forever, exit_now
-
-
-def serve(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
-    """Collect for the trainer until it shuts the run down (returns then). The heartbeat
-    thread lets the trainer tell a lost worker from a slow one."""
-    threading.Thread(target=beat_forever, args=(master_addr, port + 3, rank, connect_timeout_s), daemon=True).start()
-    _distributed_init_delayed(rank, "gloo", master_addr, port, world_size)
+from esper_func.rl.distributed import ENGINE_ERRORS, exit_now, serve
 
 
 def resolve_rank(parser: argparse.ArgumentParser, rank: str) -> int:
     if rank == "env":
         launcher_rank = os.environ.get("RANK")
         if launcher_rank is None or not launcher_rank.isdigit():
-            parser.error(f"--rank env reads the environment variable RANK, which is {launcher_rank!r} here; pass --rank K")
+            parser.error(
+                f"--rank env reads the environment variable RANK, which is {launcher_rank!r} here; pass --rank K"
+            )
         return int(launcher_rank) + 1
     if not rank.isdigit():
         parser.error(f"--rank must be an integer or 'env', got {rank!r}")
     return int(rank)
 
 
-def serve_then_exit(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
-    """`serve`, then end the process with status 0 (a SLURM job submitted by the
-    `submitit` launcher; `exit_now` says why not a normal exit)."""
-    serve(rank, world_size, master_addr, port, connect_timeout_s)
-    exit_now(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m esper_func.collect_worker", description=__doc__.split("\n\n")[1])
     parser.add_argument(
-        "--rank", required=True,
-        help="this worker's rank, 1 to world size - 1 (the trainer is 0); 'env': $RANK + 1, for launchers that number workers from 0 (torchrun, Kubernetes)",
+        "--rank",
+        required=True,
+        help="this worker's rank, 1 to world size - 1 (the trainer is 0); 'env': $RANK + 1, for launchers that number "
+             "workers from 0 (torchrun, Kubernetes)",
     )
     parser.add_argument("--world-size", type=int, required=True, help="workers + 1")
     parser.add_argument("--master-addr", required=True, help="the trainer's address as this machine reaches it")
-    parser.add_argument("--port", type=int, required=True, help="the trainer's collector.port (ports P to P+3 are used)")
+    parser.add_argument(
+        "--port", type=int, required=True, help="the trainer's collector.port (ports P to P+3 are used)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for the trainer")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 Worker k (rank k + 1 of torch.distributed's world of W + 1; the trainer is rank 0) steps
 shard k of the run's `env.n_envs` envs: a `MorphogeneticEnv` of n_envs / W envs with
-shard index k, whose random streams are keyed by (seed, k, episode) (`esper_func.seeding`),
+shard index k, whose random streams are keyed by (seed, k, episode) (`esper_func.core.seeding`),
 and samples actions with the policy and the env's noise. So a batch gathered from W
 workers equals a local run's over W shards (`envs.ShardedEnv`), value for value (bit for
 bit at equal torch thread counts).
@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 from torchrl.collectors.distributed import DistributedCollector
+from torchrl.collectors.distributed.generic import _distributed_init_delayed
 from torchrl.envs import Compose, EnvBase, Transform, TransformedEnv
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv
@@ -142,14 +143,23 @@ def worker_command(rank: int, world_size: int, master_addr: str, port: int, thre
 
 def require_launcher_packages(collector: CollectorConfig) -> None:
     """The submitit launcher needs submitit: say so before anything is built."""
-    if collector.kind == "distributed" and collector.launcher == "submitit" and importlib.util.find_spec("submitit") is None:
-        raise ConfigError("collector.launcher='submitit' needs the package submitit, missing here; pip install submitit, or use --launcher delayed")
+    if (
+        collector.kind == "distributed"
+        and collector.launcher == "submitit"
+        and importlib.util.find_spec("submitit") is None
+    ):
+        raise ConfigError(
+            "collector.launcher='submitit' needs the package submitit, missing here; pip install submitit, or use "
+            "--launcher delayed"
+        )
 
 
 class Heartbeats:
     """The trainer's view of the workers' heartbeat counters (a TCPStore it hosts)."""
 
-    def __init__(self, host: str, port: int, workers: int, connect_timeout_s: float, heartbeat_timeout_s: float) -> None:
+    def __init__(
+        self, host: str, port: int, workers: int, connect_timeout_s: float, heartbeat_timeout_s: float
+    ) -> None:
         self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
         self.workers = workers
         self.connect_timeout_s = connect_timeout_s
@@ -170,7 +180,8 @@ class Heartbeats:
             if previous is None or previous[0] != count:
                 self.seen[rank] = (count, now)
             elif now - previous[1] > self.heartbeat_timeout_s:
-                return f"worker rank {rank} stopped: no heartbeat for {now - previous[1]:.0f} s (it died, hung or lost the network)"
+                quiet = f"{now - previous[1]:.0f} s"
+                return f"worker rank {rank} stopped: no heartbeat for {quiet} (it died, hung or lost the network)"
         return None
 
 
@@ -183,7 +194,11 @@ def beat_forever(host: str, port: int, rank: int, connect_timeout_s: float) -> N
             store.add(f"beats/{rank}", 1)
             time.sleep(HEARTBEAT_PERIOD_S)
     except (RuntimeError, OSError) as error:  # DistStoreError and DistNetworkError are RuntimeErrors
-        print(f"collect_worker rank {rank}: the trainer at {host}:{port} is gone ({error}); exiting", file=sys.stderr, flush=True)
+        print(
+            f"collect_worker rank {rank}: the trainer at {host}:{port} is gone ({error}); exiting",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(3)
 
 
@@ -191,7 +206,9 @@ def engine_left_running() -> bool:
     """Whether this process still holds a distributed engine that was not shut down: a
     process group, or an engine call blocked on a lost worker. Its threads (gloo's,
     TorchRL's weight sync) make a normal interpreter exit abort with SIGABRT."""
-    return dist.is_initialized() or any(thread.name == ENGINE_THREAD and thread.is_alive() for thread in threading.enumerate())
+    return dist.is_initialized() or any(
+        thread.name == ENGINE_THREAD and thread.is_alive() for thread in threading.enumerate()
+    )
 
 
 def exit_now(code: int) -> None:
@@ -203,13 +220,31 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def serve(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
+    """Collect for the trainer until it shuts the run down (returns then). The heartbeat
+    thread lets the trainer tell a lost worker from a slow one."""
+    threading.Thread(target=beat_forever, args=(master_addr, port + 3, rank, connect_timeout_s), daemon=True).start()
+    _distributed_init_delayed(rank, "gloo", master_addr, port, world_size)
+
+
+def serve_then_exit(rank: int, world_size: int, master_addr: str, port: int, connect_timeout_s: float = 120.0) -> None:
+    """`serve`, then end the process with status 0 (a SLURM job submitted by the
+    `submitit` launcher; `exit_now` says why not a normal exit)."""
+    serve(rank, world_size, master_addr, port, connect_timeout_s)
+    exit_now(0)
+
+
 # --- the trainer's collector ---------------------------------------------------------------
 
 
-def shard_factories(config: TrainingConfig, transforms: Sequence[Transform], first_episode: int) -> list[ShardEnvFactory]:
+def shard_factories(
+    config: TrainingConfig, transforms: Sequence[Transform], first_episode: int
+) -> list[ShardEnvFactory]:
     """One env factory per worker of `config.collector`: shard k of the run's envs."""
     workers = config.collector.workers
-    return [ShardEnvFactory(config.env, workers, k, first_episode, config.device, tuple(transforms)) for k in range(workers)]
+    return [
+        ShardEnvFactory(config.env, workers, k, first_episode, config.device, tuple(transforms)) for k in range(workers)
+    ]
 
 
 class DistributedRollouts:
@@ -236,13 +271,19 @@ class DistributedRollouts:
         benchmark passes one that times its phases)."""
         require_launcher_packages(collector)
         if len(env_factories) != collector.workers:
-            raise ValueError(f"{len(env_factories)} env factories for collector.workers={collector.workers}; pass one per worker")
+            raise ValueError(
+                f"{len(env_factories)} env factories for collector.workers={collector.workers}; pass one per worker"
+            )
         self.workers = collector.workers
         self.device = torch.device(device)
         self.port = collector.port or free_port_block(collector.master_addr)
         world_size = self.workers + 1
         self.heartbeats = Heartbeats(
-            collector.master_addr, self.port + 3, self.workers, collector.connect_timeout_s, collector.heartbeat_timeout_s
+            collector.master_addr,
+            self.port + 3,
+            self.workers,
+            collector.connect_timeout_s,
+            collector.heartbeat_timeout_s,
         )
         self.processes: list[subprocess.Popen[bytes]] = []
         self._in_flight: threading.Thread | None = None
@@ -274,11 +315,11 @@ class DistributedRollouts:
             for rank in range(1, world_size):
                 # A session of its own: a Ctrl-C in the trainer's terminal reaches the trainer
                 # alone, which then stops the workers cleanly.
-                self.processes.append(subprocess.Popen(worker_command(rank, world_size, addr, port, threads), start_new_session=True))
+                self.processes.append(
+                    subprocess.Popen(worker_command(rank, world_size, addr, port, threads), start_new_session=True)
+                )
         elif collector.launcher == "submitit":
             import submitit  # checked by require_launcher_packages
-
-            from esper_func.rl.collect_worker import serve_then_exit
 
             executor = submitit.AutoExecutor(folder=run_dir / "slurm")
             slurm = {"timeout_min": collector.slurm_timeout_min, "cpus_per_task": collector.slurm_cpus_per_task}
@@ -288,8 +329,15 @@ class DistributedRollouts:
             for rank in range(1, world_size):
                 executor.submit(serve_then_exit, rank, world_size, addr, port, collector.connect_timeout_s)
         else:
-            lines = "\n".join("  python " + " ".join(worker_command(rank, world_size, addr, port)[1:]) for rank in range(1, world_size))
-            print(f"waiting {collector.connect_timeout_s:.0f} s for {self.workers} workers; start them with:\n{lines}", file=sys.stderr, flush=True)
+            lines = "\n".join(
+                "  python " + " ".join(worker_command(rank, world_size, addr, port)[1:])
+                for rank in range(1, world_size)
+            )
+            print(
+                f"waiting {collector.connect_timeout_s:.0f} s for {self.workers} workers; start them with:\n{lines}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _watched(self, call: Callable[[], T]) -> T:
         """Run a blocking engine call on a helper thread; meanwhile watch the workers."""
@@ -320,7 +368,9 @@ class DistributedRollouts:
             self._abort()
             error = outcome["error"]
             assert isinstance(error, BaseException)
-            raise DistributedError(problem or f"the distributed collector failed: {type(error).__name__}: {error}") from error
+            raise DistributedError(
+                problem or f"the distributed collector failed: {type(error).__name__}: {error}"
+            ) from error
         return outcome["value"]  # type: ignore[return-value]
 
     def _problem(self) -> str | None:
@@ -365,4 +415,6 @@ class DistributedRollouts:
         for rank, process in enumerate(self.processes, start=1):
             code = process.wait(timeout=30)
             if code != 0:
-                raise DistributedError(f"worker rank {rank} exited with status {code} after a clean shutdown (0 expected)")
+                raise DistributedError(
+                    f"worker rank {rank} exited with status {code} after a clean shutdown (0 expected)"
+                )

@@ -65,9 +65,11 @@ class EpisodeResult:
 
     def line(self) -> str:
         return (
-            f"episode {self.episode} [{self.controller}] final acc {self.final_accuracy:.2f}% | return {self.episode_return:.2f} | "
+            f"episode {self.episode} [{self.controller}] final acc {self.final_accuracy:.2f}% | return "
+            f"{self.episode_return:.2f} | "
             f"germinated {self.counts.germinated} fossilized {self.counts.fossilized} culled {self.counts.culled} | "
-            f"param growth {100 * self.param_growth:.1f}% | rollbacks {self.rollbacks} | {self.env_steps_per_s:.2f} env-steps/s"
+            f"param growth {100 * self.param_growth:.1f}% | rollbacks {self.rollbacks} | {self.env_steps_per_s:.2f} "
+            "env-steps/s"
         )
 
     def record(self) -> dict[str, object]:
@@ -126,8 +128,9 @@ def play_episode(
                 for record in rollback_events(step, episode):
                     lifecycle_log.write({"controller": name, **record})
             trace.append(
-                nxt.select("reward_components", ("metrics", "val_accuracy"), ("metrics", "seed_params"), ("seeds", "stage"))
-                .set("reward", nxt["reward"].squeeze(-1))
+                nxt.select(
+                    "reward_components", ("metrics", "val_accuracy"), ("metrics", "seed_params"), ("seeds", "stage")
+                ).set("reward", nxt["reward"].squeeze(-1))
             )
             steps.update(1)
             if progress:

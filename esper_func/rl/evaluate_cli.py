@@ -24,13 +24,13 @@ from tensordict.nn import InteractionType, TensorDictModuleBase, set_interaction
 
 from envs.morphogenetic import MorphogeneticEnv
 from envs.sharded import ShardedEnv, build_env
-from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.core.config import ConfigError
+from esper_func.data.errors import TaskDataError
+from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.rl.episodes import EpisodeResult, play_episode
 from esper_func.rl.plots import plot_accuracy
-from esper_func.rl.trainer import policy_env
-from esper_func.data.tasks import TaskDataError
 from esper_func.rl.run_config import TrainingConfig, load_training_config
+from esper_func.rl.trainer import policy_env
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 from policies.ppo import ActorCritic, make_actor_critic
 
@@ -40,8 +40,12 @@ EVAL_SEED_OFFSET = 10_000
 
 def baseline_controller(name: str, env: MorphogeneticEnv | ShardedEnv, seed: int) -> TensorDictModuleBase:
     if name == "heuristic":
-        config = HeuristicConfig(germinate_by_epoch=max(HeuristicConfig.min_epoch_to_germinate, int(0.4 * env.max_epochs)))
-        return HeuristicPolicy(env.model.topology, env.config.n_envs, config, device=env.device, blueprint_names=env.model.blueprint_names)
+        config = HeuristicConfig(
+            germinate_by_epoch=max(HeuristicConfig.min_epoch_to_germinate, int(0.4 * env.max_epochs))
+        )
+        return HeuristicPolicy(
+            env.model.topology, env.config.n_envs, config, device=env.device, blueprint_names=env.model.blueprint_names
+        )
     if name == "random":
         return RandomPolicy(torch.Generator(device=env.device).manual_seed(seed))
     if name == "static":
@@ -74,7 +78,15 @@ def compare_controllers(
         with set_interaction_type(mode):
             results[name] = []
             for episode in range(episodes):
-                result = play_episode(env, controller, name, episode, base.model.blueprint_names, base.model.host_param_count, progress=progress)
+                result = play_episode(
+                    env,
+                    controller,
+                    name,
+                    episode,
+                    base.model.blueprint_names,
+                    base.model.host_param_count,
+                    progress=progress,
+                )
                 test = base.test_accuracy()
                 result.test_accuracy = None if test is None else test.mean().item()
                 results[name].append(result)
@@ -89,7 +101,9 @@ def summary_table(results: dict[str, list[EpisodeResult]]) -> list[dict[str, Any
             {
                 "controller": name,
                 "final_accuracy": sum(e.final_accuracy for e in episodes) / count,
-                "test_accuracy": None if any(e.test_accuracy is None for e in episodes) else sum(e.test_accuracy or 0.0 for e in episodes) / count,
+                "test_accuracy": None
+                if any(e.test_accuracy is None for e in episodes)
+                else sum(e.test_accuracy or 0.0 for e in episodes) / count,
                 "params_added_pct": 100 * sum(e.param_growth for e in episodes) / count,
                 "fossilized": sum(e.counts.fossilized for e in episodes) / count,
                 "culled": sum(e.counts.culled for e in episodes) / count,
@@ -102,7 +116,15 @@ def summary_table(results: dict[str, list[EpisodeResult]]) -> list[dict[str, Any
     return rows
 
 
-SEED_METRICS: tuple[str, ...] = ("final_accuracy", "test_accuracy", "params_added", "germinated", "fossilized", "culled", "return")
+SEED_METRICS: tuple[str, ...] = (
+    "final_accuracy",
+    "test_accuracy",
+    "params_added",
+    "germinated",
+    "fossilized",
+    "culled",
+    "return",
+)
 """What the comparison over seeds reports per controller, as mean and std over seeds
 (`test_accuracy` where the task has a test split)."""
 
@@ -155,7 +177,15 @@ def format_seeds_table(rows: list[dict[str, Any]]) -> str:
     where measured); one seed's values alone."""
     seeds = rows[0]["seeds"]
     with_test = all(row["test_accuracy"] is not None for row in rows)
-    columns = ["final val acc (%)", *(["test acc (%)"] if with_test else []), "params added", "germinated", "fossilized", "culled", "return"]
+    columns = [
+        "final val acc (%)",
+        *(["test acc (%)"] if with_test else []),
+        "params added",
+        "germinated",
+        "fossilized",
+        "culled",
+        "return",
+    ]
     title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines = [f"| controller ({title}) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
 
@@ -204,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a PPO run directory (or a checkpoint .pt file inside one)")
     parser.add_argument("--episodes", type=int, default=1, help="episodes per controller")
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=None,
-        help=f"evaluation seeds, each a fresh set of envs; mean +- std over them (default: the run's compare_seeds, else its seed + {EVAL_SEED_OFFSET})",
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="evaluation seeds, each a fresh set of envs; mean +- std over them (default: the run's compare_seeds, "
+             f"else its seed + {EVAL_SEED_OFFSET})",
     )
-    parser.add_argument("--greedy", action="store_true", help="play the policy's most likely action instead of sampling")
+    parser.add_argument(
+        "--greedy", action="store_true", help="play the policy's most likely action instead of sampling"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.episodes < 1:

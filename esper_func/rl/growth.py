@@ -39,12 +39,13 @@ from tensordict.nn import TensorDictModuleBase  # noqa: E402
 
 from envs.morphogenetic import EnvConfig, MorphogeneticEnv  # noqa: E402
 from esper_func.core.blueprints import blueprint_index  # noqa: E402
-from esper_func.core.config import CNNHostConfig, CoreConfig, from_dict, to_dict  # noqa: E402
-from esper_func.rl.episodes import play_episode  # noqa: E402
+from esper_func.core.config import CNNHostConfig, CoreConfig  # noqa: E402
+from esper_func.core.config_json import from_dict, to_dict  # noqa: E402
+from esper_func.core.hosts import build_host  # noqa: E402
 from esper_func.core.stages import HOLDS_SEED, LIVE, Stage, stage_lookup  # noqa: E402
 from esper_func.core.state import seed_param_count  # noqa: E402
-from esper_func.core.hosts import build_host  # noqa: E402
 from esper_func.data.tasks import TaskConfig, build_task  # noqa: E402
+from esper_func.rl.episodes import play_episode  # noqa: E402
 from policies import HeuristicPolicy, ScriptedGrowthPolicy, StaticPolicy  # noqa: E402
 
 CONTROLLERS: tuple[str, ...] = ("static", "wide2", "wide4", "heuristic", "scripted")
@@ -94,7 +95,9 @@ def controller_env(base: EnvConfig, controller: str, seed: int, host: CNNHostCon
 def make_controller(name: str, env: MorphogeneticEnv, blueprint: str) -> TensorDictModuleBase:
     model = env.model
     if name == "heuristic":
-        return HeuristicPolicy(model.topology, env.config.n_envs, device=env.device, blueprint_names=model.blueprint_names)
+        return HeuristicPolicy(
+            model.topology, env.config.n_envs, device=env.device, blueprint_names=model.blueprint_names
+        )
     if name == "scripted":
         return ScriptedGrowthPolicy(model.blueprint_names.index(blueprint)).to(env.device)
     return StaticPolicy()
@@ -117,7 +120,9 @@ def run_controller(name: str, config: EnvConfig, blueprint: str, static_params: 
     start = time.perf_counter()
     env = MorphogeneticEnv(config, device)
     model = env.model
-    result = play_episode(env, make_controller(name, env, blueprint), name, 0, model.blueprint_names, model.host_param_count)
+    result = play_episode(
+        env, make_controller(name, env, blueprint), name, 0, model.blueprint_names, model.host_param_count
+    )
     test = env.test_accuracy()
     assert test is not None, "the growth benchmark runs image tasks, which have a test split"
     test = test.cpu()
@@ -196,12 +201,17 @@ def format_table(summary: dict[str, dict[str, Any]], n_seeds: int) -> str:
         f"{'params added':>16} | {'pp / 1k params':>14} | germ / foss / culled / live | longest TRAINING",
     ]
     for name, row in summary.items():
-        gain = "" if row["gain_over_static_mean"] is None else f"{row['gain_over_static_mean']:+6.2f} +- {row['gain_over_static_std']:4.2f}"
+        gain = (
+            ""
+            if row["gain_over_static_mean"] is None
+            else f"{row['gain_over_static_mean']:+6.2f} +- {row['gain_over_static_std']:4.2f}"
+        )
         per_k = "-" if row["gain_per_1k_params"] is None else f"{row['gain_per_1k_params']:+.2f}"
         accuracy = f"{row['test_accuracy_mean']:6.2f} +- {row['test_accuracy_std']:4.2f} %"
         counts = f"{row['germinated']} / {row['fossilized']} / {row['culled']} / {row['live']}"
         lines.append(
-            f"{name:<10} | {accuracy:<32} | {gain:>15} | {row['params_added_mean']:8.0f} ({row['params_added_percent']:5.1f}%) | "
+            f"{name:<10} | {accuracy:<32} | {gain:>15} | {row['params_added_mean']:8.0f} "
+            f"({row['params_added_percent']:5.1f}%) | "
             f"{per_k:>14} | {counts:<28} | {row['longest_training']}"
         )
     return "\n".join(lines)
@@ -212,13 +222,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument(
-        "--wide-envs", type=int, default=4, help="envs of the wide hosts: references for accuracy and parameter cost, 2-6x the step time"
+        "--wide-envs",
+        type=int,
+        default=4,
+        help="envs of the wide hosts: references for accuracy and parameter cost, 2-6x the step time",
     )
     parser.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS)
     parser.add_argument("--blueprint", default="conv_wide", help="what the scripted schedule grows")
     parser.add_argument("--max-epochs", type=int, default=None, help="episode length (default: the lifecycle's)")
     parser.add_argument("--task-json", default=None, help="a TaskConfig JSON file (default: the synthetic preset)")
-    parser.add_argument("--out", default="growth", help="folder for growth.json and the plots (created; files are replaced)")
+    parser.add_argument(
+        "--out", default="growth", help="folder for growth.json and the plots (created; files are replaced)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from esper_func.core.config_json import to_dict
 from esper_func.rl.checkpoints import save_checkpoint
-from esper_func.core.config import to_dict
-from esper_func.rl.trainer import TrainerState, scalar_metrics
 from esper_func.rl.telemetry import JsonlWriter
+from esper_func.rl.trainer import TrainerState, scalar_metrics
 
 
 class CheckpointHook:
@@ -38,7 +38,9 @@ class CheckpointHook:
             self.save(state)
 
     def save(self, state: TrainerState) -> None:
-        state.checkpoint_path = save_checkpoint(state.run_dir, state.update, to_dict(state.config), self.trainer_state_dict())
+        state.checkpoint_path = save_checkpoint(
+            state.run_dir, state.update, to_dict(state.config), self.trainer_state_dict()
+        )
         self.saved_update = state.update
 
 

@@ -13,7 +13,7 @@ faster than one process of two threads steps them all (1.45x on 2 cores for the 
 docs/performance.md): the packed step's small kernels do not split well over threads.
 
 Ctrl-C reaches the whole process group; the workers ignore SIGINT so that the trainer's
-first Ctrl-C finishes the batch and checkpoints (esper_func.train.GracefulStop), and the
+first Ctrl-C finishes the batch and checkpoints (esper_func.rl.train_cli.GracefulStop), and the
 workers stop when the trainer shuts the collector down. A worker that dies mid-batch
 (killed, out of memory) stops the run with a `DistributedError` naming it.
 """
@@ -56,7 +56,9 @@ class MultiprocessRollouts:
         workers are spawned); each plays `steps` steps per batch. `policy` goes to the
         workers once, its parameters and buffers in shared memory from then on."""
         if len(env_factories) != len(shard_sizes):
-            raise ValueError(f"{len(env_factories)} env factories for {len(shard_sizes)} shard sizes; pass one size per factory")
+            raise ValueError(
+                f"{len(env_factories)} env factories for {len(shard_sizes)} shard sizes; pass one size per factory"
+            )
         self.shard_sizes = tuple(shard_sizes)
         self._batches = batches
         self._shut_down = False

@@ -59,7 +59,9 @@ def plot_returns(history: list[dict[str, float]], path: Path) -> Path:
 def plot_lifecycle(stages: list[list[list[int]]], slot_names: tuple[str, ...], path: Path, max_envs: int = 4) -> Path:
     """`stages` is `[T][N][S]` stage values; one row per (env, slot), time on the x axis."""
     n_envs = min(max_envs, len(stages[0]))
-    rows = [[stages[t][env][slot] for t in range(len(stages))] for env in range(n_envs) for slot in range(len(slot_names))]
+    rows = [
+        [stages[t][env][slot] for t in range(len(stages))] for env in range(n_envs) for slot in range(len(slot_names))
+    ]
     order = list(STAGE_COLOURS)
     index = {int(stage): i for i, stage in enumerate(order)}
     figure, axis = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
@@ -78,7 +80,9 @@ def plot_lifecycle(stages: list[list[list[int]]], slot_names: tuple[str, ...], p
     axis.set_xlabel("epoch (stage after the epoch)")
     axis.set_title("Seed lifecycle per slot")
     handles = [plt.Rectangle((0, 0), 1, 1, color=STAGE_COLOURS[stage]) for stage in order]
-    axis.legend(handles, [stage.name for stage in order], loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, fontsize=7)
+    axis.legend(
+        handles, [stage.name for stage in order], loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, fontsize=7
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -19,8 +19,9 @@ from typing import Any, Literal, get_args
 import torch
 
 from envs.morphogenetic import EnvConfig
-from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig, from_dict, require, require_fields, to_dict
-from esper_func.core.rewards import RewardConfig
+from esper_func.core.config import ConfigError, CoreConfig, LifecycleConfig, require, require_fields
+from esper_func.core.config_json import from_dict, to_dict
+from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import ACTION_HEADS
 from esper_func.data.tasks import TaskConfig
 from policies.ppo import PolicyConfig
@@ -83,8 +84,18 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         require_fields(self, ("gamma", "gae_lambda"), lambda value: 0.0 < value <= 1.0, "in (0, 1]")
-        require_fields(self, ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"), lambda value: value > 0.0, "> 0")
-        require_fields(self, ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"), lambda value: value >= 0, ">= 0")
+        require_fields(
+            self,
+            ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "kl_stop_factor"),
+            lambda value: value > 0.0,
+            "> 0",
+        )
+        require_fields(
+            self,
+            ("value_clip", "critic_coeff", "target_kl", "entropy_coeff", "entropy_coeff_end", "entropy_anneal_updates"),
+            lambda value: value >= 0,
+            ">= 0",
+        )
         require_fields(self, ("epochs", "minibatches"), lambda value: value >= 1, ">= 1")
         require_fields(self, tuple(f"entropy_weight_{head}" for head in ACTION_HEADS), lambda value: value >= 0, ">= 0")
 
@@ -118,9 +129,15 @@ class TelemetryConfig:
 
     def __post_init__(self) -> None:
         require(self.logger in LOGGERS, f"TelemetryConfig.logger must be one of {list(LOGGERS)}, got {self.logger!r}")
-        require(self.anomaly_debug_updates >= 0, f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}")
+        require(
+            self.anomaly_debug_updates >= 0,
+            f"TelemetryConfig.anomaly_debug_updates must be >= 0, got {self.anomaly_debug_updates}",
+        )
         require(self.ratio_explosion > 1.0, f"TelemetryConfig.ratio_explosion must be > 1, got {self.ratio_explosion}")
-        require(0.0 < self.ratio_collapse < 1.0, f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}")
+        require(
+            0.0 < self.ratio_collapse < 1.0,
+            f"TelemetryConfig.ratio_collapse must be in (0, 1), got {self.ratio_collapse}",
+        )
 
 
 @dataclass(frozen=True)
@@ -148,9 +165,9 @@ class CollectorConfig:
     """The rendezvous port; TorchRL also uses port + 1 (its store). 0: a free port, for
     `mp` only (hand-started or SLURM workers must be told the port)."""
     worker_threads: int = 0
-    """`multiprocess`, and `distributed` with `mp`: torch threads per worker (0: this machine's cores divided by the workers).
-    Workers and a local run give bit-identical batches at equal thread counts, and equal
-    to float rounding otherwise."""
+    """`multiprocess`, and `distributed` with `mp`: torch threads per worker (0: this
+    machine's cores divided by the workers). Workers and a local run give bit-identical
+    batches at equal thread counts, and equal to float rounding otherwise."""
     connect_timeout_s: float = 120.0
     """How long the trainer waits for every worker to connect before it stops with an
     error naming the rank."""
@@ -164,27 +181,45 @@ class CollectorConfig:
 
     def __post_init__(self) -> None:
         require(self.kind in COLLECTORS, f"CollectorConfig.kind must be one of {list(COLLECTORS)}, got {self.kind!r}")
-        require(self.launcher in LAUNCHERS, f"CollectorConfig.launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
+        require(
+            self.launcher in LAUNCHERS,
+            f"CollectorConfig.launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}",
+        )
         require(self.workers >= 1, f"CollectorConfig.workers must be >= 1, got {self.workers}")
-        require(self.worker_threads >= 0, f"CollectorConfig.worker_threads must be >= 0 (0: cores / workers), got {self.worker_threads}")
-        require(0 <= self.port <= 65534, f"CollectorConfig.port must be in [0, 65534] (port + 1 is used too), got {self.port}")
+        require(
+            self.worker_threads >= 0,
+            f"CollectorConfig.worker_threads must be >= 0 (0: cores / workers), got {self.worker_threads}",
+        )
+        require(
+            0 <= self.port <= 65534,
+            f"CollectorConfig.port must be in [0, 65534] (port + 1 is used too), got {self.port}",
+        )
         require(
             self.port != 0 or self.launcher == "mp" or self.kind == "local",
-            f"CollectorConfig.port=0 picks a free port, which workers started by {self.launcher!r} cannot know; set --port",
+            f"CollectorConfig.port=0 picks a free port, which workers started by {self.launcher!r} cannot know; set "
+            "--port",
         )
-        require(self.connect_timeout_s > 0, f"CollectorConfig.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        require(
+            self.connect_timeout_s > 0, f"CollectorConfig.connect_timeout_s must be > 0, got {self.connect_timeout_s}"
+        )
         require(
             self.heartbeat_timeout_s >= 3.0,
-            f"CollectorConfig.heartbeat_timeout_s must be >= 3 (workers tick once a second), got {self.heartbeat_timeout_s}",
+            "CollectorConfig.heartbeat_timeout_s must be >= 3 (workers tick once a second), got "
+            f"{self.heartbeat_timeout_s}",
         )
-        require(self.slurm_timeout_min >= 1 and self.slurm_cpus_per_task >= 1, "CollectorConfig.slurm_timeout_min and slurm_cpus_per_task must be >= 1")
+        require(
+            self.slurm_timeout_min >= 1 and self.slurm_cpus_per_task >= 1,
+            "CollectorConfig.slurm_timeout_min and slurm_cpus_per_task must be >= 1",
+        )
 
 
 def _check_device(field_name: str, name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ConfigError(f"TrainingConfig.{field_name}: {name!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'") from error
+        raise ConfigError(
+            f"TrainingConfig.{field_name}: {name!r} is not a device ({error}); use e.g. 'cpu' or 'cuda:0'"
+        ) from error
     require(
         device.type != "cuda" or torch.cuda.is_available(),
         f"TrainingConfig.{field_name}: {name!r} but CUDA is not available on this machine; use cpu",
@@ -223,14 +258,22 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
-        require(self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        require(self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}")
+        require(
+            self.checkpoint_every >= 0, f"TrainingConfig.checkpoint_every must be >= 0, got {self.checkpoint_every}"
+        )
+        require(
+            self.compare_episodes >= 0, f"TrainingConfig.compare_episodes must be >= 0, got {self.compare_episodes}"
+        )
         require(
             self.env.seed not in self.compare_seeds,
-            f"TrainingConfig.compare_seeds {list(self.compare_seeds)} include the training seed env.seed={self.env.seed}; "
+            f"TrainingConfig.compare_seeds {list(self.compare_seeds)} include the training seed "
+            f"env.seed={self.env.seed}; "
             "evaluate on seeds the policy never trained on",
         )
-        require(len(set(self.compare_seeds)) == len(self.compare_seeds), f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}")
+        require(
+            len(set(self.compare_seeds)) == len(self.compare_seeds),
+            f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}",
+        )
         if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
             self._check_ppo()
         require(
@@ -243,12 +286,14 @@ class TrainingConfig:
             _check_device(field_name, name)
         require(
             not self.devices or self.devices[0] == self.device,
-            f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy runs); "
+            f"TrainingConfig.devices={list(self.devices)} must start with device={self.device!r} (where the policy "
+            "runs); "
             "reorder them or set device to the first",
         )
         require(
             len(self.devices) <= self.env.n_envs,
-            f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least one env per device",
+            f"TrainingConfig.devices lists {len(self.devices)} devices for env.n_envs={self.env.n_envs}; use at least "
+            "one env per device",
         )
 
     def _check_workers(self) -> None:
@@ -256,13 +301,15 @@ class TrainingConfig:
         if kind == "distributed":
             require(
                 self.env.n_envs % workers == 0,
-                f"env.n_envs={self.env.n_envs} is not a multiple of collector.workers={workers}: each worker steps an equal "
+                f"env.n_envs={self.env.n_envs} is not a multiple of collector.workers={workers}: each worker steps an "
+                "equal "
                 f"shard; use n_envs={workers * max(1, round(self.env.n_envs / workers))} or another worker count",
             )
         else:
             require(
                 self.env.n_envs >= workers,
-                f"env.n_envs={self.env.n_envs} is fewer than collector.workers={workers}: each worker steps at least one env; "
+                f"env.n_envs={self.env.n_envs} is fewer than collector.workers={workers}: each worker steps at least "
+                "one env; "
                 f"use --workers {self.env.n_envs} or --collector local",
             )
             require(
@@ -270,23 +317,29 @@ class TrainingConfig:
                 f"collector.kind='multiprocess' steps CPU envs in worker processes, but device={self.device!r}; "
                 "use --collector local (or --devices to shard over several GPUs)",
             )
-        require(not self.devices, f"devices={list(self.devices)}: a {kind} run shards the envs over workers, not devices; drop --devices")
+        require(
+            not self.devices,
+            f"devices={list(self.devices)}: a {kind} run shards the envs over workers, not devices; drop --devices",
+        )
 
     def _check_ppo(self) -> None:
         require(
             self.ppo.gamma == self.env.rewards.gamma,
-            f"ppo.gamma={self.ppo.gamma} differs from env.rewards.gamma={self.env.rewards.gamma}: the PBRS discount must "
+            f"ppo.gamma={self.ppo.gamma} differs from env.rewards.gamma={self.env.rewards.gamma}: the PBRS discount "
+            "must "
             "equal the PPO discount or shaping changes the optimal policy; set both to the same value",
         )
         require(
             not (self.policy.lstm and self.ppo.minibatches > self.env.n_envs),
-            f"ppo.minibatches={self.ppo.minibatches} exceeds env.n_envs={self.env.n_envs}: with the LSTM a minibatch holds "
+            f"ppo.minibatches={self.ppo.minibatches} exceeds env.n_envs={self.env.n_envs}: with the LSTM a minibatch "
+            "holds "
             "whole env sequences; use at most n_envs minibatches",
         )
         transitions = self.env.n_envs * self.env.core.lifecycle.max_epochs
         require(
             self.ppo.minibatches <= transitions,
-            f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer minibatches",
+            f"ppo.minibatches={self.ppo.minibatches} exceeds the {transitions} transitions of one rollout; use fewer "
+            "minibatches",
         )
 
     @classmethod
@@ -321,7 +374,15 @@ def _learn() -> TrainingConfig:
         n_envs=8,
         seed=100,
     )
-    ppo = PPOConfig(lr=5e-4, epochs=6, minibatches=4, target_kl=0.02, entropy_coeff=0.02, entropy_coeff_end=0.005, entropy_anneal_updates=60)
+    ppo = PPOConfig(
+        lr=5e-4,
+        epochs=6,
+        minibatches=4,
+        target_kl=0.02,
+        entropy_coeff=0.02,
+        entropy_coeff_end=0.005,
+        entropy_anneal_updates=60,
+    )
     collector = CollectorConfig(kind="multiprocess", workers=2)
     return TrainingConfig(env=env, ppo=ppo, collector=collector, episodes=70, compare_seeds=(0, 1, 2))
 
@@ -335,7 +396,13 @@ def _cifar10(host_preset: str | None = None, entropy: float = 0.1) -> TrainingCo
         n_envs=4,
     )
     ppo = PPOConfig(entropy_coeff=entropy, entropy_coeff_end=0.01, entropy_anneal_updates=50, minibatches=2)
-    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(lstm=True), episodes=100, device="cuda" if torch.cuda.is_available() else "cpu")
+    return TrainingConfig(
+        env=env,
+        ppo=ppo,
+        policy=PolicyConfig(lstm=True),
+        episodes=100,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
 
 
 def _tinystories() -> TrainingConfig:
@@ -346,7 +413,13 @@ def _tinystories() -> TrainingConfig:
         n_envs=4,
     )
     ppo = PPOConfig(entropy_coeff=0.05, entropy_coeff_end=0.01, entropy_anneal_updates=50, minibatches=2)
-    return TrainingConfig(env=env, ppo=ppo, policy=PolicyConfig(lstm=True), episodes=100, device="cuda" if torch.cuda.is_available() else "cpu")
+    return TrainingConfig(
+        env=env,
+        ppo=ppo,
+        policy=PolicyConfig(lstm=True),
+        episodes=100,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
 
 
 def _tiny() -> TrainingConfig:
@@ -382,7 +455,9 @@ def read_training_config(path: Path) -> TrainingConfig:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"config file {path} is not valid JSON ({error}); fix the file or regenerate it from a run's config.json") from error
+        raise ConfigError(
+            f"config file {path} is not valid JSON ({error}); fix the file or regenerate it from a run's config.json"
+        ) from error
     try:
         return load_training_config(data)
     except ConfigError as error:

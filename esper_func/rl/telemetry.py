@@ -31,7 +31,9 @@ class RunDirError(FileExistsError):
 def create_run_dir(path: Path) -> Path:
     """Create a fresh run directory; refuse one that already holds files."""
     if path.exists() and any(path.iterdir()):
-        raise RunDirError(f"run directory {path} already exists and is not empty; choose another --run-dir or remove it")
+        raise RunDirError(
+            f"run directory {path} already exists and is not empty; choose another --run-dir or remove it"
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -53,7 +55,9 @@ class JsonlWriter:
     def __enter__(self) -> JsonlWriter:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.close()
 
 

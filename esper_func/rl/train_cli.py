@@ -24,8 +24,13 @@ import torch
 
 from envs.morphogenetic import MorphogeneticEnv, fit_context
 from envs.sharded import ShardedEnv, build_env
-from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from esper_func.core.config import ConfigError
+from esper_func.core.reward_config import RewardConfig
+from esper_func.core.stages import SLOT_NAMES
+from esper_func.data.errors import TaskDataError
+from esper_func.data.tasks import TaskConfig
+from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+from esper_func.rl.distributed import DistributedError, engine_left_running, exit_now, require_launcher_packages
 from esper_func.rl.episodes import play_episode
 from esper_func.rl.evaluate_cli import (
     baseline_controller,
@@ -39,12 +44,6 @@ from esper_func.rl.evaluate_cli import (
 )
 from esper_func.rl.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
 from esper_func.rl.plots import plot_accuracy, plot_lifecycle, plot_returns
-from esper_func.rl.distributed import DistributedError, engine_left_running, exit_now, require_launcher_packages
-from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
-from esper_func.core.rewards import RewardConfig
-from esper_func.core.stages import SLOT_NAMES
-from esper_func.data.tasks import TaskConfig, TaskDataError
-from esper_func.rl.telemetry import JsonlWriter, RunDirError, create_run_dir
 from esper_func.rl.run_config import (
     COLLECTORS,
     LAUNCHERS,
@@ -56,46 +55,133 @@ from esper_func.rl.run_config import (
     read_training_config,
     write_training_config,
 )
+from esper_func.rl.telemetry import JsonlWriter, RunDirError, create_run_dir
+from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
 COLLECTOR_FLAGS = {
-    "kind": "collector", "workers": "workers", "launcher": "launcher", "master_addr": "master_addr", "port": "port", "connect_timeout_s": "connect_timeout",
+    "kind": "collector",
+    "workers": "workers",
+    "launcher": "launcher",
+    "master_addr": "master_addr",
+    "port": "port",
+    "connect_timeout_s": "connect_timeout",
 }
 """`CollectorConfig` field -> CLI flag; a resumed run may change them (the batches stay the same)."""
-OVERRIDE_FLAGS = ("task", "data_dir", "host", "n_envs", "max_epochs", "batch_size", "train_iters", "device", "devices", "compile", "compile_mode", "vmap_chunk_size", "amp", "seed")
+OVERRIDE_FLAGS = (
+    "task",
+    "data_dir",
+    "host",
+    "n_envs",
+    "max_epochs",
+    "batch_size",
+    "train_iters",
+    "device",
+    "devices",
+    "compile",
+    "compile_mode",
+    "vmap_chunk_size",
+    "amp",
+    "seed",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m esper_func.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("controller", nargs="?", default="ppo", choices=CONTROLLERS)
     parser.add_argument("--preset", default=None, help=f"training preset: {', '.join(PRESETS)} (default: default)")
-    parser.add_argument("--config-json", type=Path, default=None, help="a TrainingConfig JSON file (replaces the preset)")
+    parser.add_argument(
+        "--config-json", type=Path, default=None, help="a TrainingConfig JSON file (replaces the preset)"
+    )
     parser.add_argument("--task", default=None, help="synthetic (embedded), cifar10, tinystories")
     parser.add_argument("--data-dir", default=None, help="directory (or file) of a real dataset")
-    parser.add_argument("--host", default=None, help="host preset of the task's topology (default: the task's host); text windows fit its context")
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="host preset of the task's topology (default: the task's host); text windows fit its context",
+    )
     parser.add_argument("--n-envs", type=int, default=None)
-    parser.add_argument("--episodes", type=int, default=None, help="episode batches (PPO updates; default: the preset's), or episodes of a rule-based controller (default 1)")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="episode batches (PPO updates; default: the preset's), or episodes of a rule-based controller (default 1)",
+    )
     parser.add_argument("--max-epochs", type=int, default=None, help="episode length in host epochs")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per training iteration")
     parser.add_argument("--train-iters", type=int, default=None, help="training iterations per epoch")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--devices", nargs="+", default=None, help="devices to shard the envs over")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the env steps")
-    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default=None, help="reduce-overhead: also capture CUDA graphs (needs --compile)")
-    parser.add_argument("--vmap-chunk-size", type=int, default=None, help="envs per vmapped slice of a train iteration (default: all at once)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the host forward (the state stays fp32)")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the env steps"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead"),
+        default=None,
+        help="reduce-overhead: also capture CUDA graphs (needs --compile)",
+    )
+    parser.add_argument(
+        "--vmap-chunk-size",
+        type=int,
+        default=None,
+        help="envs per vmapped slice of a train iteration (default: all at once)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast of the host forward (the state stays fp32)",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<time>-<controller>-<task>")
-    parser.add_argument("--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)")
+    parser.add_argument(
+        "--resume", type=Path, default=None, help="continue a PPO run from RUN_DIR (or a checkpoint file)"
+    )
     parser.add_argument("--telemetry-level", choices=TELEMETRY_LEVELS, default=None)
-    parser.add_argument("--logger", choices=LOGGERS, default=None, help="TorchRL logger of a PPO run (default: the preset's, csv)")
-    parser.add_argument("--collector", choices=COLLECTORS, default=None, help="where PPO's rollouts run: local (this process), multiprocess (worker processes here; the default and learn presets' choice) or distributed")
-    parser.add_argument("--workers", type=int, default=None, help="multiprocess and distributed: worker processes, one env shard each (distributed: n_envs must be a multiple)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default=None, help="distributed: mp (on this machine), submitit (SLURM), delayed (started by hand)")
-    parser.add_argument("--master-addr", default=None, help="distributed: this trainer's address as the workers reach it (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="distributed: rendezvous port; ports P..P+3 are used (default: a free one, mp only)")
-    parser.add_argument("--connect-timeout", type=float, default=None, help="distributed: seconds to wait for every worker to connect (default 120)")
-    parser.add_argument("--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)")
+    parser.add_argument(
+        "--logger", choices=LOGGERS, default=None, help="TorchRL logger of a PPO run (default: the preset's, csv)"
+    )
+    parser.add_argument(
+        "--collector",
+        choices=COLLECTORS,
+        default=None,
+        help="where PPO's rollouts run: local (this process), multiprocess (worker processes here; the default and "
+             "learn presets' choice) or distributed",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="multiprocess and distributed: worker processes, one env shard each (distributed: n_envs must be a "
+             "multiple)",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=None,
+        help="distributed: mp (on this machine), submitit (SLURM), delayed (started by hand)",
+    )
+    parser.add_argument(
+        "--master-addr",
+        default=None,
+        help="distributed: this trainer's address as the workers reach it (default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="distributed: rendezvous port; ports P..P+3 are used (default: a free one, mp only)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        help="distributed: seconds to wait for every worker to connect (default 120)",
+    )
+    parser.add_argument(
+        "--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("n_envs", "episodes", "max_epochs", "batch_size", "train_iters", "vmap_chunk_size"):
@@ -107,7 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in OVERRIDE_FLAGS if getattr(args, name) is not None]
         if given or args.preset is not None or args.config_json is not None:
-            parser.error(f"--resume continues the run with its saved config; drop {given or ['--preset/--config-json']} (only --episodes may grow)")
+            parser.error(
+                f"--resume continues the run with its saved config; drop {given or ['--preset/--config-json']} (only "
+                "--episodes may grow)"
+            )
         if args.controller != "ppo":
             parser.error("--resume applies to PPO runs only")
     return args
@@ -116,9 +205,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None) -> TrainingConfig:
     """Preset (or JSON file), then each given flag overrides its field; validated on construction."""
     if base is None:
-        base = read_training_config(args.config_json) if args.config_json is not None else TrainingConfig.preset(args.preset or "default")
+        base = (
+            read_training_config(args.config_json)
+            if args.config_json is not None
+            else TrainingConfig.preset(args.preset or "default")
+        )
     env = base.env
-    task_overrides = {key: getattr(args, key) for key in ("data_dir", "batch_size", "train_iters") if getattr(args, key) is not None}
+    task_overrides = {
+        key: getattr(args, key) for key in ("data_dir", "batch_size", "train_iters") if getattr(args, key) is not None
+    }
     if args.task is not None:
         task = TaskConfig.preset(args.task, **task_overrides)
         env = replace(env, task=task, rewards=RewardConfig.for_task(args.task, gamma=base.ppo.gamma), host_preset=None)
@@ -128,7 +223,11 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         env = replace(env, task=fit_context(env.task, args.host), host_preset=args.host)
     if args.max_epochs is not None:
         env = replace(env, core=replace(env.core, lifecycle=replace(env.core.lifecycle, max_epochs=args.max_epochs)))
-    core_overrides = {key: getattr(args, key) for key in ("compile", "compile_mode", "vmap_chunk_size", "amp") if getattr(args, key) is not None}
+    core_overrides = {
+        key: getattr(args, key)
+        for key in ("compile", "compile_mode", "vmap_chunk_size", "amp")
+        if getattr(args, key) is not None
+    }
     if core_overrides:
         env = replace(env, core=replace(env.core, **core_overrides))
     if args.n_envs is not None:
@@ -152,7 +251,9 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         telemetry = replace(telemetry, logger=args.logger)
     if args.no_progress:
         telemetry = replace(telemetry, progress_bar=False)
-    collector_overrides = {key: getattr(args, flag) for key, flag in COLLECTOR_FLAGS.items() if getattr(args, flag) is not None}
+    collector_overrides = {
+        key: getattr(args, flag) for key, flag in COLLECTOR_FLAGS.items() if getattr(args, flag) is not None
+    }
     collector = replace(base.collector, **collector_overrides)
     placed = args.devices is not None or (args.device is not None and torch.device(args.device).type != "cpu")
     if placed and args.collector is None and collector.kind == "multiprocess":
@@ -164,7 +265,10 @@ def run_baseline(config: TrainingConfig, env: MorphogeneticEnv | ShardedEnv, run
     """Play `config.episodes` episodes with a rule-based controller."""
     controller = baseline_controller(config.controller, env, config.env.seed)
     records = []
-    with JsonlWriter(run_dir / "metrics.jsonl") as metrics_log, JsonlWriter(run_dir / "lifecycle.jsonl") as lifecycle_log:
+    with (
+        JsonlWriter(run_dir / "metrics.jsonl") as metrics_log,
+        JsonlWriter(run_dir / "lifecycle.jsonl") as lifecycle_log,
+    ):
         for episode in range(config.episodes):
             result = play_episode(
                 env, controller, config.controller, episode, env.model.blueprint_names, env.model.host_param_count,
@@ -191,7 +295,10 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.received = signum
         self.state.stop = True
-        print(f"\n{signal.Signals(signum).name}: finishing this batch, then checkpointing (signal again to abort)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this batch, then checkpointing (signal again to abort)",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -239,7 +346,8 @@ def run_ppo(
         plot_returns(state.history, run_dir / "return_per_update.png")
     if stop.received is not None:
         print(
-            f"stopped by {signal.Signals(stop.received).name} after update {state.update}; checkpoint {state.checkpoint_path}; "
+            f"stopped by {signal.Signals(stop.received).name} after update {state.update}; checkpoint "
+            f"{state.checkpoint_path}; "
             f"continue with: python -m esper_func.train --resume {run_dir}",
             file=sys.stderr,
         )
@@ -251,7 +359,11 @@ def run_ppo(
             config, trainer.nets, config.compare_episodes, seeds, progress=config.telemetry.progress_bar
         )
         rows = seeds_table(by_seed, trainer.base_env.model.host_param_count)
-        state.evaluation = {"seeds": list(seeds), "table": rows, "per_seed": {seed: summary_table(results) for seed, results in by_seed.items()}}
+        state.evaluation = {
+            "seeds": list(seeds),
+            "table": rows,
+            "per_seed": {seed: summary_table(results) for seed, results in by_seed.items()},
+        }
         out = run_dir / "comparison.json"
         out = next_free(run_dir, "comparison", ".json") if out.exists() else out  # a resumed run keeps the first
         out.write_text(json.dumps(state.evaluation, indent=2) + "\n")
@@ -259,7 +371,9 @@ def run_ppo(
         if config.telemetry.plots:
             first = by_seed[seeds[0]]
             plot_accuracy(mean_curves(first), run_dir / "accuracy_by_controller.png")
-            plot_lifecycle(first["ppo"][0].stages, SLOT_NAMES[: trainer.base_env.model.n_slots], run_dir / "lifecycle_timeline.png")
+            plot_lifecycle(
+                first["ppo"][0].stages, SLOT_NAMES[: trainer.base_env.model.n_slots], run_dir / "lifecycle_timeline.png"
+            )
     return 0
 
 
@@ -278,9 +392,15 @@ def main(argv: list[str] | None = None) -> int:
             require_logger_packages(config.telemetry)
             require_launcher_packages(config.collector)
         # Data and host are checked before anything is written.
-        env = build_trainer_env(config) if config.controller == "ppo" else build_env(config.env, config.device, config.devices)
+        env = (
+            build_trainer_env(config)
+            if config.controller == "ppo"
+            else build_env(config.env, config.device, config.devices)
+        )
         if checkpoint is None:
-            run_dir = create_run_dir(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.run_name}")
+            run_dir = create_run_dir(
+                args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.run_name}"
+            )
             write_training_config(config, run_dir / "config.json")
     except (ConfigError, TaskDataError, FileNotFoundError, RunDirError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

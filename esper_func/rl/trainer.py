@@ -45,13 +45,14 @@ from tqdm import tqdm
 from envs.morphogenetic import MorphogeneticEnv, canonical_device
 from envs.sharded import ShardedEnv, build_env, shard_sizes
 from envs.transforms import ActionMaskCheck
-from esper_func.rl.multiprocess import MultiprocessRollouts
-from esper_func.rl.checkpoints import CheckpointError
-from esper_func.core.config import require, to_dict
-from esper_func.rl.distributed import DistributedRollouts, require_launcher_packages, shard_factories
-from esper_func.rl.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
-from esper_func.rl.run_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
+from esper_func.core.config import require
+from esper_func.core.config_json import to_dict
 from esper_func.core.stages import ACTION_HEADS, Op
+from esper_func.rl.checkpoints import CheckpointError
+from esper_func.rl.distributed import DistributedRollouts, require_launcher_packages, shard_factories
+from esper_func.rl.multiprocess import MultiprocessRollouts
+from esper_func.rl.run_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
+from esper_func.rl.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
 from policies.ppo import ENTROPY_KEYS, LOG_PROB_KEYS, ActorCritic, ObservationNormalizer, make_actor_critic
 
 HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
@@ -92,7 +93,9 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["mean"].shape != self.mean.shape or state["m2"].shape != self.mean.shape:
-            raise ValueError(f"running moments of shape {tuple(state['mean'].shape)} do not fit shape {tuple(self.mean.shape)}")
+            raise ValueError(
+                f"running moments of shape {tuple(state['mean'].shape)} do not fit shape {tuple(self.mean.shape)}"
+            )
         self.count, self.mean, self.m2 = (state[key].to(self.mean.device) for key in ("count", "mean", "m2"))
 
 
@@ -216,7 +219,11 @@ class PPOTrainer:
     """Builds env, policy, loss and optimizer from a `TrainingConfig` and runs the loop."""
 
     def __init__(
-        self, config: TrainingConfig, run_dir: Path, transforms: Sequence[Transform] = (), env: MorphogeneticEnv | ShardedEnv | None = None
+        self,
+        config: TrainingConfig,
+        run_dir: Path,
+        transforms: Sequence[Transform] = (),
+        env: MorphogeneticEnv | ShardedEnv | None = None,
     ) -> None:
         """`transforms` (TorchRL) go between the env and the normalizers: a custom reward term
         added there is scaled and learned like the env's own. `env`: an env already built
@@ -232,13 +239,20 @@ class PPOTrainer:
         # Seeded here, after the env: building env templates draws from the default
         # generator, and the policy's initial weights must not depend on the env's layout.
         torch.manual_seed(config.env.seed)
-        self.nets = make_actor_critic(observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device)
+        self.nets = make_actor_critic(
+            observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device
+        )
         self.transforms = policy_transforms(self.nets, transforms)
         self.env = TransformedEnv(self.base_env, Compose(*self.transforms))
         self.normalizers = Normalizers(observation_size, config.ppo, self.device)
         self.reward_scale = self.normalizers.reward_scale()
         ppo = config.ppo
-        weights = {"op": ppo.entropy_weight_op, "slot": ppo.entropy_weight_slot, "blueprint": ppo.entropy_weight_blueprint, "blend": ppo.entropy_weight_blend}
+        weights = {
+            "op": ppo.entropy_weight_op,
+            "slot": ppo.entropy_weight_slot,
+            "blueprint": ppo.entropy_weight_blueprint,
+            "blend": ppo.entropy_weight_blend,
+        }
         self.loss = ClipPPOLoss(
             self.nets.actor,
             self.nets.critic,
@@ -254,7 +268,11 @@ class PPOTrainer:
         self.optimizer = torch.optim.Adam(self.loss.parameters(), lr=ppo.lr, eps=ppo.adam_eps)
         self.minibatch_generator = torch.Generator().manual_seed(config.env.seed)
         self.state = TrainerState(
-            config=config, run_dir=run_dir, nets=self.nets, logger=make_logger(config, run_dir), telemetry_level=config.telemetry.level
+            config=config,
+            run_dir=run_dir,
+            nets=self.nets,
+            logger=make_logger(config, run_dir),
+            telemetry_level=config.telemetry.level,
         )
         self.hooks: dict[str, list[Hook]] = {point: [] for point in HOOK_POINTS}
         self.frames_per_batch = config.env.n_envs * self.base_env.max_epochs
@@ -273,7 +291,7 @@ class PPOTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, normalizers, counters,
         the minibatch generator. The env's streams need no saving: batch U is episode U of
-        every shard (`esper_func.seeding`), and the actions are sampled with the env's noise."""
+        every shard (`esper_func.core.seeding`), and the actions are sampled with the env's noise."""
         return {
             "actor": self.nets.actor.state_dict(),
             "critic": self.nets.critic.state_dict(),
@@ -318,7 +336,9 @@ class PPOTrainer:
             return self.state
         collector = self._collector(remaining)
         start = time.perf_counter()
-        progress = tqdm(total=config.episodes, initial=self.state.update, desc="ppo", disable=not config.telemetry.progress_bar)
+        progress = tqdm(
+            total=config.episodes, initial=self.state.update, desc="ppo", disable=not config.telemetry.progress_bar
+        )
         with _shut_down_at_exit(collector), self._logs() as logs:
             for batch in collector:
                 self.state.rollout = rollout_statistics(batch, self.base_env.model.host_param_count)
@@ -333,7 +353,9 @@ class PPOTrainer:
                 self.state.wall_time = time.perf_counter() - start
                 self.state.history.append(history_record(self.state))
                 progress.update(1)
-                progress.set_postfix(ret=f"{self.state.rollout['return']:.2f}", acc=f"{self.state.rollout['final_accuracy']:.1f}")
+                progress.set_postfix(
+                    ret=f"{self.state.rollout['return']:.2f}", acc=f"{self.state.rollout['final_accuracy']:.1f}"
+                )
                 self._run_hooks("after_batch")
                 if self.state.stop:
                     break
@@ -354,7 +376,9 @@ class PPOTrainer:
             sizes = [factory.n_envs for factory in factories]
             return MultiprocessRollouts(factories, sizes, self.nets.actor, self.base_env.max_epochs, batches, threads)
         if collector.kind == "distributed":
-            return DistributedRollouts(factories, self.nets.actor, self.frames_per_batch, batches, collector, self.device, self.state.run_dir)
+            return DistributedRollouts(
+                factories, self.nets.actor, self.frames_per_batch, batches, collector, self.device, self.state.run_dir
+            )
         if self.base_env.episode != self.state.update:
             self.base_env.seek_episode(self.state.update)
         return Collector(
@@ -423,7 +447,15 @@ class PPOTrainer:
                 records.append(torch.stack([*losses, *diagnostics, *entropies]))
             if stopped_at is not None:
                 break
-        names = ["loss_objective", "loss_critic", "loss_entropy", "kl_approx", "clip_fraction", "explained_variance", "grad_norm"]
+        names = [
+            "loss_objective",
+            "loss_critic",
+            "loss_entropy",
+            "kl_approx",
+            "clip_fraction",
+            "explained_variance",
+            "grad_norm",
+        ]
         names += [f"entropy_{head}" for head in ACTION_HEADS]
         # One read-back per update; no loss statistics when the KL stop fired before any step.
         stats: dict[str, Any] = dict(zip(names, torch.stack(records).mean(0).tolist())) if records else {}
@@ -431,7 +463,9 @@ class PPOTrainer:
             optimizer_steps=len(records),
             kl_stopped_at_epoch=stopped_at,
             entropy_coeff=entropy_coeff,
-            **ratio_diagnostics(self.nets, batch, recurrent, self.config.telemetry.ratio_explosion, self.config.telemetry.ratio_collapse),
+            **ratio_diagnostics(
+                self.nets, batch, recurrent, self.config.telemetry.ratio_explosion, self.config.telemetry.ratio_collapse
+            ),
         )
         stats["anomalies"] = detect_anomalies(stats, self.state.update / self.config.episodes, self.config.telemetry)
         if stats["anomalies"]:
@@ -511,7 +545,9 @@ def approx_kl(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:
     return ((log_ratio.exp() - 1) - log_ratio).mean()
 
 
-def ratio_diagnostics(nets: ActorCritic, batch: TensorDictBase, recurrent: bool, explosion: float, collapse: float) -> dict[str, Any]:
+def ratio_diagnostics(
+    nets: ActorCritic, batch: TensorDictBase, recurrent: bool, explosion: float, collapse: float
+) -> dict[str, Any]:
     """Joint ratio new/old policy over the whole batch after the update, with offending steps."""
     with set_recurrent_mode(recurrent):
         log_ratio = joint_log_ratio(nets, batch)
