@@ -11,7 +11,8 @@ import torch
 from tensordict import TensorDictBase
 
 from esper_func.core.stages import ACTION_HEADS
-from esper_func.rl.run_config import TelemetryConfig, TrainingConfig
+from esper_func.rl.run_config import TrainingConfig
+from esper_func.rl.run_sections import TelemetryConfig
 from esper_func.rl.trainer import PPOTrainer
 
 QUIET = TelemetryConfig(level="off", logger="none", plots=False, progress_bar=False)

@@ -17,7 +17,8 @@ import torch
 
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.rl.distributed import DistributedRollouts, free_port_block, layout_task, worker_command
-from esper_func.rl.run_config import CollectorConfig, TrainingConfig, write_training_config
+from esper_func.rl.run_config import TrainingConfig, write_training_config
+from esper_func.rl.run_sections import CollectorConfig
 from esper_func.rl.trainer import PPOTrainer
 from policies import StaticPolicy
 from tests.distributed_stub import ENVS, STEPS, StubEnvFactory, make_policy, prefer

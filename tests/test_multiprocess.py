@@ -17,7 +17,8 @@ import torch
 
 from esper_func.core.config import ConfigError
 from esper_func.rl.distributed import DistributedError
-from esper_func.rl.run_config import CollectorConfig, TrainingConfig
+from esper_func.rl.run_config import TrainingConfig
+from esper_func.rl.run_sections import CollectorConfig
 from esper_func.rl.train_cli import parse_args, resolve_config
 from esper_func.rl.trainer import PPOTrainer, TrainerState
 from tests.rollouts import assert_same_batches, recorded_batches, tiny, wait_for_first_update

@@ -25,17 +25,12 @@ from esper_func.rl.checkpoints import (
 )
 from esper_func.rl.episodes import play_episode
 from esper_func.rl.hooks import CheckpointHook, EarlyStopping
-from esper_func.rl.run_config import PPOConfig, TelemetryConfig, TrainingConfig, load_training_config
-from esper_func.rl.trainer import (
-    HOOK_POINTS,
-    LOGGER_PACKAGES,
-    SCALED_REWARD,
-    Normalizers,
-    PPOTrainer,
-    TrainerState,
-    detect_anomalies,
-    flat_hparams,
-)
+from esper_func.rl.loggers import LOGGER_PACKAGES, flat_hparams
+from esper_func.rl.normalizers import Normalizers
+from esper_func.rl.run_config import TrainingConfig, load_training_config
+from esper_func.rl.run_sections import PPOConfig, TelemetryConfig
+from esper_func.rl.trainer import HOOK_POINTS, SCALED_REWARD, PPOTrainer, TrainerState
+from esper_func.rl.update_stats import detect_anomalies
 from policies import RandomPolicy
 from policies.ppo import NORMALIZED_OBSERVATION, FactoredActionDistribution, ObservationNormalizer, make_actor_critic
 

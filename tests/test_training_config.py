@@ -14,14 +14,8 @@ from esper_func.core.config_json import to_dict
 from esper_func.core.reward_config import RewardConfig
 from esper_func.rl import collect_worker
 from esper_func.rl.distributed import require_launcher_packages
-from esper_func.rl.run_config import (
-    PRESETS,
-    CollectorConfig,
-    PPOConfig,
-    TrainingConfig,
-    load_training_config,
-    read_training_config,
-)
+from esper_func.rl.run_config import PRESETS, TrainingConfig, load_training_config, read_training_config
+from esper_func.rl.run_sections import CollectorConfig, PPOConfig
 from esper_func.rl.train_cli import parse_args, resolve_config
 
 

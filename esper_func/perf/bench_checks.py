@@ -30,7 +30,8 @@ from torchrl.collectors import Collector
 from torchrl.envs.utils import step_mdp
 
 from esper_func.perf.step_profile import synchronize, synthetic_env, timed
-from esper_func.rl.run_config import TelemetryConfig, TrainingConfig
+from esper_func.rl.run_config import TrainingConfig
+from esper_func.rl.run_sections import TelemetryConfig
 from esper_func.rl.trainer import PPOTrainer
 from policies import StaticPolicy
 

@@ -32,7 +32,8 @@ from torchrl.collectors.distributed import DistributedCollector
 
 from esper_func.perf.bench_report import device_name
 from esper_func.rl.distributed import DistributedRollouts, shard_factories
-from esper_func.rl.run_config import CollectorConfig, TelemetryConfig, TrainingConfig
+from esper_func.rl.run_config import TrainingConfig
+from esper_func.rl.run_sections import CollectorConfig, TelemetryConfig
 from esper_func.rl.trainer import PPOTrainer
 
 

@@ -48,7 +48,8 @@ from envs.morphogenetic import EnvConfig, MorphogeneticEnv
 from envs.sharded import shard_sizes
 from esper_func.core.config import ConfigError
 from esper_func.data.tasks import TaskConfig
-from esper_func.rl.run_config import CollectorConfig, TrainingConfig
+from esper_func.rl.run_config import TrainingConfig
+from esper_func.rl.run_sections import CollectorConfig
 
 PORTS_USED = 4
 """`port` to `port + 3`: rendezvous, TorchRL's store, TorchRL's weight sync, heartbeats."""

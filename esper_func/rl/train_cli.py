@@ -43,20 +43,18 @@ from esper_func.rl.evaluate_cli import (
     summary_table,
 )
 from esper_func.rl.hooks import CheckpointHook, EarlyStopping, UpdateLogHook
+from esper_func.rl.loggers import require_logger_packages
 from esper_func.rl.plots import plot_accuracy, plot_lifecycle, plot_returns
 from esper_func.rl.run_config import (
-    COLLECTORS,
-    LAUNCHERS,
-    LOGGERS,
     PRESETS,
-    TELEMETRY_LEVELS,
     TrainingConfig,
     load_training_config,
     read_training_config,
     write_training_config,
 )
+from esper_func.rl.run_sections import COLLECTORS, LAUNCHERS, LOGGERS, TELEMETRY_LEVELS
 from esper_func.rl.telemetry import JsonlWriter, RunDirError, create_run_dir
-from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env, require_logger_packages
+from esper_func.rl.trainer import PPOTrainer, TrainerState, build_trainer_env
 
 CONTROLLERS = ("ppo", "heuristic", "static", "random")
 COLLECTOR_FLAGS = {

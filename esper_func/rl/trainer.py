@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
-import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,121 +36,26 @@ from torchrl.envs import Compose, EnvBase, InitTracker, Transform, TransformedEn
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
-from torchrl.record.loggers import Logger, get_logger
+from torchrl.record.loggers import Logger
 from tqdm import tqdm
 
 from envs.morphogenetic import MorphogeneticEnv, canonical_device
 from envs.sharded import ShardedEnv, build_env, shard_sizes
 from envs.transforms import ActionMaskCheck
-from esper_func.core.config import require
-from esper_func.core.config_json import to_dict
-from esper_func.core.stages import ACTION_HEADS, Op
+from esper_func.core.stages import ACTION_HEADS
 from esper_func.rl.checkpoints import CheckpointError
 from esper_func.rl.distributed import DistributedRollouts, require_launcher_packages, shard_factories
+from esper_func.rl.loggers import make_logger, require_logger_packages
 from esper_func.rl.multiprocess import MultiprocessRollouts
-from esper_func.rl.run_config import TELEMETRY_LEVELS, PPOConfig, TelemetryConfig, TrainingConfig
+from esper_func.rl.normalizers import Normalizers
+from esper_func.rl.run_config import TrainingConfig
+from esper_func.rl.run_sections import TELEMETRY_LEVELS
 from esper_func.rl.telemetry import JsonlWriter, lifecycle_events, rollback_events, step_record
-from policies.ppo import ENTROPY_KEYS, LOG_PROB_KEYS, ActorCritic, ObservationNormalizer, make_actor_critic
+from esper_func.rl.update_stats import approx_kl, detect_anomalies, ratio_diagnostics, rollout_statistics
+from policies.ppo import ENTROPY_KEYS, ActorCritic, make_actor_critic
 
 HOOK_POINTS: tuple[str, ...] = ("after_rollout", "after_update", "after_batch", "end_of_run")
 SCALED_REWARD = "reward_scaled"
-MIN_OBSERVATION_STD = 0.1
-"""Floor of the normalizer's std: features live in [-1, 1], so a near-constant feature is
-amplified at most 10x instead of saturating."""
-
-
-# --- normalizers -------------------------------------------------------------------------
-
-
-class RunningMoments:
-    """Mean and variance over everything observed so far (Chan et al. parallel update)."""
-
-    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
-
-    def update(self, values: torch.Tensor) -> None:
-        values = values.reshape(-1, *self.mean.shape).to(torch.float64)
-        n = values.shape[0]
-        batch_mean = values.mean(0)
-        batch_m2 = ((values - batch_mean) ** 2).sum(0)
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * n / total
-        self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> torch.Tensor:
-        return (self.m2 / self.count.clamp_min(1.0)).sqrt()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["mean"].shape != self.mean.shape or state["m2"].shape != self.mean.shape:
-            raise ValueError(
-                f"running moments of shape {tuple(state['mean'].shape)} do not fit shape {tuple(self.mean.shape)}"
-            )
-        self.count, self.mean, self.m2 = (state[key].to(self.mean.device) for key in ("count", "mean", "m2"))
-
-
-class Normalizers:
-    """Statistics behind the policy's `ObservationNormalizer` and the reward scale.
-
-    Observation moments are of raw observations; reward scale is the std of discounted
-    returns accumulated per env along the batch (the usual PPO reward scaling). A setting
-    that is off (`PPOConfig.normalize_observations`, `PPOConfig.scale_rewards`) gathers
-    no statistics and leaves its normalizer the identity (loc 0, scale 1), even when loaded
-    with statistics: the policy then reads the raw observation under `"observation_norm"`
-    and GAE the raw reward under `reward_scaled`. Keys and checkpoint layout stay the same
-    either way.
-    """
-
-    def __init__(self, observation_size: int, ppo: PPOConfig, device: torch.device) -> None:
-        self.observations = RunningMoments((observation_size,), device)
-        self.returns = RunningMoments((), device)
-        self.gamma = ppo.gamma
-        self.normalize_observations = ppo.normalize_observations
-        self.scale_rewards = ppo.scale_rewards
-
-    def update(self, batch: TensorDictBase) -> None:
-        if self.normalize_observations:
-            self.observations.update(batch["observation"])
-        if self.scale_rewards:
-            self._update_returns(batch["next", "reward"].squeeze(-1))
-
-    def _update_returns(self, rewards: torch.Tensor) -> None:
-        """Moments of the per-env discounted returns along a batch's rewards `[N, T]`."""
-        running = torch.zeros(rewards.shape[0], dtype=torch.float64, device=rewards.device)
-        discounted = []
-        for t in range(rewards.shape[1]):
-            running = running * self.gamma + rewards[:, t].to(torch.float64)
-            discounted.append(running)
-        self.returns.update(torch.stack(discounted, 1))
-
-    def apply(self, normalizer: ObservationNormalizer) -> None:
-        """Write the current observation statistics (when enabled) into the policy's
-        normalizer (call between rollouts only)."""
-        if self.normalize_observations and self.observations.count > 0:
-            normalizer.loc.copy_(self.observations.mean.to(normalizer.loc.dtype))
-            normalizer.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(normalizer.scale.dtype))
-
-    def reward_scale(self) -> torch.Tensor:
-        """The std the rewards are divided by before GAE (1 when off or not yet known)."""
-        if self.scale_rewards and self.returns.count > 1:
-            return self.returns.std.clamp_min(1e-3).float()
-        return torch.ones((), device=self.returns.mean.device)
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"observations": self.observations.state_dict(), "returns": self.returns.state_dict()}
-
-    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.observations.load_state_dict(state["observations"])
-        self.returns.load_state_dict(state["returns"])
-
-
 def policy_transforms(nets: ActorCritic, extra: Sequence[Transform] = ()) -> list[Transform]:
     """What the PPO policy needs around the env: `extra` user transforms (followed by a
     check that they left every env a legal action), then the LSTM state. Stateless: what
@@ -504,89 +406,6 @@ class _RunLogs:
         self.lifecycle.close()
 
 
-# --- statistics ----------------------------------------------------------------------------
-
-
-def rollout_statistics(batch: TensorDictBase, host_params: int) -> dict[str, Any]:
-    """Per-batch summary of a `[N, T]` rollout, read back to the host in one transfer."""
-    nxt = batch["next"]
-    final = nxt["metrics"][:, -1]
-    ops = batch["action", "op"]
-    components = nxt["reward_components"]
-    scalars = {
-        "return": nxt["reward"].sum((1, 2)).mean(),
-        "final_accuracy": final["val_accuracy"].mean(),
-        "param_growth": (final["seed_params"].float() / host_params).mean(),
-        "illegal_actions": final["illegal_actions"].sum().float(),
-        "rollbacks": final["rollbacks"].sum().float(),
-    }
-    shares = [(ops == op).float().mean() for op in Op]
-    values = torch.stack([*scalars.values(), *shares, *(value.mean() for value in components.values())]).tolist()
-    summary: dict[str, Any] = dict(zip(scalars, values))
-    summary["illegal_actions"], summary["rollbacks"] = int(summary["illegal_actions"]), int(summary["rollbacks"])
-    summary["action_distribution"] = {op.name: value for op, value in zip(Op, values[len(scalars) :])}
-    summary["reward_components"] = dict(zip(components.keys(), values[len(scalars) + len(Op) :]))
-    return summary
-
-
-def joint_log_ratio(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:
-    """log pi_new(a|s) - log pi_old(a|s) of the joint (causal) action, without gradients."""
-    with torch.no_grad():
-        data = batch.clone(False)
-        log_prob = nets.actor.get_dist(data).log_prob(data)
-        new = sum(log_prob.get(key) for key in LOG_PROB_KEYS)
-        old = sum(batch.get(key) for key in LOG_PROB_KEYS)
-        return new - old
-
-
-def approx_kl(nets: ActorCritic, batch: TensorDictBase) -> torch.Tensor:
-    """KL(old || new) estimated as E[(r - 1) - log r] (non-negative, low variance)."""
-    log_ratio = joint_log_ratio(nets, batch)
-    return ((log_ratio.exp() - 1) - log_ratio).mean()
-
-
-def ratio_diagnostics(
-    nets: ActorCritic, batch: TensorDictBase, recurrent: bool, explosion: float, collapse: float
-) -> dict[str, Any]:
-    """Joint ratio new/old policy over the whole batch after the update, with offending steps."""
-    with set_recurrent_mode(recurrent):
-        log_ratio = joint_log_ratio(nets, batch)
-        ratio = log_ratio.exp()
-        bad = (ratio > explosion) | (ratio < collapse)
-        offenders = [
-            {
-                "env": env,
-                "epoch": t,
-                "ratio": ratio[env, t].item(),
-                "action": {head: int(batch["action", head][env, t]) for head in ACTION_HEADS},
-            }
-            for env, t in bad.nonzero().tolist()[:20]
-        ]
-        return {
-            "ratio_max": ratio.max().item(),
-            "ratio_min": ratio.min().item(),
-            "ratio_mean": ratio.mean().item(),
-            "log_ratio_abs_max": log_ratio.abs().max().item(),
-            "ratio_offenders": offenders,
-        }
-
-
-def detect_anomalies(stats: dict[str, Any], progress: float, telemetry: TelemetryConfig) -> list[str]:
-    """Reference AnomalyDetector: ratio explosion/collapse, value collapse by phase, NaN/Inf."""
-    anomalies = []
-    if stats["ratio_max"] > telemetry.ratio_explosion:
-        anomalies.append("ratio_explosion")
-    if stats["ratio_min"] < telemetry.ratio_collapse:
-        anomalies.append("ratio_collapse")
-    threshold = -0.5 if progress < 0.1 else -0.2 if progress < 0.25 else 0.0 if progress < 0.75 else 0.1
-    if "explained_variance" in stats and stats["explained_variance"] < threshold:
-        anomalies.append("value_collapse")
-    numbers = [value for value in stats.values() if isinstance(value, float)]
-    if any(not math.isfinite(value) for value in numbers):
-        anomalies.append("numerical_instability")
-    return anomalies
-
-
 def history_record(state: TrainerState) -> dict[str, float]:
     losses = state.losses
     return {
@@ -598,59 +417,6 @@ def history_record(state: TrainerState) -> dict[str, float]:
         "loss_critic": losses.get("loss_critic", float("nan")),
         "kl_approx": losses.get("kl_approx", float("nan")),
     }
-
-
-LOGGER_PACKAGES: dict[str, tuple[str, ...]] = {
-    "csv": (),
-    "tensorboard": ("tensorboard",),
-    "wandb": ("wandb",),
-    "mlflow": ("mlflow", "omegaconf"),  # MLFlowLogger.log_hparams imports omegaconf
-}
-"""What each TorchRL logger imports beyond TorchRL."""
-
-
-def uses_logger(telemetry: TelemetryConfig) -> bool:
-    """Whether a run with `telemetry` builds a logger at all."""
-    return telemetry.logger != "none" and telemetry.level != "off"
-
-
-def require_logger_packages(telemetry: TelemetryConfig) -> None:
-    """Raise `ConfigError` naming the configured logger's missing packages and their pip
-    command. Checked before a run builds anything: TorchRL would fail only when the
-    logger is built, after the env."""
-    if not uses_logger(telemetry):
-        return
-    missing = [name for name in LOGGER_PACKAGES[telemetry.logger] if importlib.util.find_spec(name) is None]
-    require(
-        not missing,
-        f"telemetry.logger={telemetry.logger!r} needs the package(s) {', '.join(missing)}, missing here; "
-        f"pip install {' '.join(missing)}, or use the 'csv' logger",
-    )
-
-
-def make_logger(config: TrainingConfig, run_dir: Path) -> Logger | None:
-    """TorchRL's logger named by `telemetry.logger` (`get_logger`) under `RUN_DIR/logger`,
-    with the resolved config logged once as its hyperparameters."""
-    if not uses_logger(config.telemetry):
-        return None
-    require_logger_packages(config.telemetry)
-    logger = get_logger(config.telemetry.logger, logger_name=str(run_dir / "logger"), experiment_name="ppo")
-    logger.log_hparams(flat_hparams(config))
-    return logger
-
-
-def flat_hparams(config: TrainingConfig) -> dict[str, bool | int | float | str]:
-    """The resolved config as `section.field` scalars, the form every logger's
-    `log_hparams` accepts (lists and None as their JSON text)."""
-    flat: dict[str, bool | int | float | str] = {}
-    pending = list(to_dict(config).items())
-    while pending:
-        key, value = pending.pop()
-        if isinstance(value, dict):
-            pending.extend((f"{key}.{name}", item) for name, item in value.items())
-        else:
-            flat[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-    return dict(sorted(flat.items()))
 
 
 def scalar_metrics(state: TrainerState) -> dict[str, float]:
