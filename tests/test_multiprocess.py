@@ -3,6 +3,7 @@ equal to a local run's over as many shards, a lost worker, Ctrl-C, and the CLI's
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import signal
@@ -28,20 +29,29 @@ WORKERS = CollectorConfig(kind="multiprocess", workers=2, worker_threads=1)
 
 @pytest.mark.usefixtures("single_thread")
 def test_worker_processes_collect_the_batches_of_a_local_run_over_as_many_shards(tmp_path: Path) -> None:
-    """3 envs over 2 workers (shards of 2 and 1, as `ShardedEnv` splits them), two batches
-    with a PPO update between them: the second was collected with the updated weights and
-    normalizer statistics, which reach the workers through shared memory alone."""
-    (tmp_path / "local").mkdir()
-    (tmp_path / "workers").mkdir()
+    """3 envs over 2 workers (shards of 2 and 1, as `ShardedEnv` splits them), three
+    batches with PPO updates between them: the later ones were collected with the updated
+    weights and normalizer statistics, which reach the workers through shared memory
+    alone. A local run resumed on worker processes continues exactly too."""
+    for name in ("local", "workers", "resumed"):
+        (tmp_path / name).mkdir()
     three = tiny(episodes=3)
-    local = recorded_batches(
-        PPOTrainer(replace(three, env=replace(three.env, n_envs=3), devices=("cpu", "cpu")), tmp_path / "local")
-    )
-    workers = recorded_batches(
-        PPOTrainer(replace(three, env=replace(three.env, n_envs=3), collector=WORKERS), tmp_path / "workers")
-    )
-    assert len(local) == len(workers) == 3
-    for mine, theirs in zip(local, workers):
+    three = replace(three, env=replace(three.env, n_envs=3))
+    local_trainer = PPOTrainer(replace(three, devices=("cpu", "cpu")), tmp_path / "local")
+    after_first: list[dict[str, object]] = []
+
+    def keep_first(state: TrainerState) -> None:
+        if state.update == 1:
+            after_first.append(copy.deepcopy(local_trainer.state_dict()))
+
+    local_trainer.register_hook("after_batch", keep_first)
+    local = recorded_batches(local_trainer)
+    workers = recorded_batches(PPOTrainer(replace(three, collector=WORKERS), tmp_path / "workers"))
+    resumed_trainer = PPOTrainer(replace(three, collector=WORKERS), tmp_path / "resumed")
+    resumed_trainer.load_weights(after_first[0])
+    resumed = recorded_batches(resumed_trainer)
+    assert len(local) == len(workers) == 3 and len(resumed) == 2
+    for mine, theirs in [*zip(local, workers), *zip(local[1:], resumed)]:
         assert_same_batches(mine, theirs)
     assert not torch.equal(local[1][("action", "op_log_prob")], local[2][("action", "op_log_prob")])
     assert multiprocessing.active_children() == []
