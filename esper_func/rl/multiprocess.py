@@ -59,11 +59,10 @@ class MultiprocessRollouts:
             raise ValueError(
                 f"{len(env_factories)} env factories for {len(shard_sizes)} shard sizes; pass one size per factory"
             )
-        self.shard_sizes = tuple(shard_sizes)
         self._batches = batches
         self._shut_down = False
         self._failed = False
-        frames = [size * steps for size in self.shard_sizes]
+        frames = [size * steps for size in shard_sizes]
         self.collector = MultiSyncCollector(
             list(env_factories),
             policy,
@@ -85,10 +84,11 @@ class MultiprocessRollouts:
         for _ in range(self._batches):
             self._check_workers()
             try:
-                yield next(self._iterator)
+                batch = next(self._iterator)
             except ENGINE_ERRORS as error:
                 self._failed = True
                 raise DistributedError(f"a collector worker process failed: {type(error).__name__}: {error}") from error
+            yield batch
 
     def _check_workers(self) -> None:
         """Before a batch: a worker that died between batches would otherwise block the
