@@ -312,7 +312,7 @@ class DistributedRollouts:
     def _launch(self, collector: CollectorConfig, world_size: int, run_dir: Path) -> None:
         addr, port = collector.master_addr, self.port
         if collector.launcher == "mp":
-            threads = collector.worker_threads or max(1, (os.cpu_count() or 1) // self.workers)
+            threads = collector.threads_per_worker
             for rank in range(1, world_size):
                 # A session of its own: a Ctrl-C in the trainer's terminal reaches the trainer
                 # alone, which then stops the workers cleanly.

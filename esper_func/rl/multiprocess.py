@@ -21,14 +21,13 @@ workers stop when the trainer shuts the collector down. A worker that dies mid-b
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tensordict import TensorDictBase
 from torchrl.collectors import MultiSyncCollector
-from torchrl.envs import EnvBase
 
-from esper_func.rl.distributed import ENGINE_ERRORS, DistributedError
+from esper_func.rl.distributed import ENGINE_ERRORS, DistributedError, ShardEnvFactory
 
 SHUTDOWN_TIMEOUT_S = 30.0
 """How long TorchRL waits for the workers to stop before it terminates them."""
@@ -40,29 +39,24 @@ def ignore_sigint() -> None:
 
 
 class MultiprocessRollouts:
-    """Dense `[N, T]` batches from one worker process per env factory. Call `shutdown` in
+    """Dense `[N, T]` batches from one worker process per env shard. Call `shutdown` in
     a `finally`: it stops the workers."""
 
     def __init__(
         self,
-        env_factories: Sequence[Callable[[], EnvBase]],
-        shard_sizes: Sequence[int],
+        env_factories: Sequence[ShardEnvFactory],
         policy: torch.nn.Module,
         steps: int,
         batches: int,
         worker_threads: int,
     ) -> None:
-        """`env_factories[k]` builds worker k's env of `shard_sizes[k]` envs (picklable: the
-        workers are spawned); each plays `steps` steps per batch. `policy` goes to the
-        workers once, its parameters and buffers in shared memory from then on."""
-        if len(env_factories) != len(shard_sizes):
-            raise ValueError(
-                f"{len(env_factories)} env factories for {len(shard_sizes)} shard sizes; pass one size per factory"
-            )
+        """Worker k builds `env_factories[k]`'s shard (pickled: the workers are spawned) and
+        plays `steps` steps of its envs per batch. `policy` goes to the workers once, its
+        parameters and buffers in shared memory from then on."""
         self._batches = batches
         self._shut_down = False
         self._failed = False
-        frames = [size * steps for size in shard_sizes]
+        frames = [factory.n_envs * steps for factory in env_factories]
         self.collector = MultiSyncCollector(
             list(env_factories),
             policy,

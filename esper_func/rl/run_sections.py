@@ -4,6 +4,7 @@ rollouts are collected (`CollectorConfig`). Frozen, validated on construction.""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -161,6 +162,11 @@ class CollectorConfig:
     """`submitit` only: the SLURM partition (empty: the cluster's default)."""
     slurm_timeout_min: int = 60
     slurm_cpus_per_task: int = 2
+
+    @property
+    def threads_per_worker(self) -> int:
+        """`worker_threads`, or this machine's cores divided by the workers (at least 1)."""
+        return self.worker_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def __post_init__(self) -> None:
         require(self.kind in COLLECTORS, f"CollectorConfig.kind must be one of {list(COLLECTORS)}, got {self.kind!r}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -266,18 +265,17 @@ class PPOTrainer:
         return self.state
 
     def _collector(self, batches: int) -> Collector | MultiprocessRollouts | DistributedRollouts:
-        """`batches` episode batches from the envs here, or from `collector.workers`
-        worker processes (here or distributed). Batch U is episode U of every env either way: a resumed run's first
-        rollout replays the uninterrupted run's (a collector's resets before a step draw
-        nothing)."""
+        """`batches` episode batches from the envs here, or from `collector.workers` worker
+        processes (here or distributed). Batch U is episode U of every env either way: a
+        resumed run's first rollout replays the uninterrupted run's (a collector's resets
+        before a step draw nothing)."""
         collector = self.config.collector
-        if collector.kind != "local":
-            factories = shard_factories(self.config, self.transforms, first_episode=self.state.update)
         if collector.kind == "multiprocess":
-            threads = collector.worker_threads or max(1, (os.cpu_count() or 1) // collector.workers)
-            sizes = [factory.n_envs for factory in factories]
-            return MultiprocessRollouts(factories, sizes, self.nets.actor, self.base_env.max_epochs, batches, threads)
+            factories = shard_factories(self.config, self.transforms, first_episode=self.state.update)
+            steps = self.base_env.max_epochs
+            return MultiprocessRollouts(factories, self.nets.actor, steps, batches, collector.threads_per_worker)
         if collector.kind == "distributed":
+            factories = shard_factories(self.config, self.transforms, first_episode=self.state.update)
             return DistributedRollouts(
                 factories, self.nets.actor, self.frames_per_batch, batches, collector, self.device, self.state.run_dir
             )
