@@ -53,6 +53,7 @@ from torch.profiler import record_function
 from torchrl.envs import EnvBase
 
 from envs.specs import make_specs, update_action_masks
+from esper_func.core.allocator import reuse_freed_memory
 from esper_func.core.config import CNNHostConfig, ConfigError, CoreConfig, HostConfig, TransformerHostConfig
 from esper_func.core.host_evaluation import evaluate
 from esper_func.core.masks import action_masks
@@ -180,6 +181,8 @@ class MorphogeneticEnv(EnvBase):
         if shard < 0 or first_episode < 0:
             raise ConfigError(f"MorphogeneticEnv shard and first_episode must be >= 0, got {shard} and {first_episode}")
         device = canonical_device(device)
+        if device.type == "cpu":
+            reuse_freed_memory()  # a packed CPU step's large blocks would otherwise fault in anew each iteration
         super().__init__(device=device, batch_size=torch.Size([config.n_envs]))
         self.task = build_task(config.task, device)
         host = resolve_host(self.task, config.host_preset, config.host)

@@ -12,6 +12,8 @@ Variants, all on the same synthetic data (generated on the device once):
 - `vmap_compiled`: `host_training.train_epoch` with `CoreConfig(compile=True)`.
 - `vmap_cudagraphs`: the same with `compile_mode="reduce-overhead"`, which captures CUDA
   graphs (CUDA only: on a CPU it would be `vmap_compiled` again).
+- `packed`, `packed_compiled`: the N envs packed into one network's channels
+  (`CoreConfig(env_batching="packed")`), eager and compiled.
 
 `--amp` adds every vmapped variant under bf16 autocast, and measures autocast's accuracy
 effect: the synthetic task's host trained `--amp-epochs` epochs from the same seeds in fp32
@@ -55,6 +57,7 @@ from pathlib import Path
 import tensordict
 import torch
 
+from esper_func.core.allocator import reuse_freed_memory
 from esper_func.core.config import CNNHostConfig
 from esper_func.perf.bench_checks import (
     AmpEffect,
@@ -77,6 +80,7 @@ from esper_func.perf.bench_report import (
     load_average,
 )
 from esper_func.perf.bench_variants import (
+    COMPILE_SETTINGS,
     CUDA_ONLY_VARIANTS,
     DTYPE,
     SCENARIOS,
@@ -223,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all (vmap_cudagraphs on CUDA only)")
-    parser.add_argument("--no-compile", action="store_true", help="drop the vmap_compiled variant")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="drop the compiled variants (vmap_compiled, packed_compiled)"
+    )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and the data")
     parser.add_argument(
@@ -301,7 +307,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
             "vmap_compiled)"
         )
     variants = tuple(
-        dict.fromkeys(v for v in chosen if not (args.no_compile and v in ("vmap_compiled", "vmap_cudagraphs")))
+        dict.fromkeys(v for v in chosen if not (args.no_compile and COMPILE_SETTINGS[v][0]))
     )
     if not variants:
         parser.error("no variant left to run (--no-compile dropped the compiled variants)")
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, and write the JSON report when asked."""
     argv = sys.argv[1:] if argv is None else argv
     settings = parse_settings(argv)
+    reuse_freed_memory()  # as every env on a CPU does: the variants are timed with the allocator the envs run with
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     load_at_start = load_average()

@@ -42,7 +42,7 @@ from esper_func.perf.step_profile import (
 )
 
 SCENARIOS: tuple[str, ...] = ("host", "seeded")
-VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs", "packed")
+VARIANTS: tuple[str, ...] = ("baseline", "vmap_eager", "vmap_compiled", "vmap_cudagraphs", "packed", "packed_compiled")
 CUDA_ONLY_VARIANTS: tuple[str, ...] = ("vmap_cudagraphs",)
 COMPILE_SETTINGS: dict[str, tuple[bool, str]] = {
     "baseline": (False, "default"),
@@ -50,13 +50,14 @@ COMPILE_SETTINGS: dict[str, tuple[bool, str]] = {
     "vmap_compiled": (True, "default"),
     "vmap_cudagraphs": (True, "reduce-overhead"),
     "packed": (False, "default"),
+    "packed_compiled": (True, "default"),
 }
 """`CoreConfig.compile` and `compile_mode` of each variant."""
 
 
 def env_batching(variant: str) -> str:
-    """`CoreConfig.env_batching` of each variant: the vmapped ones run vmap, `packed` packs."""
-    return "packed" if variant == "packed" else "vmap"
+    """`CoreConfig.env_batching` of each variant: the vmapped ones run vmap, the packed ones pack."""
+    return "packed" if variant.startswith("packed") else "vmap"
 
 
 def compile_mode_name(variant: str) -> str:
@@ -253,7 +254,7 @@ def cases(settings: Settings) -> list[Case]:
         if variant == "baseline":
             out.append(Case(variant))
             continue
-        if variant == "packed":  # no vmap, so no chunks
+        if env_batching(variant) == "packed":  # no vmap, so no chunks
             out += [Case(variant, amp) for amp in ((False, True) if settings.amp else (False,))]
             continue
         for chunk in settings.vmap_chunk_sizes:
