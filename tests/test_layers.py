@@ -17,7 +17,7 @@ LAYERS = {
     "esper_func.perf": 4,
 }
 """Rank of each layer: a module imports from its own layer or from a lower rank (envs and policies are side by side)."""
-ENTRY_POINTS = ("train", "evaluate", "growth", "collect_worker", "bench", "bench_distributed", "tasks")
+ENTRY_POINTS = ("train", "evaluate", "curves", "growth", "collect_worker", "bench", "bench_distributed", "tasks")
 """The thin `python -m esper_func.<name>` modules at the package's top; they import nothing of ours."""
 
 

@@ -56,6 +56,31 @@ def plot_returns(history: list[dict[str, float]], path: Path) -> Path:
     return path
 
 
+def plot_return_curves(curves: dict[str, list[float]], path: Path, relative: bool = False) -> Path:
+    """Each run's return per update (thin), and their mean over the runs that reached each
+    update (bold); `relative`: the curves are returns minus a frozen policy's."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, returns in curves.items():
+        axis.plot(range(1, len(returns) + 1), returns, linewidth=1, alpha=0.45, label=Path(name).name)
+    longest = max(len(returns) for returns in curves.values())
+    means = [
+        sum(returns[u] for returns in curves.values() if len(returns) > u)
+        / sum(len(returns) > u for returns in curves.values())
+        for u in range(longest)
+    ]
+    axis.plot(range(1, longest + 1), means, color="black", linewidth=2.5, label=f"mean of {len(curves)} runs")
+    if relative:
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("update")
+    axis.set_ylabel("return minus the frozen policy's, same episodes" if relative else "mean episode return")
+    axis.set_title("PPO: return per update")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def plot_lifecycle(stages: list[list[list[int]]], slot_names: tuple[str, ...], path: Path, max_envs: int = 4) -> Path:
     """`stages` is `[T][N][S]` stage values; one row per (env, slot), time on the x axis."""
     n_envs = min(max_envs, len(stages[0]))

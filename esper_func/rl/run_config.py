@@ -69,6 +69,11 @@ class TrainingConfig:
     """Env seeds of the final comparison, each a fresh set of `env.n_envs` envs (a table of
     mean +- std over seeds); empty: the one seed `env.seed + 10_000`. They should differ
     from `env.seed`, so the policy is judged on envs it never trained on."""
+    frozen_policy: bool = False
+    """Play every batch with the initial policy: no PPO update, no normalizer refresh. The
+    run's returns are then those of the untrained policy on exactly the episodes a learning
+    run with the same seed and shards plays, the reference `python -m esper_func.curves
+    --reference` subtracts to take the episodes' own variation out of a learning curve."""
 
     def __post_init__(self) -> None:
         require(self.episodes >= 1, f"TrainingConfig.episodes must be >= 1, got {self.episodes}")
@@ -87,6 +92,10 @@ class TrainingConfig:
         require(
             len(set(self.compare_seeds)) == len(self.compare_seeds),
             f"TrainingConfig.compare_seeds repeat a seed: {list(self.compare_seeds)}",
+        )
+        require(
+            not self.frozen_policy or self.controller == "ppo",
+            f"TrainingConfig.frozen_policy freezes a PPO policy; a {self.controller} run has none: drop it",
         )
         if self.controller == "ppo":  # a rule-based run uses none of the PPO settings
             self._check_ppo()

@@ -81,6 +81,7 @@ OVERRIDE_FLAGS = (
     "vmap_chunk_size",
     "amp",
     "seed",
+    "frozen_policy",
 )
 
 
@@ -180,6 +181,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--early-stop", type=int, default=0, help="stop PPO after this many updates without a better return (0: off)"
     )
+    parser.add_argument(
+        "--frozen-policy",
+        action="store_true",
+        default=None,
+        help="PPO without updates: the untrained policy plays the episodes a learning run with this seed plays (the "
+        "reference of python -m esper_func.curves --reference)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("n_envs", "episodes", "max_epochs", "batch_size", "train_iters", "vmap_chunk_size"):
@@ -237,6 +245,8 @@ def resolve_config(args: argparse.Namespace, base: TrainingConfig | None = None)
         fields["episodes"] = args.episodes
     elif args.controller != "ppo" and base.controller == "ppo":
         fields["episodes"] = 1  # a preset's episode count is PPO's budget; a rule-based run plays one
+    if args.frozen_policy:
+        fields["frozen_policy"] = True
     if args.device is not None:
         fields["device"] = args.device
     if args.devices is not None:

@@ -245,10 +245,11 @@ class PPOTrainer:
                 self.state.rollout = rollout_statistics(batch, self.base_env.model.host_param_count)
                 self._log_steps(batch, logs)
                 self._run_hooks("after_rollout")
-                self.state.losses = self.update(batch)
+                self.state.losses = FROZEN_LOSSES if config.frozen_policy else self.update(batch)
                 self._run_hooks("after_update")
-                self.normalizers.update(batch)
-                self._refresh_normalizers()
+                if not config.frozen_policy:
+                    self.normalizers.update(batch)
+                    self._refresh_normalizers()
                 self.state.update += 1
                 self.state.frames += batch.numel()
                 self.state.wall_time = time.perf_counter() - start
@@ -402,6 +403,10 @@ class _RunLogs:
     def __exit__(self, *exc: object) -> None:
         self.metrics.close()
         self.lifecycle.close()
+
+
+FROZEN_LOSSES: dict[str, Any] = {"optimizer_steps": 0, "anomalies": []}
+"""The update statistics of a `frozen_policy` run's batches."""
 
 
 def history_record(state: TrainerState) -> dict[str, float]:
