@@ -64,6 +64,40 @@ def test_weights_travel_through_the_engine_and_workers_without_them_go_stale(tmp
     assert actions_per_batch(rollouts, policy) == [{0}, {0}, {0}]
 
 
+class ExitedProcess:
+    """A worker process as `subprocess.Popen.poll` sees it: its exit status, or None while it runs."""
+
+    def __init__(self, code: int | None) -> None:
+        self.code = code
+
+    def poll(self) -> int | None:
+        return self.code
+
+
+class SilentHeartbeats:
+    def problem(self) -> str:
+        return "worker rank 1 sent no heartbeat for 10 s"
+
+
+@pytest.mark.parametrize(
+    "shutting_down, code, expected",
+    [
+        (True, 0, None),  # the engine's shutdown call may still be returning when a worker has exited cleanly
+        (True, 1, "worker rank 1 exited with status 1"),
+        (False, 0, "worker rank 1 exited with status 0"),
+        (False, None, "worker rank 1 sent no heartbeat for 10 s"),
+    ],
+)
+def test_only_a_clean_exit_during_shutdown_is_not_a_problem(
+    shutting_down: bool, code: int | None, expected: str | None
+) -> None:
+    rollouts = object.__new__(DistributedRollouts)  # the watcher's state alone, no engine
+    rollouts.processes = [ExitedProcess(code)]
+    rollouts.heartbeats = SilentHeartbeats()
+    rollouts._shut_down = shutting_down
+    assert rollouts._problem() == expected
+
+
 def test_workers_started_through_the_entry_point_collect_and_exit_0(tmp_path: Path) -> None:
     port = free_port_block(HOST)
     workers = [subprocess.Popen(worker_command(rank, 3, HOST, port, threads=1)) for rank in (1, 2)]

@@ -375,11 +375,13 @@ class DistributedRollouts:
         return outcome["value"]  # type: ignore[return-value]
 
     def _problem(self) -> str | None:
+        """A worker that exited or went silent. During `shutdown` the workers exit 0 and stop
+        beating while the engine's call may still be returning: only another status counts."""
         for rank, process in enumerate(self.processes, start=1):
             code = process.poll()
-            if code is not None:
+            if code is not None and not (self._shut_down and code == 0):
                 return f"worker rank {rank} exited with status {code}"
-        return self.heartbeats.problem()
+        return None if self._shut_down else self.heartbeats.problem()
 
     def _problem_after_error(self) -> str | None:
         """The rank behind an engine error: a lost peer shows as a stale heartbeat within
