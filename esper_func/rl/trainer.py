@@ -245,7 +245,7 @@ class PPOTrainer:
                 self.state.rollout = rollout_statistics(batch, self.base_env.model.host_param_count)
                 self._log_steps(batch, logs)
                 self._run_hooks("after_rollout")
-                self.state.losses = FROZEN_LOSSES if config.frozen_policy else self.update(batch)
+                self.state.losses = frozen_losses() if config.frozen_policy else self.update(batch)
                 self._run_hooks("after_update")
                 if not config.frozen_policy:
                     self.normalizers.update(batch)
@@ -405,8 +405,9 @@ class _RunLogs:
         self.lifecycle.close()
 
 
-FROZEN_LOSSES: dict[str, Any] = {"optimizer_steps": 0, "anomalies": []}
-"""The update statistics of a `frozen_policy` run's batches."""
+def frozen_losses() -> dict[str, Any]:
+    """The update statistics of a `frozen_policy` run's batch (a new dict: hooks may edit theirs)."""
+    return {"optimizer_steps": 0, "anomalies": []}
 
 
 def history_record(state: TrainerState) -> dict[str, float]:
