@@ -239,7 +239,14 @@ class MorphogeneticEnv(EnvBase):
     def _fresh_state(self) -> TensorDict:
         """`reset_state` of every env, from the env stream."""
         n = self.config.n_envs
-        return reset_state(self.steps, self.config.signals, n, self.generator, self.task.sample_batches)
+        return reset_state(
+            self.steps,
+            self.config.signals,
+            n,
+            self.generator,
+            self.task.sample_batches,
+            static_twin=self.config.rewards.static_baseline,
+        )
 
     # -- EnvBase ---------------------------------------------------------------------------
 

@@ -213,6 +213,68 @@ def test_heuristic_germinates_blends_and_fossilizes_on_a_tiny_setting() -> None:
     assert int(Stage.FOSSILIZED) in stages_seen, f"stages seen: {sorted(stages_seen)}"
 
 
+def growing_env(max_epochs: int, static_baseline: bool, seed: int = 0) -> MorphogeneticEnv:
+    """A short lifecycle and a budget where one episode takes seeds through blending, under
+    the `accuracy` reward."""
+    env = small_env(
+        n_envs=2, max_epochs=max_epochs, seed=seed, min_training_epochs=1, blend_steps=2, probation_min_epochs=3
+    )
+    lifecycle = replace(env.config.core.lifecycle, grad_ratio_threshold=0.0, fossilize_min_contribution=0.0)
+    return MorphogeneticEnv(
+        replace(
+            env.config,
+            core=replace(env.config.core, lifecycle=lifecycle),
+            task=replace(env.config.task, train_iters=4, batch_size=32),
+            rewards=RewardConfig.for_task("synthetic", family="accuracy", static_baseline=static_baseline),
+        )
+    )
+
+
+def eager_heuristic(env: MorphogeneticEnv) -> HeuristicPolicy:
+    eager = HeuristicConfig(require_stabilization=False, min_epoch_to_germinate=0, plateau_epochs_to_germinate=0)
+    return HeuristicPolicy(env.model.topology, env.config.n_envs, eager)
+
+
+def test_the_static_twin_is_the_same_episode_played_static_and_the_progress_is_paid_over_it() -> None:
+    """`static_baseline`: the twin's accuracy at every epoch is that of a plain env of the
+    same seed that only WAITs; the env itself plays exactly as without a twin (the twin
+    draws nothing); accuracy_progress is the env's epoch gain minus the twin's, so the
+    episode's sum is the final accuracy over the static host's."""
+    epochs = 10
+    paired = growing_env(epochs, static_baseline=True).rollout(epochs, eager_heuristic(growing_env(epochs, True)))
+    plain_env = growing_env(epochs, static_baseline=False)
+    plain = plain_env.rollout(epochs, eager_heuristic(plain_env))
+    static = growing_env(epochs, static_baseline=False).rollout(epochs, StaticPolicy())
+    for key in ("observation", ("next", "observation"), ("next", "metrics", "val_accuracy"), ("action", "op")):
+        torch.testing.assert_close(paired[key], plain[key], rtol=0, atol=0)
+    accuracy = paired["next", "metrics", "val_accuracy"]
+    twin = static["next", "metrics", "val_accuracy"]
+    assert (paired["next", "seeds", "stage"] == int(Stage.BLENDING)).any(), "no seed blended: nothing to pay"
+    assert not torch.equal(accuracy, twin), "the grown network never differed from the static one"
+    first = paired["metrics", "val_accuracy"][:, :1]
+    gains = torch.diff(torch.cat([first, accuracy], 1), dim=1) - torch.diff(torch.cat([first, twin], 1), dim=1)
+    progress = paired["next", "reward_components", "accuracy_progress"]
+    torch.testing.assert_close(progress, gains)
+    torch.testing.assert_close(progress.sum(1), accuracy[:, -1] - twin[:, -1])
+    assert plain["next", "reward_components", "accuracy_progress"].sum(1).tolist() == pytest.approx(
+        (accuracy[:, -1] - first[:, 0]).tolist(), abs=1e-3
+    )
+
+
+def test_a_static_twin_under_wait_pays_no_progress_and_restarts_with_its_env() -> None:
+    """Nothing grown, nothing paid: under WAIT the twin is its env, step for step. A
+    partial reset gives the reset envs a twin of their fresh hosts."""
+    env = growing_env(4, static_baseline=True)
+    rollout = env.rollout(4, StaticPolicy())
+    assert rollout["next", "reward_components", "accuracy_progress"].abs().max().item() == 0.0
+    torch.testing.assert_close(env.state["static", "params"], env.state["params"], rtol=0, atol=0)
+    carried = step_mdp(rollout[:, -1])
+    carried["_reset"] = torch.tensor([[True], [False]])
+    env.reset(carried)
+    assert env.state["static", "epoch"].tolist() == [0, 4]
+    torch.testing.assert_close(env.state["static", "params"], env.state["params"], rtol=0, atol=0)
+
+
 def test_test_accuracy_is_each_env_network_on_the_held_out_split_as_a_plain_module_scores_it() -> None:
     """Seeds germinated and training or blending: every env's accuracy on the test split,
     against the per-env reference network (ordinary modules) built from the same state."""

@@ -141,6 +141,7 @@ def values(components: TensorDict, key: str) -> list[float]:
         ({"cull_young_age": 0}, "cull_young_age"),
         ({"ratio_penalty_min_discount": 1.5}, "ratio_penalty_min_discount"),
         ({"loss_baseline": 0.3, "loss_target": 0.3}, "loss_baseline"),
+        ({"static_baseline": True}, "static_baseline"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -453,6 +454,22 @@ def test_accuracy_family_pays_accuracy_as_it_is_earned_and_rents_every_held_seed
         step_prev, step_next = states(1, acc=before)
         total += values(reward(step_prev, step_next, epoch_metrics([after]), config=config), "accuracy_progress")[0]
     assert total == pytest.approx(2.0 * (readings[-1] - readings[0]))
+
+
+def test_static_baseline_pays_progress_relative_to_the_twin():
+    """With `static_baseline`, accuracy_progress = w ((acc - acc_prev) - (twin - twin_prev)),
+    read from both states' `static` twin; rent and the governor term are unchanged."""
+    prev, nxt = states(3, acc=52.0)
+    prev["static"] = prev.select("metrics").clone()
+    nxt["static"] = nxt.select("metrics").clone()
+    nxt["static", "metrics", "val_accuracy"] = torch.tensor([53.0, 50.0, 57.0])
+    config = RewardConfig(family="accuracy", accuracy_progress_weight=2.0, static_baseline=True)
+    got = reward(prev, nxt, epoch_metrics([55.0, 50.0, 52.0]), config=config)
+    assert values(got, "accuracy_progress") == pytest.approx([2.0 * (3 - 1), 2.0 * (-2 + 2), 2.0 * (0 - 5)])
+    without = dataclasses.replace(config, static_baseline=False)
+    plain = reward(prev, nxt, epoch_metrics([55.0, 50.0, 52.0]), config=without)
+    assert values(got, "rent") == values(plain, "rent")
+    assert values(plain, "accuracy_progress") == pytest.approx([6.0, -4.0, 0.0])
 
 
 def test_loss_rent_skips_young_seeds():

@@ -271,8 +271,11 @@ def _sparse(config: RewardConfig, t: Transition) -> torch.Tensor:
 def _accuracy_progress(config: RewardConfig, t: Transition) -> torch.Tensor:
     """`accuracy_progress` = `w*(acc - acc_prev)`, whose sum over an episode is `w` times the
     final accuracy minus the first reading, so the return is the accuracy the controller's
-    network ends with, paid as it is earned (accuracy_progress_weight)."""
-    return config.accuracy_progress_weight * (t.accuracy - t.prev_accuracy)
+    network ends with, paid as it is earned (accuracy_progress_weight). With
+    `static_baseline`, `w*((acc - acc_prev) - (acc_static - acc_static_prev))`: the twin
+    starts from the same host, so the sum is `w` times the final accuracy's gain over the
+    static twin's."""
+    return config.accuracy_progress_weight * (t.accuracy - t.prev_accuracy - t.static_gain)
 
 
 def _accuracy_rent(config: RewardConfig, t: Transition) -> torch.Tensor:

@@ -146,6 +146,13 @@ class RewardConfig:
     """Family "accuracy": rent per epoch per host-size of seed parameters (in the units of
     one pp of accuracy at weight 1). At 0.05 a seed the size of the host must add more
     than about 1 pp over a 25-epoch episode to pay for itself."""
+    static_baseline: bool = False
+    """Family "accuracy": pay accuracy progress relative to a static twin, the same initial
+    host trained on the same batches and never grown, which the env then trains beside
+    every env. The return becomes the accuracy the controller's growth added over keeping
+    the host static, minus rent: the episode's draw (host initialization, batches), which
+    moves every policy's return alike, cancels out of it, and the optimal policy is
+    unchanged (the twin's progress does not depend on the actions)."""
 
     def __post_init__(self) -> None:
         require(
@@ -175,6 +182,11 @@ class RewardConfig:
         require(
             self.ratio_penalty_min_discount <= 1.0,
             f"RewardConfig.ratio_penalty_min_discount must be in [0, 1], got {self.ratio_penalty_min_discount}",
+        )
+        require(
+            not self.static_baseline or self.family == "accuracy",
+            f"RewardConfig.static_baseline pays accuracy progress relative to a static twin, which only the "
+            f"'accuracy' family reads; got family {self.family!r}: set family='accuracy' or static_baseline=false",
         )
         require(
             self.loss_baseline > self.loss_target,

@@ -117,6 +117,9 @@ class Transition:
     """`[N, S]` epochs in that stage, counting this one."""
     accuracy: torch.Tensor
     prev_accuracy: torch.Tensor
+    static_gain: torch.Tensor
+    """Accuracy the env's static twin gained this epoch (`RewardConfig.static_baseline`;
+    0 without a twin)."""
     val_loss: torch.Tensor
     prev_val_loss: torch.Tensor
     contribution: torch.Tensor
@@ -135,11 +138,12 @@ def make_transition(
     action: TensorDict,
     metrics: TensorDict,
     is_last: torch.Tensor,
+    static_twin: bool,
 ) -> Transition:
     """The tensors the components share for the transition `prev_state -> next_state`:
     the executed op (WAIT where the action did not execute, `metrics["executed"]`), the
-    acted-on slot, the stage during the epoch (after the action, before the tick), and the
-    epoch's metrics."""
+    acted-on slot, the stage during the epoch (after the action, before the tick), the
+    epoch's metrics and, with a `static_twin` (`state["static"]`), its accuracy gain."""
     prev, nxt = prev_state["slots"], next_state["slots"]
     n_slots = prev.batch_size[1]
     op = torch.where(metrics["executed"], action["op"], int(Op.WAIT))
@@ -156,6 +160,11 @@ def make_transition(
         epochs_run=torch.where(acted, 0, prev["epochs_in_stage"]) + 1,
         accuracy=metrics["val_accuracy"],
         prev_accuracy=prev_state["metrics", "val_accuracy"],
+        static_gain=(
+            next_state["static", "metrics", "val_accuracy"] - prev_state["static", "metrics", "val_accuracy"]
+            if static_twin
+            else torch.zeros_like(metrics["val_accuracy"])
+        ),
         val_loss=metrics["val_loss"],
         prev_val_loss=prev_state["metrics", "val_loss"],
         contribution=metrics["contribution"],

@@ -93,10 +93,11 @@ def compute_reward(
     `val_accuracy`, `val_loss` `[N]`, `contribution` `[N, S]`, `executed` `[N]` bool (False:
     rewarded as WAIT) and `rolled_back` `[N]` bool (the governor rolled the env back in
     this step); `is_last` `[N]` bool: the episode's last step. `prev_state["metrics"]` must
-    be the previous evaluation (the env evaluates at reset). Pure; no host sync; keys are
+    be the previous evaluation (the env evaluates at reset); with `static_baseline` both
+    states hold the static twin (`step.step_static_twin`). Pure; no host sync; keys are
     `component_names(config)` in order.
     """
-    t = make_transition(model, prev_state, next_state, action, metrics, is_last)
+    t = make_transition(model, prev_state, next_state, action, metrics, is_last, config.static_baseline)
     components = {name: fn(config, t) for name, fn in _family(config).items()}
     return TensorDict(components, batch_size=prev_state.batch_size, device=prev_state.device)
 

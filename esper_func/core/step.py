@@ -103,19 +103,45 @@ def env_step(
     return state, metrics
 
 
+STATIC_TWIN_KEYS: tuple[str, ...] = ("params", "buffers", "momentum", "slots", "epoch", "metrics")
+"""What `state["static"]`, an env's static twin, holds: the parts of a state that train and evaluate."""
+
+
+def step_static_twin(functions: StepFunctions, twin: TensorDict, batches: Batches) -> TensorDict:
+    """One epoch of the static twin (`state["static"]`): train on the env's batches,
+    evaluate on its validation batches, advance the epoch. Its slots stay empty, so this
+    is the host-only train and evaluation step; no action, governor or tick applies."""
+    model = functions.model
+    twin, train_stats = train_epoch(model, twin, batches.train_x, batches.train_y, functions.train)
+    metrics = evaluate(model, twin, batches.val_x, batches.val_y, functions.eval)
+    twin["metrics"] = TensorDict(
+        {
+            "val_accuracy": metrics["val_accuracy"],
+            "val_loss": metrics["val_loss"],
+            "train_loss": train_stats["train_loss"],
+        },
+        batch_size=twin.batch_size,
+    )
+    twin["epoch"] = twin["epoch"] + 1
+    return twin
+
+
 def reset_state(
     functions: StepFunctions,
     signals: SignalConfig,
     n_envs: int,
     generator: torch.Generator,
     draw_batches: Callable[[torch.Generator], Batches],
+    static_twin: bool = False,
 ) -> TensorDict:
     """Fresh hosts for `n_envs` envs, evaluated once so the first observation is real.
 
     Draws from `generator` in a fixed order: the hosts (`init_state`), then one epoch's
     batches (`draw_batches`, a task's `sample_batches`) whose validation batches evaluate
     them. The evaluation is the signals' first epoch, so deltas at step 1 are real; the
-    first snapshot holds the evaluated hosts, so a rollback restores real metrics.
+    first snapshot holds the evaluated hosts, so a rollback restores real metrics. With
+    `static_twin`, `state["static"]` is a copy of the evaluated hosts (`STATIC_TWIN_KEYS`)
+    that `step_env` trains on the same batches and never grows (`RewardConfig.static_baseline`).
     """
     model = functions.model
     state = init_state(model, n_envs, generator)
@@ -125,6 +151,8 @@ def reset_state(
     state["metrics", "val_accuracy"] = metrics["val_accuracy"]
     state["signals"] = update_signals(signals, init_signals(signals, n_envs, model.device), metrics)
     state["illegal_actions"] = torch.zeros(n_envs, dtype=torch.int64, device=model.device)
+    if static_twin:
+        state["static"] = state.select(*STATIC_TWIN_KEYS).clone()
     return take_snapshots(state, torch.ones(n_envs, dtype=torch.bool, device=model.device))
 
 
@@ -190,13 +218,17 @@ def step_env(
 ) -> tuple[TensorDict, TensorDict, torch.Tensor, torch.Tensor]:
     """One whole env step: `(observation, next state, reward [N], done [N])`.
 
-    `env_step` (act, train, evaluate, check, tick, snapshot), then the reward components
+    `env_step` (act, train, evaluate, check, tick, snapshot), the static twin's epoch
+    when the reward reads it (`step_static_twin`), then the reward components
     (`compute_reward`; the reward is their `total`), the signals, the count of actions that
     could not execute, and the `observation`. The fixed horizon is a true termination (the
     observation carries the epoch fraction): `done` where the episode's last epoch ran.
     """
     model = functions.model
     next_state, metrics = env_step(functions, state, action, batches, generator)
+    if rewards.static_baseline:
+        with record_function("esper.static_twin"):
+            next_state["static"] = step_static_twin(functions, state["static"], batches)
     done = next_state["epoch"] >= model.config.lifecycle.max_epochs
     with record_function("esper.reward"):
         components = compute_reward(rewards, model, state, next_state, action, metrics, done)
