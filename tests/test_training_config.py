@@ -75,6 +75,17 @@ def test_cross_field_rules_name_the_fix() -> None:
     learn = TrainingConfig.preset("learn")
     assert learn.compare_seeds == (0, 1, 2) and learn.env.seed not in learn.compare_seeds
     assert learn.env.rewards.family == "accuracy" and learn.env.task.train_iters == 64  # the growth benchmark's budget
+    default = TrainingConfig.preset("default")
+    assert default.env.rewards.static_baseline and not learn.env.rewards.static_baseline
+    assert default.episodes == default.ppo.entropy_anneal_updates
+    as_learn = replace(
+        default,
+        env=replace(default.env, rewards=learn.env.rewards, seed=learn.env.seed),
+        ppo=replace(default.ppo, entropy_anneal_updates=learn.ppo.entropy_anneal_updates),
+        episodes=learn.episodes,
+        compare_seeds=learn.compare_seeds,
+    )
+    assert as_learn == learn  # otherwise the learning run's settings
 
 
 def test_entropy_schedule_anneals_linearly_then_holds() -> None:

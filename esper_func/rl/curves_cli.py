@@ -1,14 +1,17 @@
 """`python -m esper_func.curves RUN_DIR [RUN_DIR ...]`: did these PPO runs learn?
 
-A run's return per update moves by about 1 with the episode it plays (its envs and
-action noise, `esper_func.core.seeding`), so a short run's rise can hide in that
-variation (`docs/training.md`). This reads each run's `updates.jsonl` and prints, per
-run, the mean return of its first and last `--window` updates and their difference (the
-rise); then, over the runs, the mean rise, its standard deviation and standard error, and
-how many runs rose. `--reference REF_DIR ...` first subtracts, update by update, the
-return of a `--frozen-policy` run with the same seed and shards: the untrained policy on
-the same episodes, which takes most of the episodes' own variation out. `--plot PATH`
-draws every run's curve and their mean per update.
+A run's return per update moves with the episode it plays (its envs and action noise,
+`esper_func.core.seeding`): by about 1 under the raw accuracy reward, less when the
+reward is paid over a static twin (`RewardConfig.static_baseline`), which takes the
+hosts' and batches' draw out but not the consequences of the policy's own sampled
+actions. A short run's rise can hide in that variation (`docs/training.md`). This reads
+each run's `updates.jsonl` and prints, per run, the mean return of its first and last
+`--window` updates and their difference (the rise); then, over the runs, the mean rise,
+its standard deviation and standard error, and how many runs rose. `--reference REF_DIR
+...` first subtracts, update by update, the return of a `--frozen-policy` run with the
+same seed and shards: the untrained policy on the same episodes, which takes most of the
+episodes' own variation out. `--plot PATH` draws every run's curve and their mean per
+update.
 """
 
 from __future__ import annotations
