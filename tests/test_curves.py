@@ -39,11 +39,14 @@ def test_a_rule_based_run_cannot_be_frozen() -> None:
         replace(TrainingConfig.preset("tiny"), controller="heuristic", frozen_policy=True)
 
 
-def fake_run(run_dir: Path, returns: list[float], seed: int = 0, frozen: bool = False) -> Path:
+def fake_run(
+    run_dir: Path, returns: list[float], seed: int = 0, frozen: bool = False, n_train: int | None = None
+) -> Path:
     """A run directory with a config and one `updates.jsonl` record per return."""
     run_dir.mkdir(parents=True)
     config = TrainingConfig.preset("tiny")
-    config = replace(config, env=replace(config.env, seed=seed), frozen_policy=frozen)
+    task = replace(config.env.task, n_train=n_train or config.env.task.n_train)
+    config = replace(config, env=replace(config.env, seed=seed, task=task), frozen_policy=frozen)
     write_training_config(config, run_dir / "config.json")
     lines = [json.dumps({"update": u + 1, "rollout": {"return": value}}) for u, value in enumerate(returns)]
     (run_dir / "updates.jsonl").write_text("\n".join(lines) + "\n")
@@ -92,6 +95,7 @@ def test_curves_subtract_the_frozen_run_with_the_same_seed(tmp_path: Path, capsy
         ("learned reference", "learned: a reference is a run trained with --frozen-policy"),
         ("other seed", r"no reference plays the episodes of .* \(seed 0, 4 envs in 1 shard\(s\)\)"),
         ("bad record", r"updates.jsonl, line 1: not an update record \(KeyError"),
+        ("other envs", r"plays the episodes of .* in other envs \(env.task differs\), so their returns do not compare"),
     ],
 )
 def test_curves_errors_name_the_problem_and_the_fix(
@@ -107,6 +111,8 @@ def test_curves_errors_name_the_problem_and_the_fix(
         args += ["--reference", str(fake_run(tmp_path / "ref", [1.0, 1.0, 1.0]))]
     elif case == "other seed":
         args += ["--reference", str(fake_run(tmp_path / "ref", [1.0, 1.0, 1.0], seed=3, frozen=True))]
+    elif case == "other envs":
+        args += ["--reference", str(fake_run(tmp_path / "ref", [1.0, 1.0, 1.0], frozen=True, n_train=512))]
     else:
         (run / "updates.jsonl").write_text(json.dumps({"update": 1}) + "\n")
     assert curves_main(args) == 2

@@ -17,6 +17,7 @@ update.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -88,11 +89,11 @@ def episode_draws(run_dir: Path) -> tuple[int, int, int]:
 
 def against_references(curves: list[RunCurve], run_dirs: list[Path], reference_dirs: list[Path]) -> list[RunCurve]:
     """Each curve minus the frozen-policy run that played its episodes, over the updates both have."""
-    references: dict[tuple[int, int, int], RunCurve] = {}
+    references: dict[tuple[int, int, int], Path] = {}
     for reference_dir in reference_dirs:
         if not run_config(reference_dir).frozen_policy:
             raise CurveError(f"{reference_dir} learned: a reference is a run trained with --frozen-policy")
-        references[episode_draws(reference_dir)] = read_curve(reference_dir)
+        references[episode_draws(reference_dir)] = reference_dir
     relative = []
     for curve, run_dir in zip(curves, run_dirs):
         draws = episode_draws(run_dir)
@@ -102,7 +103,16 @@ def against_references(curves: list[RunCurve], run_dirs: list[Path], reference_d
                 f"no reference plays the episodes of {run_dir} (seed {seed}, {envs} envs in {shards} shard(s)): run "
                 f"its command again with --frozen-policy and give that run directory to --reference"
             )
-        reference = references[draws].returns
+        reference_dir = references[draws]
+        mine, theirs = run_config(run_dir).env, run_config(reference_dir).env
+        differing = [f.name for f in dataclasses.fields(mine) if getattr(mine, f.name) != getattr(theirs, f.name)]
+        if differing:
+            raise CurveError(
+                f"{reference_dir} plays the episodes of {run_dir} in other envs (env.{', env.'.join(differing)} "
+                f"differ{'s' if len(differing) == 1 else ''}), so their returns do not compare: run the frozen "
+                "reference with the run's own config (its config.json) and --frozen-policy"
+            )
+        reference = read_curve(reference_dir).returns
         updates = min(len(curve.returns), len(reference))
         relative.append(RunCurve(curve.name, [curve.returns[u] - reference[u] for u in range(updates)]))
     return relative
