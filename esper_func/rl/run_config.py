@@ -178,12 +178,13 @@ class TrainingConfig:
 def _default() -> TrainingConfig:
     """The main job: the learning run's settings (`_learn`, collection on 2 worker
     processes) with the reward paid over a static twin (`RewardConfig.static_baseline`),
-    for the 10 updates that fit 10 minutes on 2 CPU cores with the comparison. The twin
-    takes the episodes' draw out of the return, which otherwise moved a 12-update run's
-    return more than its learning did; it costs 45 % per env step, which the learning
-    run's hour could not spare. At a quarter of the budget (16 training iterations, 512
-    validation images) 40 updates fit 6 minutes, but there growth does not pay and the
-    return stayed flat (docs/training.md)."""
+    10 updates and the comparison in 10½ minutes on 2 CPU cores. The twin makes the
+    return the accuracy growth added over the static host and takes the episodes' draw
+    out of it, which moved a 12-update raw-reward run's return more than its learning
+    did; it costs 45 % per env step, which the learning run's hour could not spare. At a
+    quarter of the budget (16 training iterations, 512 validation images) 40 updates fit
+    6 minutes, but there growth does not pay and the return stayed flat
+    (docs/training.md)."""
     learn = _learn()
     env = replace(learn.env, seed=0, rewards=replace(learn.env.rewards, static_baseline=True))
     ppo = replace(learn.ppo, entropy_anneal_updates=10)
