@@ -15,8 +15,9 @@ State is one `TensorDict` with batch size `[N]` (N environments):
 | `("governor", ...)` | `[N, ...]` | | health-check history and the rollback snapshot (`esper_func.core.governor`) |
 | `("signals", ...)` | `[N]`, `[N, H]` | | training signals: plateau, stabilization, best values, short histories (`esper_func.core.signals`) |
 | `"illegal_actions"` | `[N]` | int64 | actions this episode that the masks forbade (each executed as WAIT) |
+| `("static", ...)` | `[N, ...]` | | only with `RewardConfig.static_baseline`: the static twin, a copy of the fresh hosts' `params`, `buffers`, `momentum`, `slots` (empty), `metrics` and `epoch`, trained on the same batches and never grown (`step.step_static_twin`) |
 
-`init_state` makes all but the last two; `step.reset_state` adds them (the fresh hosts'
+`init_state` makes all but the last three; `step.reset_state` adds them (the fresh hosts'
 evaluation is the signals' first epoch) and `step.step_env` updates them.
 
 Blueprint indices refer to the host topology's catalogue (`blueprints.CATALOGUE`); stage
