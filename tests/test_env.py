@@ -19,7 +19,7 @@ from esper_func.core.reward_transition import potential
 from esper_func.core.seeding import ACTION_NOISE, Stream, stream_seed
 from esper_func.core.stages import Op, Stage
 from esper_func.core.state import empty_slots
-from esper_func.core.step import reset_observation, reset_state, step_env
+from esper_func.core.step import reset_observation, reset_state, step_env, step_static_twin
 from esper_func.data.tasks import TaskConfig
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -273,6 +273,22 @@ def test_a_static_twin_under_wait_pays_no_progress_and_restarts_with_its_env() -
     env.reset(carried)
     assert env.state["static", "epoch"].tolist() == [0, 4]
     torch.testing.assert_close(env.state["static", "params"], env.state["params"], rtol=0, atol=0)
+
+
+def test_a_diverging_static_twin_keeps_its_last_healthy_state_and_gains_nothing() -> None:
+    """A twin epoch with a non-finite loss leaves that env's twin as it was (only the epoch
+    advances), so its collapse pays the controller nothing; healthy envs train on."""
+    env = growing_env(4, static_baseline=True)
+    twin = env.state["static"]
+    batches = env.task.sample_batches(torch.Generator().manual_seed(3))
+    poisoned = batches.train_x.clone()
+    poisoned[:, :, 0] = float("inf")  # channel 0 of every image: both envs' twins diverge
+    stepped = step_static_twin(env.steps, twin, replace(batches, train_x=poisoned))
+    torch.testing.assert_close(stepped.exclude("epoch"), twin.exclude("epoch"), rtol=0, atol=0)
+    assert stepped["epoch"].tolist() == [1, 1]
+    healthy = step_static_twin(env.steps, twin, batches)
+    assert torch.isfinite(healthy["metrics", "val_loss"]).all()
+    assert not torch.equal(healthy["params"]["host.head.weight"], twin["params"]["host.head.weight"])
 
 
 def test_test_accuracy_is_each_env_network_on_the_held_out_split_as_a_plain_module_scores_it() -> None:

@@ -103,18 +103,21 @@ def env_step(
     return state, metrics
 
 
-STATIC_TWIN_KEYS: tuple[str, ...] = ("params", "buffers", "momentum", "slots", "epoch", "metrics")
+STATIC_TWIN_KEYS: tuple[str, ...] = ("params", "buffers", "momentum", "slots", "metrics", "epoch")
 """What `state["static"]`, an env's static twin, holds: the parts of a state that train and evaluate."""
 
 
 def step_static_twin(functions: StepFunctions, twin: TensorDict, batches: Batches) -> TensorDict:
     """One epoch of the static twin (`state["static"]`): train on the env's batches,
     evaluate on its validation batches, advance the epoch. Its slots stay empty, so this
-    is the host-only train and evaluation step; no action, governor or tick applies."""
+    is the host-only train and evaluation step; no action or tick applies. A twin whose
+    epoch ends with a non-finite loss keeps its state from before the epoch (only its
+    epoch advances), so its gain is 0: a diverging static host must not pay the
+    controller for its collapse, as the governor keeps the env's own host from doing."""
     model = functions.model
-    twin, train_stats = train_epoch(model, twin, batches.train_x, batches.train_y, functions.train)
-    metrics = evaluate(model, twin, batches.val_x, batches.val_y, functions.eval)
-    twin["metrics"] = TensorDict(
+    trained, train_stats = train_epoch(model, twin, batches.train_x, batches.train_y, functions.train)
+    metrics = evaluate(model, trained, batches.val_x, batches.val_y, functions.eval)
+    trained["metrics"] = TensorDict(
         {
             "val_accuracy": metrics["val_accuracy"],
             "val_loss": metrics["val_loss"],
@@ -122,8 +125,13 @@ def step_static_twin(functions: StepFunctions, twin: TensorDict, batches: Batche
         },
         batch_size=twin.batch_size,
     )
-    twin["epoch"] = twin["epoch"] + 1
-    return twin
+    healthy = torch.isfinite(metrics["val_loss"]) & torch.isfinite(train_stats["train_loss"])
+    kept_keys = [key for key in STATIC_TWIN_KEYS if key != "epoch"]
+    new_twin = trained.select(*kept_keys).apply(
+        lambda new, old: torch.where(healthy.view((-1,) + (1,) * (new.dim() - 1)), new, old), twin.select(*kept_keys)
+    )
+    new_twin["epoch"] = twin["epoch"] + 1
+    return new_twin
 
 
 def reset_state(
