@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from envs.morphogenetic import fit_context
 from esper_func.core.config import TransformerHostConfig
 from esper_func.data.tasks import TaskConfig
+from esper_func.rl.checkpoints import load_checkpoint
+from esper_func.rl.evaluate_cli import load_policy
+from esper_func.rl.run_config import load_training_config
 from esper_func.rl.train_cli import main
 
 TINY = ["--n-envs", "2", "--max-epochs", "3", "--batch-size", "8", "--train-iters", "1", "--no-progress"]
@@ -199,6 +203,29 @@ def test_ppo_cli_trains_checkpoints_compares_and_resumes(tmp_path: Path, capsys:
     assert {
         path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()
     } == before
+
+
+def test_evaluate_untrained_plays_the_policy_the_run_started_from(tmp_path: Path) -> None:
+    """A `--frozen-policy` run never leaves its first policy, so on the same envs and
+    action noise its `ppo` row and the `untrained` row are the same episodes."""
+    from esper_func.rl.evaluate_cli import main as evaluate
+
+    run_dir = tmp_path / "frozen"
+    args = ["ppo", "--preset", "tiny", "--n-envs", "2", "--episodes", "1", "--frozen-policy", "--no-progress"]
+    assert main([*args, "--run-dir", str(run_dir)]) == 0
+    assert evaluate([str(run_dir), "--no-progress", "--seeds", "5", "--untrained"]) == 0
+    table = json.loads((run_dir / "evaluation-1.json").read_text())["table"]
+    assert [row["controller"] for row in table] == ["static", "heuristic", "ppo", "untrained"]
+    ppo, untrained = table[2], table[3]
+    assert {key: value for key, value in ppo.items() if key != "controller"} == {
+        key: value for key, value in untrained.items() if key != "controller"
+    }
+    # Not just alike in play (near-uniform first policies can sample alike): the same weights.
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    nets, first = load_policy(checkpoint, load_training_config(checkpoint["config"]))
+    for mine, theirs in ((nets.actor, first.actor), (nets.critic, first.critic)):
+        for (name, value), (_, expected) in zip(mine.state_dict().items(), theirs.state_dict().items(), strict=True):
+            torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
 
 
 def test_ppo_cli_trains_with_envs_sharded_over_repeated_cpu_devices(tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 """`python -m esper_func.evaluate RUN_DIR`: static, heuristic and the trained policy on the same fresh envs.
 
+`--untrained` adds the policy the run started from, on the same envs and action noise:
+the difference from the trained policy is what training changed, without the episodes'
+draw or a `--frozen-policy` run.
+
 Every controller plays the same number of episodes on envs built from the run's config
 with each evaluation seed (fresh hosts, batches and bank draws identical across
 controllers, which differ only by their actions). The table gives, per controller, the
@@ -30,9 +34,9 @@ from esper_func.rl.checkpoints import CheckpointError, load_checkpoint, resolve_
 from esper_func.rl.episodes import EpisodeResult, play_episode
 from esper_func.rl.plots import plot_accuracy
 from esper_func.rl.run_config import TrainingConfig, load_training_config
-from esper_func.rl.trainer import policy_env
+from esper_func.rl.trainer import initial_nets, policy_env
 from policies import HeuristicConfig, HeuristicPolicy, RandomPolicy, StaticPolicy
-from policies.ppo import ActorCritic, make_actor_critic
+from policies.ppo import ActorCritic
 
 EVAL_SEED_OFFSET = 10_000
 """Evaluation envs use `env.seed + EVAL_SEED_OFFSET`: fresh, never seen in training."""
@@ -60,17 +64,20 @@ def compare_controllers(
     seed: int,
     greedy: bool = False,
     progress: bool = False,
-    controllers: tuple[str, ...] = ("static", "heuristic", "ppo"),
+    untrained: ActorCritic | None = None,
 ) -> dict[str, list[EpisodeResult]]:
-    """Play each of `controllers` (static, heuristic, random, ppo: the trained policy, its
-    observation normalizer included) on envs with the same seed."""
+    """Play static, heuristic, ppo (the trained policy, its observation normalizer
+    included) and, when given, `untrained` (the policy the run started from) on envs with
+    the same seed; the policies also share the envs' action noise, so they differ only
+    by their weights."""
     env_config = replace(config.env, seed=seed)
+    policies = {"ppo": nets} if untrained is None else {"ppo": nets, "untrained": untrained}
     results: dict[str, list[EpisodeResult]] = {}
-    for name in controllers:
+    for name in ("static", "heuristic", *policies):
         base = build_env(env_config, config.device, config.devices)
-        if name == "ppo":
-            env = policy_env(base, nets)
-            controller: TensorDictModuleBase = nets.actor
+        if name in policies:
+            env = policy_env(base, policies[name])
+            controller: TensorDictModuleBase = policies[name].actor
         else:
             env = base
             controller = baseline_controller(name, base, seed)
@@ -146,9 +153,12 @@ def compare_over_seeds(
     seeds: tuple[int, ...],
     greedy: bool = False,
     progress: bool = False,
+    untrained: ActorCritic | None = None,
 ) -> dict[int, dict[str, list[EpisodeResult]]]:
     """`compare_controllers` on fresh envs of each seed."""
-    return {seed: compare_controllers(config, nets, episodes, seed, greedy, progress) for seed in seeds}
+    return {
+        seed: compare_controllers(config, nets, episodes, seed, greedy, progress, untrained) for seed in seeds
+    }
 
 
 def seeds_table(by_seed: dict[int, dict[str, list[EpisodeResult]]], host_params: int) -> list[dict[str, Any]]:
@@ -220,13 +230,15 @@ def next_free(run_dir: Path, stem: str, suffix: str) -> Path:
     return run_dir / f"{stem}-{k}{suffix}"
 
 
-def load_policy(checkpoint: dict[str, Any], config: TrainingConfig) -> ActorCritic:
+def load_policy(checkpoint: dict[str, Any], config: TrainingConfig) -> tuple[ActorCritic, ActorCritic]:
+    """The checkpoint's networks, and the ones its run started from (`trainer.initial_nets`)."""
     probe = MorphogeneticEnv(replace(config.env, n_envs=1), "cpu")
-    size = probe.observation_spec["observation"].shape[-1]
-    nets = make_actor_critic(size, probe.model.n_slots, len(probe.model.blueprint_names), config.policy, config.device)
+    sizes = (probe.observation_spec["observation"].shape[-1], probe.model.n_slots, len(probe.model.blueprint_names))
+    untrained = initial_nets(config, *sizes)
+    nets = initial_nets(config, *sizes)
     nets.actor.load_state_dict(checkpoint["actor"])
     nets.critic.load_state_dict(checkpoint["critic"])
-    return nets
+    return nets, untrained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--greedy", action="store_true", help="play the policy's most likely action instead of sampling"
     )
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="also play the policy the run started from, on the same envs and action noise: how far training moved it",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.episodes < 1:
@@ -252,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_checkpoint(args.run_dir)
         checkpoint = load_checkpoint(path)
         config = load_training_config(checkpoint["config"])
-        nets = load_policy(checkpoint, config)
+        nets, untrained = load_policy(checkpoint, config)
         seeds = tuple(args.seeds) if args.seeds is not None else evaluation_seeds(config)
-        by_seed = compare_over_seeds(config, nets, args.episodes, seeds, args.greedy, not args.no_progress)
+        by_seed = compare_over_seeds(
+            config, nets, args.episodes, seeds, args.greedy, not args.no_progress, untrained if args.untrained else None
+        )
     except (CheckpointError, ConfigError, TaskDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

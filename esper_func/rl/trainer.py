@@ -71,6 +71,15 @@ def policy_env(base: EnvBase, nets: ActorCritic, extra: Sequence[Transform] = ()
     return TransformedEnv(base, Compose(*policy_transforms(nets, extra)))
 
 
+def initial_nets(config: TrainingConfig, observation_size: int, n_slots: int, n_blueprints: int) -> ActorCritic:
+    """The networks a PPO run of `config` starts from, normalizers at the identity. Torch's
+    generator is seeded with the run's seed right before they are built, so they depend
+    on nothing else: the trainer's first policy, a `--frozen-policy` run's only one, and
+    the evaluation's `untrained` controller are the same networks."""
+    torch.manual_seed(config.env.seed)
+    return make_actor_critic(observation_size, n_slots, n_blueprints, config.policy, canonical_device(config.device))
+
+
 def build_trainer_env(config: TrainingConfig) -> MorphogeneticEnv | ShardedEnv:
     """The env the trainer holds. Local collection: all `env.n_envs` envs (sharded over
     `devices` when given). Worker processes (multiprocess, distributed): the first
@@ -137,12 +146,9 @@ class PPOTrainer:
         self.base_env = build_trainer_env(config) if env is None else env
         observation_size = self.base_env.observation_spec["observation"].shape[-1]
         model = self.base_env.model
-        # Seeded here, after the env: building env templates draws from the default
-        # generator, and the policy's initial weights must not depend on the env's layout.
-        torch.manual_seed(config.env.seed)
-        self.nets = make_actor_critic(
-            observation_size, model.n_slots, len(model.blueprint_names), config.policy, self.device
-        )
+        # Built after the env: building env templates draws from the default generator,
+        # and the policy's initial weights must not depend on the env's layout.
+        self.nets = initial_nets(config, observation_size, model.n_slots, len(model.blueprint_names))
         self.transforms = policy_transforms(self.nets, transforms)
         self.env = TransformedEnv(self.base_env, Compose(*self.transforms))
         self.normalizers = Normalizers(observation_size, config.ppo, self.device)
