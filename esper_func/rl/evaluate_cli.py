@@ -64,16 +64,19 @@ def compare_controllers(
     seed: int,
     greedy: bool = False,
     progress: bool = False,
+    controllers: tuple[str, ...] = ("static", "heuristic", "ppo"),
     untrained: ActorCritic | None = None,
 ) -> dict[str, list[EpisodeResult]]:
-    """Play static, heuristic, ppo (the trained policy, its observation normalizer
-    included) and, when given, `untrained` (the policy the run started from) on envs with
-    the same seed; the policies also share the envs' action noise, so they differ only
-    by their weights."""
+    """Play each of `controllers` (static, heuristic, random; ppo: the trained policy, its
+    observation normalizer included; untrained: the policy the run started from, given
+    as `untrained`) on envs with the same seed. The policies also share the envs' action
+    noise, so ppo and untrained differ only by their weights."""
+    if "untrained" in controllers and untrained is None:
+        raise ValueError("the 'untrained' controller needs the run's first networks: pass untrained=initial_nets(...)")
     env_config = replace(config.env, seed=seed)
     policies = {"ppo": nets} if untrained is None else {"ppo": nets, "untrained": untrained}
     results: dict[str, list[EpisodeResult]] = {}
-    for name in ("static", "heuristic", *policies):
+    for name in controllers:
         base = build_env(env_config, config.device, config.devices)
         if name in policies:
             env = policy_env(base, policies[name])
@@ -156,8 +159,10 @@ def compare_over_seeds(
     untrained: ActorCritic | None = None,
 ) -> dict[int, dict[str, list[EpisodeResult]]]:
     """`compare_controllers` on fresh envs of each seed."""
+    controllers = ("static", "heuristic", "ppo", *(("untrained",) if untrained is not None else ()))
     return {
-        seed: compare_controllers(config, nets, episodes, seed, greedy, progress, untrained) for seed in seeds
+        seed: compare_controllers(config, nets, episodes, seed, greedy, progress, controllers, untrained)
+        for seed in seeds
     }
 
 
