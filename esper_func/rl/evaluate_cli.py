@@ -17,6 +17,7 @@ seed), never overwriting an earlier evaluation.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import replace
@@ -240,7 +241,7 @@ def load_policy(checkpoint: dict[str, Any], config: TrainingConfig) -> tuple[Act
     probe = MorphogeneticEnv(replace(config.env, n_envs=1), "cpu")
     sizes = (probe.observation_spec["observation"].shape[-1], probe.model.n_slots, len(probe.model.blueprint_names))
     untrained = initial_nets(config, *sizes)
-    nets = initial_nets(config, *sizes)
+    nets = copy.deepcopy(untrained)
     nets.actor.load_state_dict(checkpoint["actor"])
     nets.critic.load_state_dict(checkpoint["critic"])
     return nets, untrained
