@@ -16,6 +16,9 @@ from the running streams.
 
 Output keys besides TorchRL's (`reward [N, 1]`, `done`, `terminated`, `truncated`):
 - `"observation"` `[N, F]` float32, schema in `docs/observation.md`;
+- `"critic_observation"` `[N, 1]` float32, only with a static twin
+  (`RewardConfig.static_baseline`): the accuracy gap to the twin
+  (`features.CRITIC_FEATURES`), for the critic only: a deployed env has no twin;
 - `("action_mask", head)`: `op [N, 4]`, `slot [N, 4, S]` (row = op), `blueprint [N, B]`,
   `blend [N, 3]`; sample the op first, then the slot from that op's row;
 - `("seeds", key)` `[N, S]`: stage, alpha, blueprint, epochs_in_stage, contribution (this

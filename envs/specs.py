@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 
-from esper_func.core.features import feature_names
+from esper_func.core.features import CRITIC_FEATURES, feature_names
 from esper_func.core.governor import Panic
 from esper_func.core.model import Model
 from esper_func.core.reward_config import RewardConfig
@@ -42,8 +42,14 @@ def make_specs(
         "blueprint": (n, n_blueprints),
         "blend": (n, len(BlendMode)),
     }
+    critic = (
+        {"critic_observation": Bounded(-1.0, 1.0, shape=(n, len(CRITIC_FEATURES)), dtype=torch.float32, device=device)}
+        if rewards.static_baseline
+        else {}
+    )
     observation = Composite(
         observation=Bounded(-1.0, 1.0, shape=(n, len(feature_names(model))), dtype=torch.float32, device=device),
+        **critic,
         **{ACTION_NOISE: Bounded(0.0, 1.0, shape=(n, ACTION_NOISE_SIZE), dtype=torch.float32, device=device)},
         action_mask=Composite(
             {

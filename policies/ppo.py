@@ -15,7 +15,9 @@ carries them; the normalized value is written under `"observation_norm"`),
 samples by inverse CDF with it, so its actions are a function of the env's random
 streams, `esper_func.core.seeding`). Keys written by the actor: `("action", head)`,
 `("action", "<head>_log_prob")`, and, with the LSTM, `recurrent_state_h/c`. The critic
-writes `state_value` `[..., 1]`.
+writes `state_value` `[..., 1]`; built with `critic_observation_size > 0` it also reads
+`"critic_observation"` (an env with a static twin: privileged columns the actor never
+sees, normalized by a second `ObservationNormalizer` into `"critic_observation_norm"`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ ACTION_KEYS: list[tuple[str, str]] = [("action", head) for head in ACTION_HEADS]
 LOG_PROB_KEYS: list[tuple[str, str]] = [("action", f"{head}_log_prob") for head in ACTION_HEADS]
 ENTROPY_KEYS: list[tuple[str, str]] = [("action", f"{head}_entropy") for head in ACTION_HEADS]
 NORMALIZED_OBSERVATION = "observation_norm"
+CRITIC_OBSERVATION = "critic_observation"
+NORMALIZED_CRITIC_OBSERVATION = "critic_observation_norm"
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,17 @@ def _head(in_features: int, hidden: int, out: int, gain: float) -> nn.Sequential
     )
 
 
+class ConcatInputs(nn.Module):
+    """`net(cat(inputs, -1))`: a value net over the observation and the critic's own columns."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(inputs, dim=-1))
+
+
 class ActionHeads(nn.Module):
     """Logits of the four heads from one embedding; output gain 0.01 keeps the first policy near uniform."""
 
@@ -300,12 +315,21 @@ class ActorCritic:
     lstm: LSTMModule | None
     normalizer: ObservationNormalizer
     """Shared by actor and critic (the first module of each)."""
+    critic_normalizer: ObservationNormalizer | None
+    """The critic's own columns' (`"critic_observation"`), when it reads any."""
 
 
 def make_actor_critic(
-    observation_size: int, n_slots: int, n_blueprints: int, config: PolicyConfig, device: torch.device | str = "cpu"
+    observation_size: int,
+    n_slots: int,
+    n_blueprints: int,
+    config: PolicyConfig,
+    device: torch.device | str = "cpu",
+    critic_observation_size: int = 0,
 ) -> ActorCritic:
-    """Build the actor and critic for an env with these sizes (orthogonal init, small output gains)."""
+    """Build the actor and critic for an env with these sizes (orthogonal init, small output
+    gains). The actor is built first, so its initial weights do not depend on
+    `critic_observation_size`."""
     obs = NORMALIZED_OBSERVATION
     normalizer = ObservationNormalizer(observation_size)
     normalize = TensorDictModule(normalizer, ["observation"], [obs])
@@ -343,12 +367,23 @@ def make_actor_critic(
     )
     actor = ProbabilisticTensorDictSequential(*modules, sampler).to(device)
     value_net = nn.Sequential(
-        _orthogonal(nn.Linear(observation_size, config.hidden), math.sqrt(2)),
+        _orthogonal(nn.Linear(observation_size + critic_observation_size, config.hidden), math.sqrt(2)),
         nn.LayerNorm(config.hidden),
         nn.ReLU(),
         _orthogonal(nn.Linear(config.hidden, config.head_hidden), math.sqrt(2)),
         nn.ReLU(),
         _orthogonal(nn.Linear(config.head_hidden, 1), 1.0),
     )
-    critic = TensorDictSequential(normalize, ValueOperator(value_net, in_keys=[obs])).to(device)
-    return ActorCritic(actor=actor, critic=critic, lstm=lstm, normalizer=normalizer)
+    critic_normalizer = None
+    if critic_observation_size > 0:
+        critic_normalizer = ObservationNormalizer(critic_observation_size)
+        critic = TensorDictSequential(
+            normalize,
+            TensorDictModule(critic_normalizer, [CRITIC_OBSERVATION], [NORMALIZED_CRITIC_OBSERVATION]),
+            ValueOperator(ConcatInputs(value_net), in_keys=[obs, NORMALIZED_CRITIC_OBSERVATION]),
+        )
+    else:
+        critic = TensorDictSequential(normalize, ValueOperator(value_net, in_keys=[obs]))
+    return ActorCritic(
+        actor=actor, critic=critic.to(device), lstm=lstm, normalizer=normalizer, critic_normalizer=critic_normalizer
+    )

@@ -260,6 +260,10 @@ def test_the_static_twin_is_the_same_episode_played_static_and_the_progress_is_p
     assert plain["next", "reward_components", "accuracy_progress"].sum(1).tolist() == pytest.approx(
         (accuracy[:, -1] - first[:, 0]).tolist(), abs=1e-3
     )
+    # The critic's column is the current gap to the twin (0 at the reset: the twin is a copy).
+    torch.testing.assert_close(paired["critic_observation"][:, 0], torch.zeros(2, 1))
+    torch.testing.assert_close(paired["next", "critic_observation"].squeeze(-1), torch.tanh((accuracy - twin) / 5.0))
+    assert "critic_observation" not in plain.keys() and "critic_observation" not in plain_env.observation_spec.keys()
 
 
 def test_a_static_twin_under_wait_pays_no_progress_and_restarts_with_its_env() -> None:

@@ -15,12 +15,14 @@ from tensordict import TensorDict
 
 from esper_func.core.config import CNNHostConfig, CoreConfig, TransformerHostConfig
 from esper_func.core.features import (
+    CRITIC_FEATURES,
     FEATURE_SCHEMA_VERSION,
     HISTORY_FEATURES,
     SLOT_STAGES,
     feature_names,
     feature_spec,
     observe,
+    observe_critic,
 )
 from esper_func.core.model import Model, build_model
 from esper_func.core.signals import SignalConfig, init_signals, update_signals
@@ -98,6 +100,21 @@ def test_docs_table_matches_the_cnn_schema() -> None:
         (i, f.name, f.formula, f.low, f.high) for i, f in enumerate(spec)
     ]
     assert f"FEATURE_SCHEMA_VERSION = {FEATURE_SCHEMA_VERSION}" in DOC.read_text()
+
+
+def test_the_critic_reads_the_gap_to_the_static_twin_bounded_and_nan_free() -> None:
+    m = model()
+    state, _ = fresh(m, 4)
+    state["static"] = state.select("metrics").clone()
+    state["metrics", "val_accuracy"] = torch.tensor([50.0, 52.5, 40.0, float("nan")])
+    state["static", "metrics", "val_accuracy"] = torch.tensor([50.0, 50.0, 90.0, 50.0])
+    gap = observe_critic(state)
+    assert gap.shape == (4, len(CRITIC_FEATURES)) and gap.dtype == torch.float32
+    torch.testing.assert_close(gap[:, 0], torch.tensor([0.0, math.tanh(0.5), math.tanh(-10.0), 0.0]))
+    rows = re.findall(r"^\| `([^`]+)` \| (.+) \| \[(-?[\d.]+), (-?[\d.]+)\] \|$", DOC.read_text(), re.MULTILINE)
+    assert [(name, formula, float(lo), float(hi)) for name, formula, lo, hi in rows] == [
+        (f.name, f.formula, f.low, f.high) for f in CRITIC_FEATURES
+    ]
 
 
 def test_global_features_by_name() -> None:

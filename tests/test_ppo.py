@@ -15,6 +15,7 @@ from torchrl.envs import Transform, TransformedEnv
 from envs.morphogenetic import MorphogeneticEnv
 from esper_func.core.config import ConfigError
 from esper_func.core.config_json import to_dict
+from esper_func.core.reward_config import RewardConfig
 from esper_func.core.stages import Op
 from esper_func.rl.checkpoints import (
     REQUIRED_KEYS,
@@ -327,6 +328,53 @@ def test_each_normalization_setting_switches_what_the_policy_and_gae_read(
         loaded.normalizer.scale, trainer.nets.normalizer.scale
     )
     assert torch.equal(loaded.normalizer.loc, torch.zeros_like(loaded.normalizer.loc)) is not normalize_observations
+
+
+def test_with_a_static_twin_the_critic_alone_reads_the_gap_with_its_own_statistics(tmp_path: Path) -> None:
+    """The twin's gap is privileged: the critic reads it (normalized by statistics of its
+    own, refreshed like the observation's), the actor never does. The actor starts from
+    the weights a run without the twin starts from, and its action distribution does not
+    move with the gap; the value does."""
+    base = tiny(episodes=1)
+    quick = replace(  # seeds blend in early, so some env's network moves away from its twin
+        base.env.core.lifecycle, max_epochs=8, blend_steps=1, grad_ratio_threshold=0.0, training_grace_epochs=1
+    )
+    rewards = RewardConfig.for_task("synthetic", family="accuracy")
+    task = replace(base.env.task, train_iters=4, batch_size=32, n_val=64)
+    core = replace(base.env.core, lifecycle=quick)
+    without = replace(base, env=replace(base.env, task=task, core=core, rewards=rewards))
+    config = replace(without, env=replace(without.env, rewards=replace(without.env.rewards, static_baseline=True)))
+    trainer = PPOTrainer(config, tmp_path)
+    plain = PPOTrainer(without, tmp_path)
+    assert plain.nets.critic_normalizer is None and trainer.nets.critic_normalizer is not None
+    for name, value in plain.nets.actor.state_dict().items():
+        assert torch.equal(value, trainer.nets.actor.state_dict()[name]), name
+
+    batches: list[TensorDictBase] = []
+    update = trainer.update
+
+    def recording_update(batch: TensorDictBase) -> dict[str, object]:
+        batches.append(batch.clone())
+        return update(batch)
+
+    trainer.update = recording_update  # type: ignore[method-assign]
+    trainer.train()
+    (batch,) = batches
+    gaps = batch["critic_observation"].reshape(-1, 1)
+    assert gaps.abs().max() > 0, "no env moved away from its twin: nothing to read"
+    torch.testing.assert_close(trainer.nets.critic_normalizer.loc, gaps.mean(0))
+    torch.testing.assert_close(trainer.nets.critic_normalizer.scale, gaps.std(0, correction=0).clamp_min(0.1))
+
+    step = batch[:, 0].clone()
+    shifted = step.clone()
+    shifted["critic_observation"] = step["critic_observation"] + 1.0
+    nets = trainer.nets
+    with torch.no_grad():
+        assert not torch.allclose(nets.critic(step.clone())["state_value"], nets.critic(shifted.clone())["state_value"])
+        for logits in ("op_logits", "blueprint_logits"):
+            torch.testing.assert_close(
+                nets.actor(step.clone())["params", logits], nets.actor(shifted.clone())["params", logits]
+            )
 
 
 def test_a_normalizer_turned_off_stays_the_identity_even_loaded_with_statistics() -> None:

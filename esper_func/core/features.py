@@ -248,3 +248,26 @@ def observe(model: Model, state: TensorDict, signals: TensorDict, max_epochs: in
             columns[f"{slot}.{key}"] = torch.where(present[:, s], value[:, s], 0.0)
 
     return torch.stack([columns[name] for name in feature_names(model)], dim=-1)
+
+
+CRITIC_FEATURES: tuple[Feature, ...] = (
+    Feature(
+        "static_gap",
+        f"tanh((val_accuracy - static twin's val_accuracy) / {PP_SCALE}), in pp; NaN reads 0",
+        -1.0,
+        1.0,
+    ),
+)
+"""The critic-only columns of an env with a static twin (`RewardConfig.static_baseline`):
+privileged information the reward reads and the actor must not (a deployed env has no
+twin)."""
+
+
+def observe_critic(state: TensorDict) -> torch.Tensor:
+    """`[N, len(CRITIC_FEATURES)]` float32 of a state with a static twin (`state["static"]`).
+
+    Why: the twin's reward pays `(acc - acc_prev) - (twin - twin_prev)`, so the return to
+    go from epoch t is the final gap minus the current one. A critic that does not see
+    the current gap must treat its epoch-to-epoch noise as unexplained return."""
+    gap = state["metrics", "val_accuracy"] - state["static", "metrics", "val_accuracy"]
+    return _signed(gap, PP_SCALE).unsqueeze(-1)

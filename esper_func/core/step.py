@@ -17,7 +17,7 @@ import torch
 from tensordict import TensorDict
 from torch.profiler import record_function
 
-from esper_func.core.features import observe
+from esper_func.core.features import observe, observe_critic
 from esper_func.core.governor import Panic, check, random_guess_loss, rollback, snapshot_due, take_snapshots
 from esper_func.core.host_evaluation import EvalStepCache, evaluate
 from esper_func.core.host_training import TrainStepCache, train_epoch
@@ -170,16 +170,19 @@ def observation(
     """What a step shows the controller (keys documented in `envs/morphogenetic.py`; the
     env adds its action noise): the observation vector, the action masks, the seeds'
     fields, the metrics (with `executed` `[N]` and the governor's `panic` `[N]`), the
-    signals and the reward `components`."""
+    signals and the reward `components`; with a static twin, the critic's privileged
+    columns (`features.observe_critic`)."""
     n = state.batch_size[0]
     slots = state["slots"]
     occupied_params = seed_param_count(model, slots)
     seeds = {key: slots[key] for key in SEED_KEYS if key != "improvement"}
     seeds["improvement"] = state["metrics", "val_accuracy"].unsqueeze(-1) - slots["acc_at_stage_start"]
     live_params = torch.where(stage_lookup(SEEDED, slots["stage"]), occupied_params, 0).sum(-1)
+    critic = {"critic_observation": observe_critic(state)} if "static" in state.keys() else {}
     return TensorDict(
         {
             "observation": observe(model, state, state["signals"], model.config.lifecycle.max_epochs),
+            **critic,
             "action_mask": action_masks(model, state),
             "seeds": TensorDict(seeds, batch_size=[n]),
             "metrics": TensorDict(

@@ -2,7 +2,7 @@
 
 A checkpoint's payload is a plain dict of tensors, numbers, strings and lists: `config`
 (the TrainingConfig as JSON-able dict) and the trainer's `state_dict()` (actor, critic,
-optimizer, normalizers, counters, history, RNG states). The file holds `{"format": 2,
+optimizer, normalizers, counters, history, RNG states). The file holds `{"format": 3,
 "sha256": hex, "payload": uint8 tensor}`, the payload serialized by `torch.save`, so a
 file changed after it was written (a flipped byte loads silently otherwise) is refused.
 Loading uses `weights_only=True`: no code runs. Files live in
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 REQUIRED_KEYS: tuple[str, ...] = ("config", "actor", "critic", "optimizer", "normalizers", "counters", "history", "rng")
 
 

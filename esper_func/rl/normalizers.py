@@ -13,7 +13,7 @@ import torch
 from tensordict import TensorDictBase
 
 from esper_func.rl.run_sections import PPOConfig
-from policies.ppo import ObservationNormalizer
+from policies.ppo import CRITIC_OBSERVATION, ObservationNormalizer
 
 MIN_OBSERVATION_STD = 0.1
 """Floor of the normalizer's std: features live in [-1, 1], so a near-constant feature is
@@ -66,8 +66,12 @@ class Normalizers:
     either way.
     """
 
-    def __init__(self, observation_size: int, ppo: PPOConfig, device: torch.device) -> None:
+    def __init__(
+        self, observation_size: int, ppo: PPOConfig, device: torch.device, critic_observation_size: int = 0
+    ) -> None:
         self.observations = RunningMoments((observation_size,), device)
+        self.critic_observations = RunningMoments((critic_observation_size,), device)
+        """Of the critic's own columns (`"critic_observation"`); empty when it reads none."""
         self.returns = RunningMoments((), device)
         self.gamma = ppo.gamma
         self.normalize_observations = ppo.normalize_observations
@@ -76,6 +80,8 @@ class Normalizers:
     def update(self, batch: TensorDictBase) -> None:
         if self.normalize_observations:
             self.observations.update(batch["observation"])
+            if self.critic_observations.mean.numel() > 0:
+                self.critic_observations.update(batch[CRITIC_OBSERVATION])
         if self.scale_rewards:
             self._update_returns(batch["next", "reward"].squeeze(-1))
 
@@ -88,12 +94,17 @@ class Normalizers:
             discounted.append(running)
         self.returns.update(torch.stack(discounted, 1))
 
-    def apply(self, normalizer: ObservationNormalizer) -> None:
+    def apply(self, normalizer: ObservationNormalizer, critic_normalizer: ObservationNormalizer | None = None) -> None:
         """Write the current observation statistics (when enabled) into the policy's
-        normalizer (call between rollouts only)."""
-        if self.normalize_observations and self.observations.count > 0:
-            normalizer.loc.copy_(self.observations.mean.to(normalizer.loc.dtype))
-            normalizer.scale.copy_(self.observations.std.clamp_min(MIN_OBSERVATION_STD).to(normalizer.scale.dtype))
+        normalizer, and the critic's own columns' into `critic_normalizer` (call between
+        rollouts only)."""
+        pairs = [(self.observations, normalizer)]
+        if critic_normalizer is not None:
+            pairs.append((self.critic_observations, critic_normalizer))
+        for moments, target in pairs:
+            if self.normalize_observations and moments.count > 0:
+                target.loc.copy_(moments.mean.to(target.loc.dtype))
+                target.scale.copy_(moments.std.clamp_min(MIN_OBSERVATION_STD).to(target.scale.dtype))
 
     def reward_scale(self) -> torch.Tensor:
         """The std the rewards are divided by before GAE (1 when off or not yet known)."""
@@ -102,8 +113,13 @@ class Normalizers:
         return torch.ones((), device=self.returns.mean.device)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"observations": self.observations.state_dict(), "returns": self.returns.state_dict()}
+        return {
+            "observations": self.observations.state_dict(),
+            "critic_observations": self.critic_observations.state_dict(),
+            "returns": self.returns.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         self.observations.load_state_dict(state["observations"])
+        self.critic_observations.load_state_dict(state["critic_observations"])
         self.returns.load_state_dict(state["returns"])

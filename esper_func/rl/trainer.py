@@ -41,6 +41,7 @@ from tqdm import tqdm
 from envs.morphogenetic import MorphogeneticEnv, canonical_device
 from envs.sharded import ShardedEnv, build_env, shard_sizes
 from envs.transforms import ActionMaskCheck
+from esper_func.core.features import CRITIC_FEATURES
 from esper_func.core.stages import ACTION_HEADS
 from esper_func.rl.checkpoints import CheckpointError
 from esper_func.rl.distributed import DistributedRollouts, require_launcher_packages, shard_factories
@@ -77,7 +78,20 @@ def initial_nets(config: TrainingConfig, observation_size: int, n_slots: int, n_
     on nothing else: the trainer's first policy, a `--frozen-policy` run's only one, and
     the evaluation's `untrained` controller are the same networks."""
     torch.manual_seed(config.env.seed)
-    return make_actor_critic(observation_size, n_slots, n_blueprints, config.policy, canonical_device(config.device))
+    return make_actor_critic(
+        observation_size,
+        n_slots,
+        n_blueprints,
+        config.policy,
+        canonical_device(config.device),
+        critic_observation_size(config),
+    )
+
+
+def critic_observation_size(config: TrainingConfig) -> int:
+    """Columns of the env's `"critic_observation"` the critic reads: the static twin's
+    gap when the reward has a twin (`features.CRITIC_FEATURES`), else none."""
+    return len(CRITIC_FEATURES) if config.env.rewards.static_baseline else 0
 
 
 def build_trainer_env(config: TrainingConfig) -> MorphogeneticEnv | ShardedEnv:
@@ -151,7 +165,7 @@ class PPOTrainer:
         self.nets = initial_nets(config, observation_size, model.n_slots, len(model.blueprint_names))
         self.transforms = policy_transforms(self.nets, transforms)
         self.env = TransformedEnv(self.base_env, Compose(*self.transforms))
-        self.normalizers = Normalizers(observation_size, config.ppo, self.device)
+        self.normalizers = Normalizers(observation_size, config.ppo, self.device, critic_observation_size(config))
         self.reward_scale = self.normalizers.reward_scale()
         ppo = config.ppo
         weights = {
@@ -300,7 +314,7 @@ class PPOTrainer:
 
     def _refresh_normalizers(self) -> None:
         """The statistics so far into the policy and the reward scale (between rollouts)."""
-        self.normalizers.apply(self.nets.normalizer)
+        self.normalizers.apply(self.nets.normalizer, self.nets.critic_normalizer)
         self.reward_scale = self.normalizers.reward_scale()
 
     def _logs(self) -> _RunLogs:
