@@ -8,6 +8,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from esper_func.core import host_evaluation, host_training
 from esper_func.core.blueprints import blueprint_index
 from esper_func.core.config import CNNHostConfig, CoreConfig
 from esper_func.core.model import build_model
@@ -16,12 +17,9 @@ from esper_func.core.state import init_state
 from esper_func.core.step import Batches, StepFunctions, env_step
 
 
-@pytest.mark.compile
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_env_step_matches_eager(mode: str) -> None:
-    """'reduce-overhead' captures CUDA graphs on CUDA only; on a CPU this checks its step
-    marking and output copies leave the results unchanged."""
-    config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode=mode)
+def compare_env_step_with_eager(config: CoreConfig) -> None:
+    """One env step of a prepared 3-env state (training, blending and fossilized slots, a
+    germinate and a fossilize) under `config` equals the same step eager."""
     compiled = StepFunctions(build_model(config))
     eager = StepFunctions(build_model(dataclasses.replace(config, compile=False, compile_mode="default")))
     state = init_state(compiled.model, 3, torch.Generator().manual_seed(0))
@@ -66,6 +64,30 @@ def test_compiled_env_step_matches_eager(mode: str) -> None:
     torch.testing.assert_close(got_metrics["contribution"], want_metrics["contribution"])
     assert (got["slots", "stage"] == want["slots", "stage"]).all()
     assert not torch.equal(got["params", "host.head.weight"], state["params", "host.head.weight"])
+
+
+@pytest.mark.compile
+def test_compiled_env_step_matches_eager() -> None:
+    compare_env_step_with_eager(CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True))
+
+
+def test_cuda_graph_bookkeeping_leaves_the_step_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`reduce-overhead`'s step marking and output copies, run on uncompiled steps: what
+    they add to a step must not change it (the graphs themselves need CUDA, below; the
+    compiler is the same as in `default` mode, tested above)."""
+    calls = []
+
+    def uncompiled(function, mode: str):
+        calls.append(mode)
+        return function
+
+    monkeypatch.setattr(host_training, "compile_per_plan", uncompiled)
+    monkeypatch.setattr(host_evaluation, "compile_per_plan", uncompiled)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode="reduce-overhead")
+    compare_env_step_with_eager(config)
+    assert calls and set(calls) == {"reduce-overhead"} and marks
 
 
 @pytest.mark.compile

@@ -494,7 +494,7 @@ def walk(
 # --- tests ---------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     lifecycle=lifecycle_configs,
     n_envs=st.integers(1, 3),
@@ -511,7 +511,7 @@ def test_random_walks_respect_every_lifecycle_invariant(
     walk(small_model(lifecycle), n_envs, Chooser(data=data), n_steps, seed)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lifecycle=lifecycle_configs, n_steps=st.integers(0, 20), seed=st.integers(0, 2**16), data=st.data())
 def test_illegal_actions_are_exact_noops_and_leave_other_envs_alone(
     lifecycle: LifecycleConfig, n_steps: int, seed: int, data

@@ -101,6 +101,19 @@ def test_synthetic_generation_is_a_function_of_the_seed() -> None:
     assert images.float().std() > 30  # not blank
 
 
+def test_a_rebuilt_synthetic_task_is_rendered_once_and_equal_to_a_fresh_render() -> None:
+    config = replace(TaskConfig.preset("synthetic"), n_train=96, n_val=64, n_test=64, batch_size=16, val_batches=4)
+    first = build_task(config)
+    want_images, want_labels = generate_synthetic(96, seed=config.seed)
+    pooled = torch.nn.functional.avg_pool2d(want_images.float(), 32 // config.image_size).round().to(torch.uint8)
+    assert torch.equal(first.data.images, pooled) and torch.equal(first.data.labels, want_labels)
+    first.data.images.zero_()  # a caller writing into its task's data leaves the next task alone
+    second = build_task(config)
+    assert torch.equal(second.data.images, pooled)
+    assert torch.equal(second.val_x, build_task(replace(config, seed=config.seed)).val_x)
+    assert not torch.equal(build_task(replace(config, seed=config.seed + 1)).data.images, pooled)
+
+
 def test_prototype_table_needs_conjunctions() -> None:
     table = prototype_table()
     assert table.shape[0] == 10

@@ -19,6 +19,7 @@ so that accuracies and counterfactual contributions of successive epochs are com
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -193,6 +194,19 @@ class Task:
         return Batches(train_x=train_x, train_y=train_y, val_x=self.val_x, val_y=self.val_y)
 
 
+@functools.lru_cache(maxsize=8)
+def _rendered_split(n: int, seed: int, stream: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return downsample(*generate_synthetic(n, seed, stream), SYNTHETIC_RENDER_SIZE // image_size)
+
+
+def synthetic_split(n: int, seed: int, stream: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of the synthetic task (uint8 images, labels), rendered once per process: a
+    run builds the same task for its envs, static twins and comparison envs, and rendering
+    10,000 images takes seconds. Copies, so no caller can change the cached split."""
+    images, labels = _rendered_split(n, seed, stream, image_size)
+    return images.clone(), labels.clone()
+
+
 def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
     """Load or generate the task's data onto `device` and fix its validation batches."""
     device = torch.device(device)
@@ -200,10 +214,9 @@ def build_task(config: TaskConfig, device: torch.device | str = "cpu") -> Task:
         return _build_text_task(config, device)
     n_val = config.val_batches * config.batch_size
     if config.name == "synthetic":
-        factor = SYNTHETIC_RENDER_SIZE // config.image_size
-        train_images, train_labels = downsample(*generate_synthetic(config.n_train, config.seed), factor)
-        val_images, val_labels = downsample(*generate_synthetic(config.n_val, config.seed, stream=1), factor)
-        test_images, test_labels = downsample(*generate_synthetic(config.n_test, config.seed, stream=2), factor)
+        train_images, train_labels = synthetic_split(config.n_train, config.seed, 0, config.image_size)
+        val_images, val_labels = synthetic_split(config.n_val, config.seed, 1, config.image_size)
+        test_images, test_labels = synthetic_split(config.n_test, config.seed, 2, config.image_size)
         mean, std = channel_stats(train_images)
         augment = False
         host = CNNHostConfig.preset("synthetic")
