@@ -7,8 +7,9 @@ import json
 import math
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -305,7 +306,7 @@ def test_a_compiled_step_profile_compiles_before_the_profiler_starts(monkeypatch
 
     Dynamo alone (the `eager` backend) makes the graphs counted here; Inductor's code
     generation behind it is checked in test_compile.py, and would only slow this test."""
-    def dynamo_only(function, mode: str):  # type: ignore[no-untyped-def]
+    def dynamo_only(function: Callable[..., Any], mode: str) -> Callable[..., Any]:
         return torch.compile(function, dynamic=False, backend="eager")
 
     monkeypatch.setattr(host_training, "compile_per_plan", dynamo_only)

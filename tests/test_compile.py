@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -75,15 +77,15 @@ def test_cuda_graph_bookkeeping_leaves_the_step_unchanged(monkeypatch: pytest.Mo
     """`reduce-overhead`'s step marking and output copies, run on uncompiled steps: what
     they add to a step must not change it (the graphs themselves need CUDA, below; the
     compiler is the same as in `default` mode, tested above)."""
-    calls = []
+    calls: list[str] = []
 
-    def uncompiled(function, mode: str):
+    def uncompiled(function: Callable[..., Any], mode: str) -> Callable[..., Any]:
         calls.append(mode)
         return function
 
     monkeypatch.setattr(host_training, "compile_per_plan", uncompiled)
     monkeypatch.setattr(host_evaluation, "compile_per_plan", uncompiled)
-    marks = []
+    marks: list[bool] = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
     config = CoreConfig(host=CNNHostConfig.preset("tiny"), compile=True, compile_mode="reduce-overhead")
     compare_env_step_with_eager(config)
