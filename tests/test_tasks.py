@@ -17,10 +17,11 @@ import torch
 from esper_func.core.config import CNNHostConfig, ConfigError, TransformerHostConfig
 from esper_func.core.config_json import from_dict, to_dict
 from esper_func.core.governor import random_guess_loss
+from esper_func.data import tasks
 from esper_func.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10_SUBDIR
 from esper_func.data.errors import TaskDataError
 from esper_func.data.images import crop_and_flip
-from esper_func.data.synthetic import PALETTE, PATTERNS, SHAPES, generate_synthetic, prototype_table
+from esper_func.data.synthetic import PALETTE, PATTERNS, SHAPES, downsample, generate_synthetic, prototype_table
 from esper_func.data.tasks import Task, TaskConfig, build_task, load_task_config
 from esper_func.perf.calibration import train_static_host
 
@@ -101,17 +102,29 @@ def test_synthetic_generation_is_a_function_of_the_seed() -> None:
     assert images.float().std() > 30  # not blank
 
 
-def test_a_rebuilt_synthetic_task_is_rendered_once_and_equal_to_a_fresh_render() -> None:
-    config = replace(TaskConfig.preset("synthetic"), n_train=96, n_val=64, n_test=64, batch_size=16, val_batches=4)
+def test_a_rebuilt_synthetic_task_is_rendered_once_and_equal_to_a_fresh_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renders = []
+
+    def counted(n: int, seed: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        renders.append((n, seed, stream))
+        return generate_synthetic(n, seed, stream)
+
+    monkeypatch.setattr(tasks, "generate_synthetic", counted)
+    # A seed no other test builds, so the first build below renders its three splits.
+    config = replace(
+        TaskConfig.preset("synthetic"), seed=9_731, n_train=96, n_val=64, n_test=64, batch_size=16, val_batches=4
+    )
     first = build_task(config)
-    want_images, want_labels = generate_synthetic(96, seed=config.seed)
-    pooled = torch.nn.functional.avg_pool2d(want_images.float(), 32 // config.image_size).round().to(torch.uint8)
-    assert torch.equal(first.data.images, pooled) and torch.equal(first.data.labels, want_labels)
+    assert renders == [(96, 9_731, 0), (64, 9_731, 1), (64, 9_731, 2)]
+    want_images, want_labels = downsample(*generate_synthetic(96, seed=9_731), 32 // config.image_size)
+    assert torch.equal(first.data.images, want_images) and torch.equal(first.data.labels, want_labels)
     first.data.images.zero_()  # a caller writing into its task's data leaves the next task alone
     second = build_task(config)
-    assert torch.equal(second.data.images, pooled)
-    assert torch.equal(second.val_x, build_task(replace(config, seed=config.seed)).val_x)
-    assert not torch.equal(build_task(replace(config, seed=config.seed + 1)).data.images, pooled)
+    assert len(renders) == 3, "the second build rendered again"
+    assert torch.equal(second.data.images, want_images) and torch.equal(second.val_x, first.val_x)
+    assert not torch.equal(build_task(replace(config, seed=9_732)).data.images, want_images)
 
 
 def test_prototype_table_needs_conjunctions() -> None:

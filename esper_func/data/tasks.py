@@ -201,7 +201,7 @@ def _rendered_split(n: int, seed: int, stream: int, image_size: int) -> tuple[to
 
 def synthetic_split(n: int, seed: int, stream: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One split of the synthetic task (uint8 images, labels), rendered once per process: a
-    run builds the same task for its envs, static twins and comparison envs, and rendering
+    comparison or evaluation builds the same task for every controller's env, and rendering
     10,000 images takes seconds. Copies, so no caller can change the cached split."""
     images, labels = _rendered_split(n, seed, stream, image_size)
     return images.clone(), labels.clone()
